@@ -1,0 +1,89 @@
+"""The body of a stage's Ray task: run the stage into a staging directory, describe its
+outputs, commit them with the manifest written last."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import socket
+import time
+import traceback
+
+from ..artifacts import Artifact
+from ..context import StageContext
+from ..errors import UserError
+from .store import Store, describe_output
+
+LIBRARIES = ("distillery", "ray", "torch", "pyarrow", "numpy", "transformers", "diffusers",
+             "mlflow")
+
+
+def library_versions() -> dict[str, str]:
+    out = {}
+    for lib in LIBRARIES:
+        try:
+            out[lib] = importlib.metadata.version(lib)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def classify(exc: BaseException) -> str:
+    """'user' (bad input), 'deterministic' (e.g. NaN loss), 'error' (stage code raised);
+    the driver adds 'system' (worker or node died)."""
+    if isinstance(exc, UserError):
+        return "user"
+    if isinstance(exc, FloatingPointError):
+        return "deterministic"
+    return "error"
+
+
+def execute_stage(stage, state: dict, store_root: str, inputs: dict[str, Artifact], board,
+                  num_gpus_available: float, mlflow_run_id: str | None, pipeline: str,
+                  replace: bool) -> dict:
+    """Returns ``{"ok": True, "manifest": ...}`` or ``{"ok": False, "kind", "message",
+    "traceback"}``; never leaves a half-written artifact looking committed."""
+    store = Store(store_root)
+    kind, key, name = state["kind"], state["key"], state["name"]
+    staging = store.new_staging_dir(kind, key)
+    work = store.work_dir(kind, key)
+    os.makedirs(work, exist_ok=True)
+    ctx = StageContext(name=name, kind=kind, key=key, seed=state["seed"], staging_dir=staging,
+                       work_dir=work, board=board, num_gpus_available=num_gpus_available)
+    started = time.time()
+    try:
+        outputs = stage.run(ctx, **inputs)
+        check_outputs(type(stage), name, outputs)
+        described = {out: describe_output(a.path, type(a).type_name, staging, a.info)
+                     for out, a in outputs.items()}
+        plots = [os.path.relpath(os.path.join(dp, f), staging)
+                 for dp, _, fs in os.walk(staging) for f in fs if f.endswith((".png", ".svg"))]
+    except BaseException as e:  # noqa: BLE001 - reported to the driver, never half-committed
+        shutil.rmtree(staging, ignore_errors=True)
+        return {"ok": False, "kind": classify(e), "message": f"{type(e).__name__}: {e}"
+                if not isinstance(e, UserError) else str(e),
+                "traceback": traceback.format_exc()}
+    manifest = {
+        "key": key, "kind": kind, "version": state["version"], "code_hash": type(stage).code_hash(),
+        "stage": name, "pipeline": pipeline, "config": state["config"], "seed": state["seed"],
+        "inputs": state["inputs"], "outputs": described, "plots": sorted(plots),
+        "metrics": ctx.metrics, "seconds": round(time.time() - started, 3),
+        "created": time.time(), "libraries": library_versions(), "host": socket.gethostname(),
+        "mlflow_run_id": mlflow_run_id,
+    }
+    committed = store.commit(staging, manifest, replace=replace)
+    return {"ok": True, "manifest": committed, "adopted": committed is not manifest}
+
+
+def check_outputs(cls, name: str, outputs) -> None:
+    where = f"stage '{name}' ({cls.kind})"
+    if not isinstance(outputs, dict):
+        raise TypeError(f"{where}: run() must return a dict of outputs, got {type(outputs).__name__}")
+    if set(outputs) != set(cls.outputs):
+        raise TypeError(f"{where}: run() returned outputs {sorted(outputs)}, declared "
+                        f"{sorted(cls.outputs)}")
+    for out, art in outputs.items():
+        if not isinstance(art, cls.outputs[out]):
+            raise TypeError(f"{where}: output '{out}' must be a {cls.outputs[out].__name__}, got "
+                            f"{type(art).__name__}")

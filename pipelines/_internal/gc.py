@@ -1,0 +1,87 @@
+"""Garbage collection of a store: staging debris, uncommitted artifact directories, the
+work directories (checkpoints) of committed artifacts, and optionally artifacts that no
+pipeline's last run references."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+
+from .store import MANIFEST, Store
+
+
+def _size(path: str) -> int:
+    total = 0
+    for dp, _, fs in os.walk(path):
+        for f in fs:
+            try:
+                total += os.path.getsize(os.path.join(dp, f))
+            except OSError:
+                pass
+    return total
+
+
+def _listdir(path: str) -> list[str]:
+    return sorted(os.listdir(path)) if os.path.isdir(path) else []
+
+
+def _owner_alive(tag: str) -> bool:
+    """Staging directories are named '<key>.<host>.<pid>.<nonce>': keep those whose
+    process is still running on this host (a run in progress)."""
+    parts = tag.split(".")
+    if len(parts) < 4 or parts[-3] != socket.gethostname():
+        return False
+    try:
+        os.kill(int(parts[-2]), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def garbage(store: Store, unreferenced: bool = False) -> list[str]:
+    """Paths ``collect`` would remove (pure read of the store)."""
+    out = []
+    staging = os.path.join(store.root, "_staging")
+    for kind in _listdir(staging):
+        out += [os.path.join(staging, kind, tag) for tag in _listdir(os.path.join(staging, kind))
+                if not _owner_alive(tag)]
+    trash = os.path.join(store.root, "_trash")
+    out += [os.path.join(trash, t) for t in _listdir(trash)]
+    keep = None
+    if unreferenced:
+        keep = set()
+        last: dict[str, dict] = {}
+        for r in store.runs():
+            last[r.get("pipeline")] = r
+        for r in last.values():
+            keep |= {s.get("key") for s in r.get("states", {}).values()}
+    for kind in store.kinds():
+        for key in _listdir(os.path.join(store.root, kind)):
+            path = store.artifact_dir(kind, key)
+            committed = os.path.exists(os.path.join(path, MANIFEST))
+            if not committed or (keep is not None and key not in keep):
+                out.append(path)
+    work = os.path.join(store.root, "_work")
+    for kind in _listdir(work):
+        for key in _listdir(os.path.join(work, kind)):
+            # checkpoints of a finished stage go; those of an unfinished one are kept for
+            # resume, unless unreferenced artifacts are collected too
+            if store.is_committed(kind, key) or keep is not None and key not in keep:
+                out.append(os.path.join(work, kind, key))
+    return out
+
+
+def collect(store: Store, unreferenced: bool = False, dry_run: bool = False):
+    paths = garbage(store, unreferenced)
+    freed = sum(_size(p) if os.path.isdir(p) else os.path.getsize(p) for p in paths
+                if os.path.exists(p))
+    if not dry_run:
+        for p in paths:
+            if os.path.isdir(p):
+                shutil.rmtree(p, ignore_errors=True)
+            elif os.path.exists(p):
+                os.remove(p)
+    return paths, freed

@@ -1,0 +1,121 @@
+"""Cache keys and the decision "cached or run, and why", as pure functions.
+
+key = sha256(kind, version, canonical config, seed, input artifact keys). A stage is
+cached iff an artifact with its key is committed and it is not forced. The *reason* it
+runs is found by comparing with the same stage in the pipeline's previous run (Dagster's
+"why will this re-run"): config (which fields), version, seed or an input changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+
+def canonical(obj) -> str:
+    """Canonical JSON: sorted keys, no whitespace, floats in repr form."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def cache_key(kind: str, version: str, config: dict, seed: int,
+              inputs: dict[str, str]) -> str:
+    """``inputs`` maps input name -> '<upstream artifact key>/<output name>'."""
+    material = canonical({"kind": kind, "version": version, "config": config,
+                          "seed": seed, "inputs": inputs})
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class StageState:
+    """What determines a stage's artifact: everything that goes into its key."""
+    name: str
+    kind: str
+    version: str
+    config: dict
+    seed: int
+    inputs: dict[str, str]   # input name -> upstream '<key>/<output>'
+    upstream: dict[str, str] = field(default_factory=dict)  # input name -> upstream stage
+
+    @property
+    def key(self) -> str:
+        return cache_key(self.kind, self.version, self.config, self.seed, self.inputs)
+
+    def to_record(self) -> dict:
+        return asdict(self) | {"key": self.key}
+
+
+@dataclass(frozen=True)
+class Decision:
+    name: str
+    key: str
+    status: str        # "cached" | "run"
+    reason: str
+
+
+def decide(state: StageState, committed: bool, forced: bool, previous: dict | None,
+           upstream_running: set[str]) -> Decision:
+    """Cached or run, and why. ``previous`` is this stage's record from the pipeline's
+    last run (``StageState.to_record()``), ``upstream_running`` the upstream stages that
+    will run in this plan."""
+    key = state.key
+    if forced:
+        return Decision(state.name, key, "run", "forced (--force)")
+    if committed:
+        return Decision(state.name, key, "cached", "artifact committed")
+    return Decision(state.name, key, "run", why_changed(state, previous, upstream_running))
+
+
+def why_changed(state: StageState, previous: dict | None, upstream_running: set[str]) -> str:
+    if previous is None:
+        return "never run"
+    reasons = []
+    if previous.get("kind") != state.kind:
+        reasons.append(f"kind changed: {previous.get('kind')} -> {state.kind}")
+    if previous.get("version") != state.version:
+        reasons.append(f"version changed: {previous.get('version')} -> {state.version}")
+    diff = config_diff(previous.get("config", {}), state.config)
+    if diff:
+        reasons.append("config changed: " + ", ".join(diff))
+    if previous.get("seed") != state.seed:
+        reasons.append(f"seed changed: {previous.get('seed')} -> {state.seed}")
+    changed_inputs = sorted(n for n, k in state.inputs.items()
+                            if previous.get("inputs", {}).get(n) != k)
+    for n in changed_inputs:
+        up = state.upstream.get(n, "?")
+        how = "re-runs" if up in upstream_running else "changed"
+        reasons.append(f"input changed: {n} (upstream '{up}' {how})")
+    if not reasons:
+        return "artifact missing (deleted, or its run never committed)"
+    return "; ".join(reasons)
+
+
+def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Human-readable differences between two (nested) config dicts."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        path = f"{prefix}{k}"
+        a, b = old.get(k, "<unset>"), new.get(k, "<unset>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(config_diff(a, b, path + "."))
+        elif a != b:
+            out.append(f"{path} {a!r} -> {b!r}")
+    return out
+
+
+def code_warning(name: str, manifest: dict, code_hash: str) -> str | None:
+    """A warning when a cached artifact was built by different stage code under the same
+    version: the cache is still used (versions decide), but the user is told."""
+    built = manifest.get("code_hash")
+    if built and code_hash and built != code_hash:
+        return (f"stage '{name}' ({manifest['kind']}): its code changed since the cached "
+                f"artifact was built, but version is still '{manifest['version']}'; "
+                f"bump the stage's version or re-run it with --force {name}")
+    return None
+
+
+def should_retry(error_kind: str, attempt: int, max_retries: int) -> bool:
+    """Retry, as configured by ``resources.max_retries``, a worker or node that died
+    ('system') or an exception of the stage's code ('error'); never bad input ('user') or
+    a deterministic failure such as a NaN loss, which would only fail again."""
+    return error_kind in ("system", "error") and attempt < max_retries

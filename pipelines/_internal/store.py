@@ -1,0 +1,210 @@
+"""The artifact store: ``<root>/<kind>/<key>/`` with ``manifest.json`` as commit marker.
+
+A stage writes its outputs into a private staging directory; the core then writes the
+manifest into it (last) and renames the whole directory to its final place. A rename of a
+directory onto a non-empty one fails, so when two runs produce the same key at once
+exactly one commit wins and the other adopts it. Anything without a committed manifest
+does not exist: it is never a cache hit, and ``gc`` removes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+
+from ..errors import UserError
+
+MANIFEST = "manifest.json"
+_SPECIAL = ("_staging", "_work", "_runs", "_trash", "mlflow")
+
+
+@dataclass(frozen=True)
+class Store:
+    root: str
+
+    @classmethod
+    def open(cls, uri: str | os.PathLike, create: bool = True) -> "Store":
+        uri = str(uri)
+        if uri.startswith("file://"):
+            uri = uri[len("file://"):]
+        if "://" in uri:
+            scheme = uri.split("://", 1)[0]
+            raise UserError(f"--store: store URI {uri!r} uses scheme '{scheme}://', which this "
+                            f"version does not support; allowed: a local or mounted path")
+        root = os.path.abspath(os.path.expanduser(uri))
+        if create:
+            check_writable(root)
+        return cls(root)
+
+    # -- paths ------------------------------------------------------------------------
+    def artifact_dir(self, kind: str, key: str) -> str:
+        return os.path.join(self.root, kind, key)
+
+    def work_dir(self, kind: str, key: str) -> str:
+        return os.path.join(self.root, "_work", kind, key)
+
+    def new_staging_dir(self, kind: str, key: str) -> str:
+        tag = f"{key}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        path = os.path.join(self.root, "_staging", kind, tag)
+        os.makedirs(path)
+        return path
+
+    def runs_dir(self) -> str:
+        return os.path.join(self.root, "_runs")
+
+    # -- reading -----------------------------------------------------------------------
+    def manifest(self, kind: str, key: str) -> dict | None:
+        """The committed manifest of an artifact, or None if it is not committed."""
+        path = os.path.join(self.artifact_dir(kind, key), MANIFEST)
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, OSError):
+            return None  # a torn or unreadable manifest is not a commit
+
+    def is_committed(self, kind: str, key: str) -> bool:
+        return self.manifest(kind, key) is not None
+
+    def manifests(self) -> list[dict]:
+        """Every committed manifest in the store."""
+        out = []
+        for kind in self.kinds():
+            for key in sorted(os.listdir(os.path.join(self.root, kind))):
+                m = self.manifest(kind, key)
+                if m is not None:
+                    out.append(m)
+        return out
+
+    def kinds(self) -> list[str]:
+        if not os.path.isdir(self.root):
+            return []
+        return sorted(d for d in os.listdir(self.root)
+                      if not d.startswith(_SPECIAL) and os.path.isdir(os.path.join(self.root, d)))
+
+    def find(self, key_prefix: str) -> list[dict]:
+        return [m for m in self.manifests() if m["key"].startswith(key_prefix)]
+
+    # -- committing ------------------------------------------------------------------
+    def commit(self, staging: str, manifest: dict, replace: bool = False) -> dict:
+        """Write ``manifest`` last into ``staging`` and move it to its final place.
+
+        Returns the manifest that is committed afterwards: ours, or, if another run
+        committed the same key first, theirs. ``replace`` (``--force``) swaps out a
+        committed artifact of the same key."""
+        kind, key = manifest["kind"], manifest["key"]
+        _write_json_atomic(os.path.join(staging, MANIFEST), manifest)
+        final = self.artifact_dir(kind, key)
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        existing = self.manifest(kind, key)
+        if os.path.exists(final) and (existing is None or replace):
+            self._discard(final)  # debris of a killed run, or replaced by --force
+        try:
+            os.rename(staging, final)
+        except OSError:
+            winner = self.manifest(kind, key)
+            if winner is None:
+                raise
+            shutil.rmtree(staging, ignore_errors=True)
+            return winner
+        return manifest
+
+    def _discard(self, path: str) -> None:
+        trash = os.path.join(self.root, "_trash", uuid.uuid4().hex)
+        os.makedirs(os.path.dirname(trash), exist_ok=True)
+        try:
+            os.rename(path, trash)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(trash, ignore_errors=True)
+
+    # -- run records -------------------------------------------------------------------
+    def write_run(self, record: dict) -> str:
+        path = os.path.join(self.runs_dir(), f"{record['run_id']}.json")
+        _write_json_atomic(path, record)
+        return path
+
+    def runs(self) -> list[dict]:
+        """Run records, oldest first."""
+        d = self.runs_dir()
+        if not os.path.isdir(d):
+            return []
+        out = []
+        for f in os.listdir(d):
+            if f.endswith(".json"):
+                try:
+                    with open(os.path.join(d, f)) as fh:
+                        out.append(json.load(fh))
+                except (OSError, json.JSONDecodeError):
+                    continue
+        return sorted(out, key=lambda r: r.get("started", 0))
+
+    def last_run(self, pipeline: str) -> dict | None:
+        runs = [r for r in self.runs() if r.get("pipeline") == pipeline]
+        return runs[-1] if runs else None
+
+
+def check_writable(root: str) -> None:
+    try:
+        os.makedirs(root, exist_ok=True)
+        probe = os.path.join(root, f".probe-{uuid.uuid4().hex}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"--store: store path {root!r} is not writable ({e.strerror or e}); "
+                        f"allowed: a directory you can create and write") from None
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def describe_output(path: str, type_name: str, root: str, info: dict) -> dict:
+    """The manifest entry of one output: files with sizes and sha256, and for datasets
+    the schema and row count from the parquet footers."""
+    files, total = [], 0
+    digest = hashlib.sha256()
+    for dirpath, _, names in sorted(os.walk(path)):
+        for name in sorted(names):
+            full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, path)
+            h = _sha256(full)
+            size = os.path.getsize(full)
+            files.append({"path": rel, "bytes": size, "sha256": h})
+            digest.update(f"{rel}:{h}\n".encode())
+            total += size
+    entry = {"type": type_name, "path": os.path.relpath(path, root), "bytes": total,
+             "files": files, "checksum": digest.hexdigest(), "info": info}
+    if type_name == "dataset":
+        import pyarrow.parquet as pq
+        parquet = [os.path.join(path, f["path"]) for f in files if f["path"].endswith(".parquet")]
+        entry["rows"] = sum(pq.ParquetFile(p).metadata.num_rows for p in parquet)
+        entry["schema"] = (str(pq.read_schema(parquet[0])).split("\n-- schema metadata")[0]
+                           if parquet else "")
+    return entry
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,98 @@
+"""MLflow tracking: one parent run per pipeline run, one nested run per stage.
+
+Only the driver talks to MLflow. Default: a sqlite database inside the store (an absolute
+``sqlite:////...`` URI, since Ray changes working directories), artifacts next to it.
+``MLFLOW_TRACKING_URI`` (or ``tracking_uri=``) points runs at a server instead.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from ..errors import UserError
+
+
+def default_tracking_uri(store_root: str) -> str:
+    return "sqlite:///" + os.path.join(os.path.abspath(store_root), "mlflow", "mlflow.db")
+
+
+def resolve_tracking_uri(store_root: str, explicit: str | None = None) -> str:
+    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(store_root)
+    if uri.startswith("file:") or (":" not in uri.split("/")[0] and "://" not in uri):
+        raise UserError(f"tracking URI {uri!r} is not supported by MLflow 3 (file stores are "
+                        f"in maintenance mode); allowed: sqlite:////absolute/path.db, "
+                        f"http(s)://server, databricks")
+    return uri
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = str(v)[:6000]
+    return out
+
+
+class Tracker:
+    def __init__(self, uri: str, experiment: str, store_root: str):
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        from mlflow.tracking import MlflowClient
+        if uri.startswith("sqlite:///"):
+            os.makedirs(os.path.dirname(uri[len("sqlite:///"):]), exist_ok=True)
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            location = None
+            if uri.startswith("sqlite:"):
+                location = "file://" + os.path.join(os.path.abspath(store_root), "mlflow",
+                                                    "artifacts")
+            try:
+                self.experiment_id = self.client.create_experiment(experiment, location)
+            except Exception:  # created concurrently by another run
+                self.experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
+        else:
+            self.experiment_id = exp.experiment_id
+
+    def start_parent(self, name: str, params: dict, tags: dict) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=name,
+                                     tags={"distillery.type": "pipeline", **tags})
+        self._params(run.info.run_id, params)
+        return run.info.run_id
+
+    def start_stage(self, parent_id: str, name: str, kind: str, key: str, config: dict,
+                    status: str) -> str:
+        run = self.client.create_run(
+            self.experiment_id, run_name=name,
+            tags={"mlflow.parentRunId": parent_id, "distillery.type": "stage",
+                  "distillery.stage": name, "distillery.kind": kind,
+                  "distillery.key": key, "distillery.status": status})
+        self._params(run.info.run_id, flatten(config))
+        return run.info.run_id
+
+    def log_metrics(self, run_id: str, history: list[tuple[str, float, int | None]]) -> None:
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, int(s) if s is not None else 0) for k, v, s in history]
+        for i in range(0, len(metrics), 900):
+            self.client.log_batch(run_id, metrics=metrics[i:i + 900])
+
+    def log_artifacts(self, run_id: str, paths: list[str]) -> None:
+        for p in paths:
+            self.client.log_artifact(run_id, p)
+
+    def set_tag(self, run_id: str, key: str, value: str) -> None:
+        self.client.set_tag(run_id, key, value)
+
+    def end(self, run_id: str, ok: bool) -> None:
+        self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+
+    def _params(self, run_id: str, params: dict) -> None:
+        from mlflow.entities import Param
+        items = [Param(k, v) for k, v in params.items()]
+        for i in range(0, len(items), 90):
+            self.client.log_batch(run_id, params=items[i:i + 90])

@@ -1,0 +1,89 @@
+"""Artifact types: what flows between stages.
+
+An artifact is an immutable directory on the store. Its type says how to read it:
+
+- ``Dataset``: a parquet dataset written and read with Ray Data (``.read()``), or with
+  pyarrow for small data (``.to_arrow()``, ``.to_numpy()``).
+- ``Model``: a model directory in the model library's own ``save_pretrained`` format.
+- ``Report``: metrics (``metrics.json``) and plots of an evaluation.
+
+``info`` carries what a downstream stage must know to use the artifact (for example the
+top-k and precision of a teacher signal); it is recorded in the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Artifact:
+    path: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+    type_name = "artifact"
+
+    @classmethod
+    def from_manifest(cls, root: str, entry: dict) -> "Artifact":
+        return cls(path=os.path.join(root, entry["path"]), info=entry.get("info", {}))
+
+
+@dataclass(frozen=True)
+class Dataset(Artifact):
+    type_name = "dataset"
+
+    def read(self, **kwargs):
+        """A lazy ``ray.data.Dataset`` over the parquet files."""
+        import ray.data
+        return ray.data.read_parquet(self.path, **kwargs)
+
+    def files(self) -> list[str]:
+        return sorted(os.path.join(self.path, f) for f in os.listdir(self.path)
+                      if f.endswith(".parquet"))
+
+    def to_arrow(self, columns: list[str] | None = None, filter=None):
+        """The whole dataset as one pyarrow Table (for data that fits in memory).
+        Ray Data tensor columns come back as Ray's tensor extension type."""
+        import pyarrow.dataset as pads
+        import ray.data  # noqa: F401  registers Ray's Arrow tensor extension types
+        return pads.dataset(self.files(), format="parquet").to_table(columns=columns,
+                                                                     filter=filter)
+
+    def to_numpy(self, columns: list[str] | None = None, filter=None) -> dict:
+        """Columns as numpy arrays (tensor columns as stacked ndarrays)."""
+        table = self.to_arrow(columns, filter)
+        return {name: column_to_numpy(table.column(name)) for name in table.column_names}
+
+
+@dataclass(frozen=True)
+class Model(Artifact):
+    type_name = "model"
+
+
+@dataclass(frozen=True)
+class Report(Artifact):
+    type_name = "report"
+
+    def metrics(self) -> dict[str, float]:
+        with open(os.path.join(self.path, "metrics.json")) as f:
+            return json.load(f)
+
+
+ARTIFACT_TYPES: dict[str, type[Artifact]] = {t.type_name: t for t in (Dataset, Model, Report)}
+
+
+def column_to_numpy(column):
+    """A pyarrow column (plain, list or Ray tensor extension) as a numpy array."""
+    import numpy as np
+    column = column.combine_chunks() if hasattr(column, "combine_chunks") else column
+    if hasattr(column.type, "to_pandas_dtype") and hasattr(column, "to_numpy_ndarray"):
+        return column.to_numpy_ndarray()
+    if hasattr(column, "to_numpy") and type(column.type).__name__.startswith("ArrowTensorType"):
+        return column.to_numpy()
+    try:
+        return column.to_numpy(zero_copy_only=False)
+    except TypeError:
+        return np.asarray(column.to_pylist())

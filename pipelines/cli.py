@@ -1,0 +1,213 @@
+"""The ``distill`` command line.
+
+    distill run CONFIG [--store URI] [--set stage.field=value ...] [--force STAGE]
+                       [--address ADDR] [--json]
+    distill plan CONFIG [--store URI] [--set ...] [--force STAGE] [--json]
+    distill ls [--store URI] [--json]
+    distill show ARTIFACT_OR_RUN [--store URI]
+    distill lineage ARTIFACT [--store URI]
+    distill gc [--store URI] [--unreferenced] [--dry-run]
+
+User mistakes print one message (no traceback) and exit 2; a failed stage exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+
+from . import _internal  # noqa: F401  (applies environment defaults first)
+from .errors import StageFailed, UserError
+
+DEFAULT_STORE = os.environ.get("DISTILL_STORE", ".distill")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors: same style, exit 2
+        raise UserError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="distill", description="Ray-based orchestrator for distillation pipelines.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def pipeline_args(sp, with_address):
+        sp.add_argument("config", help="pipeline YAML file")
+        sp.add_argument("--store", default=DEFAULT_STORE, help="artifact store (default .distill)")
+        sp.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="STAGE.FIELD=VALUE", help="override a stage config field")
+        sp.add_argument("--force", action="append", default=[], metavar="STAGE",
+                        help="re-run this stage even if cached")
+        sp.add_argument("--json", action="store_true", help="print one JSON document")
+        if with_address:
+            sp.add_argument("--address", default=None,
+                            help="Ray address ('auto' on a cluster head); default: embedded Ray")
+            sp.add_argument("--tracking-uri", default=None,
+                            help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or the store)")
+            sp.add_argument("--quiet", action="store_true", help="no progress lines")
+
+    pipeline_args(sub.add_parser("run", help="run a pipeline"), True)
+    pipeline_args(sub.add_parser("plan", help="show what run would do, and why"), False)
+    sp = sub.add_parser("ls", help="list committed artifacts")
+    sp.add_argument("--store", default=DEFAULT_STORE)
+    sp.add_argument("--json", action="store_true")
+    for name, help_ in (("show", "show an artifact's manifest or a run"),
+                        ("lineage", "show the artifacts an artifact was built from")):
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("ref", help="artifact key (a unique prefix) or run id")
+        sp.add_argument("--store", default=DEFAULT_STORE)
+    sp = sub.add_parser("gc", help="remove uncommitted debris (and optionally unreferenced artifacts)")
+    sp.add_argument("--store", default=DEFAULT_STORE)
+    sp.add_argument("--unreferenced", action="store_true",
+                    help="also remove committed artifacts no pipeline's last run uses")
+    sp.add_argument("--dry-run", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args, argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except StageFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if e.user_error else 1
+    except KeyboardInterrupt:
+        print("interrupted; committed stages are kept and reused on the next run",
+              file=sys.stderr)
+        return 130
+
+
+def _load(args):
+    from .pipeline import Pipeline
+    return Pipeline.from_yaml(args.config, args.overrides)
+
+
+def _resume_command(argv: list[str]) -> str:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--force":
+            skip = True
+            continue
+        if a.startswith("--force="):
+            continue
+        out.append(a)
+    return "distill " + shlex.join(out)
+
+
+def cmd_run(args, argv) -> int:
+    from ._internal.progress import results_table
+    from ._internal.runner import run
+    pipeline = _load(args)
+    result = run(pipeline, store=args.store, force=args.force, address=args.address,
+                 tracking_uri=args.tracking_uri, progress=not args.quiet,
+                 command=_resume_command(argv))
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        results_table(result)
+    return 0
+
+
+def cmd_plan(args, argv) -> int:
+    from ._internal.runner import plan
+    p = plan(_load(args), store=args.store, force=args.force)
+    if args.json:
+        print(json.dumps(p.to_json(), indent=2))
+        return 0
+    for w in p.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    width = max(len(n) for n in p.decisions)
+    for name, d in p.decisions.items():
+        status = "cached" if d.status == "cached" else "to run"
+        print(f"{name:<{width}}  {p.states[name].kind:<22} {status:<7} {d.key[:12]}  {d.reason}")
+    return 0
+
+
+def _store(args, create=False):
+    from ._internal.store import Store
+    return Store.open(args.store, create=create)
+
+
+def cmd_ls(args, argv) -> int:
+    rows = sorted(_store(args).manifests(), key=lambda m: m.get("created", 0))
+    if args.json:
+        print(json.dumps([{k: m.get(k) for k in ("key", "kind", "stage", "pipeline", "created")}
+                          for m in rows], indent=2))
+        return 0
+    if not rows:
+        print(f"no committed artifacts in {_store(args).root}")
+    for m in rows:
+        size = sum(o.get("bytes", 0) for o in m["outputs"].values())
+        outs = ", ".join(f"{n}:{o['type']}" + (f"[{o['rows']} rows]" if "rows" in o else "")
+                         for n, o in m["outputs"].items())
+        print(f"{m['key'][:12]}  {m['kind']:<22} {m.get('stage', ''):<16} {size / 1e6:8.2f} MB  {outs}")
+    return 0
+
+
+def _find(store, ref: str) -> dict:
+    for r in store.runs():
+        if r["run_id"] == ref:
+            return {"run": r}
+    matches = store.find(ref) if len(ref) >= 4 else []
+    if len(matches) == 1:
+        return {"artifact": matches[0]}
+    if len(matches) > 1:
+        raise UserError(f"'{ref}' matches {len(matches)} artifacts; give more characters of the key")
+    raise UserError(f"no artifact key or run id '{ref}' in store {store.root}; "
+                    f"see `distill ls --store {store.root}`")
+
+
+def cmd_show(args, argv) -> int:
+    found = _find(_store(args), args.ref)
+    print(json.dumps(found.get("artifact") or found["run"], indent=2, default=str))
+    return 0
+
+
+def cmd_lineage(args, argv) -> int:
+    store = _store(args)
+    found = _find(store, args.ref)
+    if "artifact" not in found:
+        raise UserError(f"lineage takes an artifact key; '{args.ref}' is a run id")
+    by_key = {m["key"]: m for m in store.manifests()}
+
+    def walk(m: dict, depth: int, via: str) -> None:
+        print(f"{'  ' * depth}{via}{m['kind']} {m['key'][:12]} (stage '{m.get('stage')}', "
+              f"version {m['version']})")
+        for inp, ref in sorted(m.get("inputs", {}).items()):
+            key, _, out = ref.partition("/")
+            up = by_key.get(key)
+            if up is None:
+                print(f"{'  ' * (depth + 1)}{inp} <- {key[:12]}/{out} (not in store)")
+            else:
+                walk(up, depth + 1, f"{inp} <- {out} of ")
+
+    walk(found["artifact"], 0, "")
+    return 0
+
+
+def cmd_gc(args, argv) -> int:
+    from ._internal.gc import collect
+    removed, freed = collect(_store(args), unreferenced=args.unreferenced, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for path in removed:
+        print(f"{verb} {path}")
+    print(f"{verb} {len(removed)} paths, {freed / 1e6:.2f} MB")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "plan": cmd_plan, "ls": cmd_ls, "show": cmd_show,
+            "lineage": cmd_lineage, "gc": cmd_gc}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

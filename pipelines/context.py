@@ -1,0 +1,120 @@
+"""What a running stage gets from the core: output locations, a metric logger, a progress
+reporter, a seed. Stages use nothing else to talk to the outside world.
+
+``StageContext.for_testing(tmp_path)`` builds one for calling a stage directly in a test.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .artifacts import Dataset, Model, Report
+from ._internal.board import Board, LocalBoard
+
+
+@dataclass
+class StageContext:
+    name: str                 # the stage's name in the pipeline
+    kind: str
+    key: str                  # the cache key of the artifact being produced
+    seed: int
+    staging_dir: str          # outputs are written here, then committed by the core
+    work_dir: str             # survives failed attempts: checkpoints, resumable shards
+    board: Board = field(default_factory=LocalBoard)
+    num_gpus_available: float = 0.0  # GPUs Ray reports in the cluster
+    _last_progress: float = field(default=0.0, repr=False)
+
+    @classmethod
+    def for_testing(cls, root: str, name: str = "test", kind: str = "test", seed: int = 0,
+                    num_gpus_available: float = 0.0) -> "StageContext":
+        root = str(root)
+        return cls(name=name, kind=kind, key="test", seed=seed,
+                   staging_dir=os.path.join(root, name, "staging"),
+                   work_dir=os.path.join(root, name, "work"),
+                   num_gpus_available=num_gpus_available)
+
+    # -- where outputs go ---------------------------------------------------------
+    def output_dir(self, name: str) -> str:
+        path = os.path.join(self.staging_dir, name)
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def write_dataset(self, name: str, data, info: dict | None = None) -> Dataset:
+        """Write ``data`` (a ``ray.data.Dataset``, a ``pyarrow.Table`` or a dict of
+        numpy arrays) as the parquet output ``name``."""
+        path = self.output_dir(name)
+        if hasattr(data, "write_parquet"):  # ray.data.Dataset
+            data.write_parquet(path)
+        else:
+            import pyarrow.parquet as pq
+            table = data if hasattr(data, "schema") else numpy_to_arrow(data)
+            pq.write_table(table, os.path.join(path, "part-00000.parquet"))
+        return Dataset(path=path, info=dict(info or {}))
+
+    def save_model(self, name: str, model, info: dict | None = None, **save_kwargs) -> Model:
+        """Save ``model`` with its library's own ``save_pretrained`` as output ``name``."""
+        path = self.output_dir(name)
+        model.save_pretrained(path, **save_kwargs)
+        return Model(path=path, info=dict(info or {}))
+
+    def write_report(self, name: str, metrics: dict[str, float], figures: dict | None = None,
+                     info: dict | None = None) -> Report:
+        """Metrics (also logged as the stage's metrics) and matplotlib figures."""
+        path = self.output_dir(name)
+        clean = {k: float(v) for k, v in metrics.items()}
+        with open(os.path.join(path, "metrics.json"), "w") as f:
+            json.dump(clean, f, indent=2, sort_keys=True)
+        for filename, fig in (figures or {}).items():
+            fig.savefig(os.path.join(path, filename), dpi=100, bbox_inches="tight")
+        self.log_metrics(clean)
+        return Report(path=path, info=dict(info or {}))
+
+    def save_figure(self, fig, filename: str) -> str:
+        """A plot for people: kept with the artifact and logged to MLflow."""
+        path = os.path.join(self.output_dir("_plots"), filename)
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        return path
+
+    # -- metrics and progress --------------------------------------------------------
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        for k, v in metrics.items():
+            v = float(v)
+            if math.isnan(v) or math.isinf(v):
+                raise FloatingPointError(f"metric '{k}' is {v}" +
+                                         (f" at step {step}" if step is not None else ""))
+        self.board.log(self.name, {k: float(v) for k, v in metrics.items()}, step)
+
+    def log_metric(self, name: str, value: float, step: int | None = None) -> None:
+        self.log_metrics({name: value}, step)
+
+    def progress(self, done: float, total: float | None = None, unit: str = "rows",
+                 force: bool = False) -> None:
+        """Report progress; throttled to a few updates per second."""
+        now = time.monotonic()
+        if not force and now - self._last_progress < 0.25 and (total is None or done < total):
+            return
+        self._last_progress = now
+        self.board.progress(self.name, done, total, unit)
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The last value of every metric logged so far."""
+        return self.board.final_metrics(self.name)
+
+
+def numpy_to_arrow(columns: dict[str, Any]):
+    """A pyarrow Table from numpy columns; arrays with more than one dimension become Ray
+    Data tensor columns, so ``ray.data.read_parquet`` gives them back as ndarrays."""
+    import numpy as np
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray
+    arrays = {}
+    for name, value in columns.items():
+        value = np.asarray(value)
+        arrays[name] = ArrowTensorArray.from_numpy(value) if value.ndim > 1 else pa.array(value)
+    return pa.table(arrays)

@@ -1,0 +1,146 @@
+"""Stages: the unit of work of a pipeline.
+
+A stage is a class with a registered ``kind`` (its name in YAML), a ``version`` (bump it
+when behaviour changes: it is part of the cache key), a typed ``Config`` (pydantic, unknown
+keys rejected), declared ``inputs`` / ``outputs`` (name -> artifact type) and the
+``resources`` of its coordinator Ray task::
+
+    class Square(Stage):
+        kind = "square"
+        version = "1"
+
+        class Config(StageConfig):
+            power: int = 2
+
+        inputs = {"data": Dataset}
+        outputs = {"data": Dataset}
+
+        def run(self, ctx, data):
+            ds = data.read().map_batches(lambda b: {"x": b["x"] ** self.config.power})
+            return {"data": ctx.write_dataset("data", ds)}
+
+A stage never builds storage paths, opens MLflow runs or calls ``ray.init``: the context
+(``pipelines.context.StageContext``) gives it output locations, a metric logger, a
+progress reporter and a seed. ``Stage(config).run(ctx, **inputs)`` works in a unit test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from .artifacts import Artifact, Dataset, Model, Report  # noqa: F401  (re-exported)
+from .errors import UserError, allowed_list, did_you_mean
+
+
+class StageConfig(BaseModel):
+    """Base of every stage's config: unknown keys are errors, values are validated on
+    assignment, and a config is immutable once built (it is part of a cache key)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class Resources(BaseModel):
+    """What the stage's coordinator Ray task reserves.
+
+    A stage that only launches Ray Data or Ray Train work must reserve ``num_cpus=0``,
+    or it starves the work it launched (see RAY_NOTES.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    max_retries: int = 0
+
+
+_REGISTRY: dict[str, type[Stage]] = {}
+
+
+class Stage:
+    kind: ClassVar[str]
+    version: ClassVar[str]
+    Config: ClassVar[type[StageConfig]] = StageConfig
+    inputs: ClassVar[dict[str, type[Artifact]]] = {}
+    outputs: ClassVar[dict[str, type[Artifact]]] = {}
+    resources: ClassVar[Resources] = Resources()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "kind" not in cls.__dict__:  # abstract intermediate class
+            return
+        _check_declaration(cls)
+        register(cls)
+
+    def __init__(self, config: StageConfig | dict | None = None):
+        if isinstance(config, self.Config):
+            self.config = config
+        else:
+            self.config = self.Config(**(config or {}))
+
+    def run(self, ctx, **inputs) -> dict[str, Artifact]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- helpers used by the core ---------------------------------------------------
+    @classmethod
+    def code_hash(cls) -> str:
+        """sha256 of the source file defining the stage: used to warn when code changed
+        but ``version`` did not (never to decide a cache hit)."""
+        try:
+            src = inspect.getsource(inspect.getmodule(cls))
+        except (OSError, TypeError):
+            return ""
+        return hashlib.sha256(src.encode()).hexdigest()[:16]
+
+
+def _check_declaration(cls: type[Stage]) -> None:
+    where = f"stage class {cls.__qualname__}"
+    for attr in ("kind", "version"):
+        if not isinstance(getattr(cls, attr, None), str) or not getattr(cls, attr):
+            raise TypeError(f"{where}: '{attr}' must be a non-empty string")
+    if not (isinstance(cls.Config, type) and issubclass(cls.Config, StageConfig)):
+        raise TypeError(f"{where}: Config must subclass pipelines.StageConfig")
+    for side in ("inputs", "outputs"):
+        for name, typ in getattr(cls, side).items():
+            if not (isinstance(typ, type) and issubclass(typ, Artifact)):
+                raise TypeError(f"{where}: {side}[{name!r}] must be an Artifact type, got {typ!r}")
+    if not cls.outputs:
+        raise TypeError(f"{where}: a stage declares at least one output")
+
+
+def register(cls: type[Stage]) -> type[Stage]:
+    """Register a stage class under its kind. Registering a *different* class under a
+    kind that is taken is an error: a registry never silently overwrites."""
+    old = _REGISTRY.get(cls.kind)
+    if old is not None and old is not cls:
+        same_def = (old.__module__, old.__qualname__) == (cls.__module__, cls.__qualname__)
+        if not same_def:  # re-import of the same module (e.g. cloudpickle) is fine
+            raise TypeError(f"stage kind '{cls.kind}' is already registered by "
+                            f"{old.__module__}.{old.__qualname__}; "
+                            f"cannot register {cls.__module__}.{cls.__qualname__}")
+    _REGISTRY[cls.kind] = cls
+    return cls
+
+
+def unregister(kind: str) -> None:
+    """Remove a kind (for tests that define throw-away stages)."""
+    _REGISTRY.pop(kind, None)
+
+
+def registry() -> dict[str, type[Stage]]:
+    _load_catalog()
+    return dict(_REGISTRY)
+
+
+def get_stage_class(kind: str, where: str = "pipeline") -> type[Stage]:
+    _load_catalog()
+    if kind not in _REGISTRY:
+        raise UserError(f"{where}: unknown stage kind {kind!r}{did_you_mean(kind, _REGISTRY)}; "
+                        f"known kinds: {allowed_list(_REGISTRY)}")
+    return _REGISTRY[kind]
+
+
+def _load_catalog() -> None:
+    """Import the built-in catalog (``stages``) so its kinds are registered."""
+    import stages  # noqa: F401

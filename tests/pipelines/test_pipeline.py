@@ -1,0 +1,157 @@
+"""Building and validating pipelines (no Ray): every bad input is one clear UserError."""
+
+import pytest
+
+from pipelines import Dataset, Pipeline, Report, Stage, StageConfig, UserError
+from pipelines.stage import register, registry, unregister
+from tests.pipelines import toy_stages  # noqa: F401  (registers test kinds)
+
+
+def spec(**stages):
+    return {"name": "t", "seed": 0, "stages": stages}
+
+
+NUMS = {"kind": "test-numbers", "config": {"n": 10}}
+
+
+def build(d, overrides=()):
+    return Pipeline.from_dict(d, overrides)
+
+
+def error(d, overrides=()):
+    with pytest.raises(UserError) as e:
+        build(d, overrides)
+    return str(e.value)
+
+
+def test_valid_pipeline_orders_and_wires():
+    p = build(spec(sum={"kind": "test-summarize", "inputs": {"a": "x2", "b": "x3.scaled"}},
+                   x2={"kind": "test-scale", "inputs": {"numbers": "nums"}},
+                   x3={"kind": "test-scale", "config": {"factor": 3}, "inputs": {"numbers": "nums"}},
+                   nums=NUMS))
+    order = p.order()
+    assert order.index("nums") < order.index("x2") < order.index("sum")
+    assert p.nodes["sum"].inputs == {"a": ("x2", "scaled"), "b": ("x3", "scaled")}
+    assert p.downstream("nums") == {"x2", "x3", "sum"}
+    assert Pipeline.from_dict(p.to_dict()).to_dict() == p.to_dict()
+
+
+def test_unknown_kind_did_you_mean():
+    msg = error(spec(nums={"kind": "test-number"}))
+    assert "stage 'nums'" in msg and "'test-number'" in msg
+    assert "did you mean 'test-numbers'" in msg and "test-scale" in msg
+
+
+def test_unknown_config_key_did_you_mean_lists_fields():
+    msg = error(spec(nums={"kind": "test-numbers", "config": {"nn": 3}}))
+    assert "stage 'nums' (test-numbers)" in msg and "unknown field 'nn'" in msg
+    assert "did you mean 'n'" in msg and "allowed fields: n, sleep" in msg
+
+
+def test_mistyped_config_value():
+    msg = error(spec(nums={"kind": "test-numbers", "config": {"n": "many"}}))
+    assert "field 'n'" in msg and "'many'" in msg and "integer" in msg
+
+
+def test_input_naming_missing_stage():
+    msg = error(spec(nums=NUMS, x={"kind": "test-scale", "inputs": {"numbers": "numz"}}))
+    assert "stage 'x' (test-scale)" in msg and "'numz'" in msg and "did you mean 'nums'" in msg
+
+
+def test_missing_and_unknown_inputs():
+    assert "input 'numbers' (dataset) is not wired" in error(spec(x={"kind": "test-scale"}))
+    msg = error(spec(nums=NUMS, x={"kind": "test-scale", "inputs": {"numbers": "nums", "nmbrs": "nums"}}))
+    assert "unknown input 'nmbrs'" in msg and "allowed inputs: numbers" in msg
+
+
+def test_unknown_output_and_wrong_artifact_type():
+    msg = error(spec(nums=NUMS, x={"kind": "test-scale", "inputs": {"numbers": "nums.rows"}}))
+    assert "has no output 'rows'" in msg and "outputs: numbers" in msg
+
+    class TakesReport(Stage):
+        kind = "test-takes-report"
+        version = "1"
+        inputs = {"report": Report}
+        outputs = {"out": Dataset}
+
+    try:
+        msg = error(spec(nums=NUMS, r={"kind": "test-takes-report", "inputs": {"report": "nums"}}))
+        assert "input 'report' needs a report, but 'nums.numbers' is a dataset" in msg
+    finally:
+        unregister("test-takes-report")
+
+
+def test_cycle_is_reported_with_its_path():
+    msg = error(spec(a={"kind": "test-scale", "inputs": {"numbers": "b"}},
+                     b={"kind": "test-scale", "inputs": {"numbers": "a"}}))
+    assert "cycle" in msg and ("a -> b -> a" in msg or "b -> a -> b" in msg)
+
+
+def test_bad_top_level_keys_and_stage_entry_keys():
+    assert "unknown field 'stagez'" in error({"name": "t", "stagez": {}})
+    msg = error(spec(nums={"kind": "test-numbers", "confg": {}}))
+    assert "unknown field 'stages.nums.confg'" in msg and "did you mean 'config'" in msg
+
+
+def test_overrides_validated_against_config():
+    p = build(spec(nums=NUMS), ["nums.n=7"])
+    assert p.nodes["nums"].stage.config.n == 7
+    p = build(spec(nums=NUMS), ["nums.sleep=1e-3"])
+    assert p.nodes["nums"].stage.config.sleep == 0.001
+    msg = error(spec(nums=NUMS), ["nums.nn=7"])
+    assert "--set nums.nn=7" in msg and "no config field 'nn'" in msg and "did you mean 'n'" in msg
+    assert "no stage 'numz'" in error(spec(nums=NUMS), ["numz.n=7"])
+    assert "expected stage.field=value" in error(spec(nums=NUMS), ["nums"])
+    msg = error(spec(nums=NUMS), ["nums.n=abc"])
+    assert "field 'n'" in msg and "'abc'" in msg
+
+
+def test_resources_override_validated():
+    p = build(spec(nums=NUMS | {"resources": {"max_retries": 2}}))
+    assert p.nodes["nums"].effective_resources.max_retries == 2
+    assert "unknown field 'gpus'" in error(spec(nums=NUMS | {"resources": {"gpus": 1}}))
+
+
+def test_python_builder_validates_each_add():
+    p = Pipeline("py").add("nums", "test-numbers", {"n": 3})
+    with pytest.raises(UserError, match="names stage 'later'"):
+        p.add("x", "test-scale", inputs={"numbers": "later"})
+    with pytest.raises(UserError, match="used twice"):
+        Pipeline("py").add("a", "test-numbers").add("a", "test-numbers")
+    with pytest.raises(UserError, match="name 'bad name'"):
+        Pipeline("bad name")
+
+
+def test_registry_never_silently_overwrites():
+    class Numbers2(Stage):
+        kind = "test-dup"
+        version = "1"
+        outputs = {"out": Dataset}
+
+    try:
+        with pytest.raises(TypeError, match="already registered"):
+            class Other(Stage):
+                kind = "test-dup"
+                version = "1"
+                outputs = {"out": Dataset}
+        assert registry()["test-dup"] is Numbers2
+        assert register(Numbers2) is Numbers2  # the same class again is fine
+    finally:
+        unregister("test-dup")
+
+
+def test_stage_declaration_checked_at_definition():
+    with pytest.raises(TypeError, match="Artifact type"):
+        class Bad(Stage):
+            kind = "test-bad"
+            version = "1"
+            outputs = {"out": dict}
+
+
+def test_config_rejects_unknown_keys_and_is_frozen():
+    class C(StageConfig):
+        a: int = 1
+    with pytest.raises(Exception):
+        C(b=2)
+    with pytest.raises(Exception):
+        C().a = 3

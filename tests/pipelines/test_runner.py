@@ -1,0 +1,139 @@
+"""The runner on a real local Ray, with real parquet and a real MLflow store."""
+
+import json
+import os
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipelines import Pipeline, StageFailed, plan, run
+from pipelines._internal.tracking import default_tracking_uri
+from tests.pipelines import toy_stages  # noqa: F401
+
+
+def diamond(**overrides):
+    spec = {"name": "diamond", "seed": 1, "stages": {
+        "nums": {"kind": "test-numbers", "config": {"n": 40, "sleep": 2.0}},
+        "double": {"kind": "test-scale", "config": {"factor": 2}, "inputs": {"numbers": "nums"}},
+        "triple": {"kind": "test-scale", "config": {"factor": 3}, "inputs": {"numbers": "nums"}},
+        "sum": {"kind": "test-summarize", "inputs": {"a": "double", "b": "triple"}}}}
+    return Pipeline.from_dict(spec, [f"{k}={v}" for k, v in overrides.items()])
+
+
+@pytest.fixture(scope="module")
+def first_runs(ray_session, tmp_path_factory):
+    store = str(tmp_path_factory.mktemp("store"))
+    cold = run(diamond(), store=store, progress=False)
+    warm = run(diamond(), store=store, progress=False)
+    return store, cold, warm
+
+
+def test_cold_run_runs_everything_with_real_outputs(first_runs):
+    store, cold, _ = first_runs
+    assert [s.status for s in cold.stages] == ["ran"] * 4
+    sums = cold["sum"].metrics
+    assert sums["rows"] == 40
+    assert sums["sum_b"] == pytest.approx(1.5 * sums["sum_a"], rel=1e-4)
+    m = json.load(open(os.path.join(cold["nums"].uri, "manifest.json")))
+    assert m["outputs"]["numbers"]["rows"] == 40 and m["libraries"]["ray"] == "2.60.0"
+    assert m["mlflow_run_id"] and m["stage"] == "nums"
+
+
+def test_independent_branches_run_concurrently(first_runs):
+    _, cold, _ = first_runs
+    spans = []
+    for name in ("double", "triple"):
+        m = json.load(open(os.path.join(cold[name].uri, "manifest.json")))
+        spans.append((m["created"] - m["seconds"], m["created"]))
+    (a0, a1), (b0, b1) = spans
+    assert a0 < b1 and b0 < a1, f"branches did not overlap: {spans}"
+
+
+def test_second_run_is_all_cached_and_fast(first_runs):
+    _, cold, warm = first_runs
+    assert [s.status for s in warm.stages] == ["cached"] * 4
+    assert [s.key for s in warm.stages] == [s.key for s in cold.stages]
+    assert warm["sum"].metrics == cold["sum"].metrics
+
+
+def test_changed_config_reruns_only_downstream_as_planned(first_runs):
+    store, cold, _ = first_runs
+    p = diamond(**{"triple.factor": 4})
+    predicted = plan(p, store=store)
+    assert {n: d.status for n, d in predicted.decisions.items()} == {
+        "nums": "cached", "double": "cached", "triple": "run", "sum": "run"}
+    assert predicted.decisions["triple"].reason == "config changed: factor 3.0 -> 4.0"
+    assert predicted.decisions["sum"].reason == "input changed: b (upstream 'triple' re-runs)"
+    result = run(p, store=store, progress=False)
+    assert {s.name: s.status for s in result.stages} == {
+        "nums": "cached", "double": "cached", "triple": "ran", "sum": "ran"}
+    assert result["sum"].metrics["sum_b"] == pytest.approx(2 * result["sum"].metrics["sum_a"], rel=1e-4)
+
+
+def test_force_reruns_one_stage(first_runs):
+    store, cold, _ = first_runs
+    result = run(diamond(), store=store, force=["double"], progress=False)
+    assert {s.name: s.status for s in result.stages} == {
+        "nums": "cached", "double": "ran", "triple": "cached", "sum": "cached"}
+    assert result["double"].key == cold["double"].key
+
+
+def test_mlflow_parent_with_one_nested_run_per_stage(first_runs):
+    store, cold, warm = first_runs
+    client = MlflowClient(tracking_uri=default_tracking_uri(store))
+    exp = client.get_experiment_by_name("diamond")
+    for result, status in ((cold, "ran"), (warm, "cached")):
+        parent = client.get_run(result.run_id)
+        assert parent.info.status == "FINISHED"
+        children = client.search_runs([exp.experiment_id],
+                                      f"tags.mlflow.parentRunId = '{result.run_id}'")
+        by_name = {c.data.tags["distillery.stage"]: c for c in children}
+        assert set(by_name) == {"nums", "double", "triple", "sum"}
+        assert all(c.data.tags["distillery.status"] == status for c in children)
+        assert by_name["triple"].data.params["factor"] == "3.0"
+        assert by_name["sum"].data.metrics["rows"] == 40
+    loss = client.get_metric_history(
+        [c for c in client.search_runs([exp.experiment_id],
+                                       f"tags.mlflow.parentRunId = '{cold.run_id}'")
+         if c.data.tags["distillery.stage"] == "double"][0].info.run_id, "loss")
+    assert [m.step for m in loss] == [0, 1, 2]
+
+
+def test_failing_stage_names_cause_finished_and_resume(ray_session, tmp_path):
+    p = diamond(**{"triple.fail": "error", "nums.sleep": 0})
+    with pytest.raises(StageFailed) as e:
+        run(p, store=str(tmp_path), progress=False, command="distill run d.yaml")
+    msg = str(e.value)
+    assert "stage 'triple' failed: RuntimeError: boom in scale" in msg
+    assert "finished (committed, will be reused): nums" in msg
+    assert "resume with: distill run d.yaml" in msg
+    assert not os.path.exists(os.path.join(tmp_path, "test-scale", e.value.finished and
+                                           p and "x"))  # nothing committed for triple
+    rec = [json.load(open(os.path.join(tmp_path, "_runs", f)))
+           for f in os.listdir(os.path.join(tmp_path, "_runs"))][0]
+    assert rec["ok"] is False and rec["stages"]["triple"]["status"] == "failed"
+    assert rec["stages"]["sum"]["status"] == "skipped"
+    staging = os.path.join(tmp_path, "_staging", "test-scale")
+    assert not os.path.isdir(staging) or os.listdir(staging) == []
+
+
+def test_nan_metric_fails_saying_at_which_step(ray_session, tmp_path):
+    p = diamond(**{"double.fail": "nan", "nums.sleep": 0})
+    with pytest.raises(StageFailed, match=r"stage 'double' failed: FloatingPointError: "
+                                          r"metric 'loss' is nan at step 2"):
+        run(p, store=str(tmp_path), progress=False)
+
+
+def test_user_error_inside_stage_is_flagged(ray_session, tmp_path):
+    with pytest.raises(StageFailed) as e:
+        run(diamond(**{"double.fail": "user", "nums.sleep": 0}), store=str(tmp_path), progress=False)
+    assert e.value.user_error and "field 'factor' is bad" in str(e.value)
+
+
+def test_worker_crash_is_retried_as_configured(ray_session, tmp_path):
+    spec = diamond(**{"double.fail": "crash-once", "nums.sleep": 0}).to_dict()
+    with pytest.raises(StageFailed, match="stage 'double' failed: .*(Worker|died|crash)"):
+        run(Pipeline.from_dict(spec), store=str(tmp_path / "a"), progress=False)
+    spec["stages"]["double"]["resources"] = {"max_retries": 1}
+    result = run(Pipeline.from_dict(spec), store=str(tmp_path / "b"), progress=False)
+    assert result["double"].status == "ran"

@@ -1,0 +1,78 @@
+"""Small real stages for testing the core (registered only in tests)."""
+
+import os
+import time
+
+import numpy as np
+
+from pipelines import Dataset, Report, Resources, Stage, StageConfig, UserError
+
+
+class MakeNumbers(Stage):
+    kind = "test-numbers"
+    version = "1"
+
+    class Config(StageConfig):
+        n: int = 100
+        sleep: float = 0.0
+
+    outputs = {"numbers": Dataset}
+    resources = Resources(num_cpus=0.5)
+
+    def run(self, ctx):
+        rng = np.random.default_rng(ctx.seed)
+        for i in range(10):
+            ctx.progress(i + 1, 10, "steps")
+            time.sleep(self.config.sleep / 10)
+        ids = np.arange(self.config.n)
+        ctx.log_metrics({"n": self.config.n})
+        return {"numbers": ctx.write_dataset("numbers", {
+            "id": ids, "x": rng.normal(size=(self.config.n, 2, 3)).astype("float32")},
+            info={"n": self.config.n})}
+
+
+class Scale(Stage):
+    kind = "test-scale"
+    version = "1"
+
+    class Config(StageConfig):
+        factor: float = 2.0
+        fail: str = "none"   # none | error | user | nan | crash-once
+
+    inputs = {"numbers": Dataset}
+    outputs = {"scaled": Dataset}
+    resources = Resources(num_cpus=0)
+
+    def run(self, ctx, numbers):
+        if self.config.fail == "error":
+            raise RuntimeError("boom in scale")
+        if self.config.fail == "user":
+            raise UserError(f"stage '{ctx.name}': field 'factor' is bad")
+        if self.config.fail == "crash-once":
+            marker = os.path.join(ctx.work_dir, "crashed")
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                os._exit(1)
+        factor = self.config.factor
+        for step in range(3):
+            loss = float("nan") if self.config.fail == "nan" and step == 2 else 1.0 / (step + 1)
+            ctx.log_metrics({"loss": loss}, step=step)
+        ds = numbers.read().map_batches(lambda b: {"id": b["id"], "x": b["x"] * factor})
+        return {"scaled": ctx.write_dataset("scaled", ds)}
+
+
+class Summarize(Stage):
+    kind = "test-summarize"
+    version = "1"
+
+    class Config(StageConfig):
+        pass
+
+    inputs = {"a": Dataset, "b": Dataset}
+    outputs = {"report": Report}
+    resources = Resources(num_cpus=0.5)
+
+    def run(self, ctx, a, b):
+        xa, xb = a.to_numpy()["x"], b.to_numpy()["x"]
+        return {"report": ctx.write_report("report", {"sum_a": xa.sum(), "sum_b": xb.sum(),
+                                                      "rows": len(xa)})}
