@@ -33,12 +33,17 @@ def _owner_alive(tag: str) -> bool:
     if len(parts) < 4 or parts[-3] != socket.gethostname():
         return False
     try:
-        os.kill(int(parts[-2]), 0)
+        pid = int(parts[-2])
+        os.kill(pid, 0)
     except (ValueError, ProcessLookupError):
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a zombie has exited; it only waits to be reaped
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def garbage(store: Store, unreferenced: bool = False) -> list[str]:
