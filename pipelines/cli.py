@@ -14,6 +14,7 @@ User mistakes print one message (no traceback) and exit 2; a failed stage exits 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -108,11 +109,15 @@ def cmd_run(args, argv) -> int:
     from ._internal.progress import results_table
     from ._internal.runner import run
     pipeline = _load(args)
-    result = run(pipeline, store=args.store, force=args.force, address=args.address,
-                 tracking_uri=args.tracking_uri, progress=not args.quiet,
-                 command=_resume_command(argv))
+    stdout = sys.stdout
+    # Ray prints its own warnings (e.g. from the raylet) on the driver's stdout; with
+    # --json, stdout holds the one JSON document and nothing else.
+    with contextlib.redirect_stdout(sys.stderr if args.json else stdout):
+        result = run(pipeline, store=args.store, force=args.force, address=args.address,
+                     tracking_uri=args.tracking_uri, progress=not args.quiet,
+                     command=_resume_command(argv))
     if args.json:
-        print(json.dumps(result.to_json(), indent=2))
+        print(json.dumps(result.to_json(), indent=2), file=stdout)
     else:
         results_table(result)
     return 0

@@ -31,12 +31,16 @@ class StageContext:
 
     @classmethod
     def for_testing(cls, root: str, name: str = "test", kind: str = "test", seed: int = 0,
-                    num_gpus_available: float = 0.0) -> "StageContext":
+                    num_gpus_available: float = 0.0, board: Board | None = None,
+                    key: str = "test") -> "StageContext":
+        """A context writing under ``root``. Metrics go to an in-process board, or to
+        ``board`` (``pipelines.testing.ray_board()`` collects those logged from Ray
+        workers too)."""
         root = str(root)
-        return cls(name=name, kind=kind, key="test", seed=seed,
+        return cls(name=name, kind=kind, key=key, seed=seed,
                    staging_dir=os.path.join(root, name, "staging"),
                    work_dir=os.path.join(root, name, "work"),
-                   num_gpus_available=num_gpus_available)
+                   board=board or LocalBoard(), num_gpus_available=num_gpus_available)
 
     # -- where outputs go ---------------------------------------------------------
     def output_dir(self, name: str) -> str:

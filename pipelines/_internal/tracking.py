@@ -41,9 +41,10 @@ class Tracker:
     def __init__(self, uri: str, experiment: str, store_root: str):
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         import logging
+
+        from mlflow.tracking import MlflowClient  # configures mlflow's loggers on import
         for name in ("mlflow", "alembic"):  # database set-up chatter
             logging.getLogger(name).setLevel(logging.WARNING)
-        from mlflow.tracking import MlflowClient
         if uri.startswith("sqlite:///"):
             os.makedirs(os.path.dirname(uri[len("sqlite:///"):]), exist_ok=True)
         self.uri = uri

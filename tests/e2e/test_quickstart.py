@@ -59,6 +59,9 @@ def test_cold_run_then_fully_cached(quickstart, capsys):
         assert by_stage["student"].data.params["temperature"] == "4.0"
         assert by_stage["evaluate"].data.metrics["accuracy"] == pytest.approx(m["accuracy"])
         assert all(c.data.tags["distillery.status"] == status for c in children)
+        if status == "ran":  # plots of the evaluation are MLflow artifacts of its run
+            names = [a.path for a in client.list_artifacts(by_stage["evaluate"].info.run_id)]
+            assert any(n.endswith(".png") for n in names), names
     epochs = client.get_metric_history(
         client.search_runs([exp.experiment_id],
                            f"tags.mlflow.parentRunId = '{cold['run_id']}' and "

@@ -137,3 +137,16 @@ def test_worker_crash_is_retried_as_configured(ray_session, tmp_path):
     spec["stages"]["double"]["resources"] = {"max_retries": 1}
     result = run(Pipeline.from_dict(spec), store=str(tmp_path / "b"), progress=False)
     assert result["double"].status == "ran"
+
+
+def test_code_change_without_version_bump_is_warned_not_trusted_silently(first_runs):
+    store, cold, _ = first_runs
+    path = os.path.join(cold["nums"].uri, "manifest.json")
+    m = json.load(open(path))
+    m["code_hash"] = "0" * 16       # as if built by other code under the same version
+    with open(path, "w") as f:
+        json.dump(m, f)
+    p = plan(diamond(), store=store)
+    assert p.decisions["nums"].status == "cached"
+    assert any("stage 'nums' (test-numbers): its code changed" in w and "--force nums" in w
+               for w in p.warnings)

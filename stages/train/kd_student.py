@@ -1,0 +1,180 @@
+"""``kd-student``: Hinton knowledge distillation (Hinton, Vinyals & Dean 2015, "Distilling
+the Knowledge in a Neural Network", arXiv 1503.02531) of a small classifier from stored
+teacher logits, trained with Ray Train (``TorchTrainer``, data-parallel workers).
+
+    L = alpha * T^2 * KL( softmax(z_t / T) || softmax(z_s / T) ) + (1 - alpha) * CE(y, z_s)
+
+z_t: teacher logits from the ``teacher-outputs`` signal, z_s: student logits, T: the
+temperature (the T^2 factor keeps soft-target gradients on the scale of the hard loss),
+alpha = 0 is plain supervised training. Every epoch each worker reports its metrics and
+rank 0 a checkpoint (model, optimiser, epoch, resolved config); a re-run with the same
+artifact key resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import pyarrow.compute as pc
+import torch
+import torch.nn.functional as F
+from pydantic import Field, PositiveInt
+
+from pipelines.artifacts import column_to_numpy
+from pipelines.errors import UserError, bad_value
+from pipelines.stage import Dataset, Model, Resources, Stage
+from stages.data.tables import require_columns
+from stages.models.classifiers import ArchName, ClassifierArch, save_classifier
+from stages.train.loop import OptimConfig, train_epoch
+
+STATE_FILE, CONFIG_FILE = "state.pt", "config.json"
+
+
+def hinton_kd_loss(z_s, z_t, y, temperature: float, alpha: float):
+    """alpha * T^2 * KL(p_t || p_s) + (1 - alpha) * CE(y, z_s), batch mean."""
+    hard = F.cross_entropy(z_s, y)
+    if alpha == 0:
+        return hard
+    t = temperature
+    kl = F.kl_div(F.log_softmax(z_s / t, dim=1), F.log_softmax(z_t / t, dim=1),
+                  log_target=True, reduction="batchmean")
+    return alpha * t * t * kl + (1 - alpha) * hard
+
+
+def _load_state(checkpoint) -> dict | None:
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+
+
+def train_loop(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+
+    cfg, ctx = KDStudent.Config(**config["cfg"]), config["ctx"]
+    rank = ray.train.get_context().get_world_rank()
+    torch.manual_seed(ctx.seed)
+    model = cfg.build(config["in_shape"], config["num_classes"])
+    state, start = _load_state(ray.train.get_checkpoint()), 0
+    if state:  # resume: same run name, or a restart under FailureConfig
+        model.load_state_dict(state["model"])
+        start = state["epoch"] + 1
+    model = ray.train.torch.prepare_model(model)  # to the worker's device, DDP-wrapped
+    opt = cfg.optimizer(model)
+    if state:
+        opt.load_state_dict(state["optimizer"])  # moves its tensors to the params' device
+    shard = ray.train.get_dataset_shard("train")
+
+    def loss_fn(model, batch):
+        z_s = model(batch["x"])
+        loss = hinton_kd_loss(z_s, batch["logits"], batch["label"], cfg.temperature, cfg.alpha)
+        return loss, z_s, batch["label"]
+
+    for epoch in range(start, cfg.epochs):
+        batches = shard.iter_torch_batches(
+            batch_size=cfg.batch_size, local_shuffle_buffer_size=cfg.shuffle_buffer,
+            local_shuffle_seed=ctx.seed + epoch,
+            dtypes={"x": torch.float32, "logits": torch.float32, "label": torch.int64})
+        metrics = {**train_epoch(model, batches, opt, loss_fn, epoch), "start_epoch": start}
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if rank == 0:
+                net = getattr(model, "module", model)
+                torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(),
+                            "epoch": epoch}, os.path.join(d, STATE_FILE))
+                with open(os.path.join(d, CONFIG_FILE), "w") as f:
+                    json.dump(config["cfg"], f, indent=2)
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=checkpoint)
+        if rank == 0:
+            ctx.log_metrics(metrics, step=epoch)
+            ctx.progress(epoch + 1, cfg.epochs, "epochs")
+
+
+class KDStudent(Stage):
+    kind = "kd-student"
+    version = "1"
+
+    class Config(ClassifierArch, OptimConfig):
+        arch: ArchName = "mlp"
+        hidden: list[PositiveInt] = [32]
+        lr: float = Field(1e-2, gt=0)
+        temperature: float = Field(4.0, gt=0)
+        alpha: float = Field(0.9, ge=0, le=1)
+        shuffle_buffer: int = Field(1024, ge=1)
+        num_workers: int = Field(1, ge=1)
+        use_gpu: bool = True       # used only when the cluster has GPUs
+        max_failures: int = Field(0, ge=-1)
+        # hold the training rows in Ray's object store (spilled to disk when large) rather
+        # than re-reading the parquet files every epoch (seconds per epoch on small data)
+        cache: bool = True
+
+    inputs = {"signal": Dataset}
+    outputs = {"model": Model}
+    resources = Resources(num_cpus=0)  # only launches Ray Train work
+
+    def run(self, ctx, signal):
+        from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
+        from ray.train import ScalingConfig, TrainingFailedError
+        from ray.data.expressions import col
+        from ray.train.torch import TorchTrainer
+
+        cfg = self.config
+        num_classes, in_shape = self._check_signal(ctx, signal)
+        model = cfg.build(in_shape, num_classes, f"stage '{ctx.name}' ({self.kind})")
+        use_gpu = ctx.num_gpus_available > 0 and cfg.use_gpu
+        train = signal.read(columns=["x", "label", "logits", "split"]).filter(
+            expr=col("split") == "train").select_columns(["x", "label", "logits"])
+        if cfg.cache:
+            train = train.materialize()
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={"cfg": cfg.model_dump(), "ctx": ctx,
+                               "in_shape": in_shape, "num_classes": num_classes},
+            scaling_config=ScalingConfig(
+                num_workers=cfg.num_workers, use_gpu=use_gpu,
+                resources_per_worker={"CPU": 1, **({"GPU": 1} if use_gpu else {})}),
+            run_config=RunConfig(
+                name="kd-" + ctx.key[:16],
+                storage_path=os.path.abspath(os.path.join(ctx.work_dir, "ray_train")),
+                failure_config=FailureConfig(max_failures=cfg.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=2)),
+            datasets={"train": train},
+            dataset_config=DataConfig(datasets_to_split=["train"]))
+        try:
+            result = trainer.fit()
+        except TrainingFailedError as e:
+            raise _original_error(e) from e
+
+        state = _load_state(result.checkpoint)
+        model.load_state_dict(state["model"])
+        path = save_classifier(model, ctx.output_dir("model"))
+        info = {"architecture": cfg.arch, "num_classes": num_classes, "input_shape": in_shape,
+                "epochs": state["epoch"] + 1, **(result.metrics or {})}
+        return {"model": Model(path=path, info=info)}
+
+    def _check_signal(self, ctx, signal) -> tuple[int, list[int]]:
+        """The signal must be teacher logits with the columns this stage reads."""
+        where = f"stage '{ctx.name}' ({self.kind}) input 'signal'"
+        kind = signal.info.get("signal")
+        if kind != "logits":
+            raise bad_value(where, "info.signal", kind, ["logits"])
+        table = require_columns(signal, ["x", "label", "logits", "split"], where)
+        head = table.head(1, columns=["x", "logits"], filter=pc.field("split") == "train")
+        if not head.num_rows:
+            raise bad_value(where, "number of rows with split == 'train'", 0, "at least one")
+        x, logits = (column_to_numpy(head.column(c)) for c in ("x", "logits"))
+        return int(logits.shape[1]), list(x.shape[1:])
+
+
+def _original_error(error: Exception) -> Exception:
+    """The worker's own exception (the FloatingPointError naming the step, a UserError)
+    from the error Ray Train wraps it in, so the caller of the stage sees that message."""
+    for failure in getattr(error, "worker_failures", {}).values():
+        if isinstance(failure, (FloatingPointError, UserError)):
+            return failure
+    return error

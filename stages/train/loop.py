@@ -1,0 +1,45 @@
+"""The training loop shared by every stage that fits a classifier (in-process or on a Ray
+Train worker): one epoch of minibatch steps with a non-finite-loss check."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from pydantic import Field
+
+from pipelines.stage import StageConfig
+
+
+class OptimConfig(StageConfig):
+    """Optimiser fields shared by training stages (AdamW)."""
+
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+
+    def optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+
+def train_epoch(model: torch.nn.Module, batches: Iterable, opt: torch.optim.Optimizer,
+                loss_fn: Callable, epoch: int) -> dict[str, float]:
+    """One pass over ``batches``; ``loss_fn(model, batch) -> (loss, logits, labels)``.
+    Returns the mean loss and the training accuracy; a NaN/inf loss raises
+    ``FloatingPointError`` naming the epoch and the step within it."""
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    for step, batch in enumerate(batches):
+        loss, logits, labels = loss_fn(model, batch)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"training loss is {loss.item()} at epoch {epoch} "
+                                     f"step {step}; lower the learning rate")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total_loss += loss.item() * len(labels)
+        correct += (logits.argmax(1) == labels).sum().item()
+        seen += len(labels)
+    return {"train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1)}

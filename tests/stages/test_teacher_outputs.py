@@ -1,0 +1,53 @@
+import numpy as np
+import pytest
+
+from pipelines.context import StageContext
+from pipelines.errors import UserError
+from stages.models.classifiers import load_classifier, predict_logits
+from stages.teacher.teacher_outputs import TeacherActor, TeacherOutputs
+from tests.stages.conftest import run_stage
+
+
+def test_logits_match_the_model_in_process(signal, teacher, digits):
+    out, src = signal.to_numpy(), digits.to_numpy()
+    assert set(out) == {"id", "x", "label", "split", "logits"}
+    assert sorted(out["id"].tolist()) == src["id"].tolist()  # every id exactly once
+    order = np.argsort(out["id"])
+    for name in ("x", "label", "split"):
+        np.testing.assert_array_equal(out[name][order], src[name])
+    assert out["logits"].dtype == np.float32 and out["logits"].shape == (1797, 10)
+    expected = predict_logits(load_classifier(teacher.path), src["x"]).numpy()
+    np.testing.assert_allclose(out["logits"][order], expected, rtol=1e-5, atol=1e-5)
+    assert signal.info == {"signal": "logits", "precision": "float32", "num_classes": 10,
+                           "input_shape": [1, 8, 8]}
+
+
+def test_bad_model_folder_fails_before_any_work(tmp_path, digits):
+    with pytest.raises(UserError, match=r"stage 'bad' \(teacher-outputs\) input 'model'.*"
+                                        r"convnet, mlp"):
+        run_stage(TeacherOutputs, {}, tmp_path, "bad",
+                  model=type(digits)(path=str(tmp_path / "nope")), data=digits)
+
+
+def test_precision_is_a_checked_choice():
+    with pytest.raises(ValueError, match="'float32' or 'float16'"):
+        TeacherOutputs({"precision": "bf16"})
+
+
+def test_float16_logits(teacher, digits):
+    """The precision cast, on the actor class itself (the Ray path is covered above)."""
+    batch = digits.to_numpy()
+    for array in batch.values():
+        array.setflags(write=False)  # Ray Data hands actors read-only views
+    out = TeacherActor(teacher.path, "float16", "test")(batch)
+    assert out["logits"].dtype == np.float16 and out["logits"].shape == (1797, 10)
+    assert set(out) == {"id", "x", "label", "split", "logits"}
+    expected = predict_logits(load_classifier(teacher.path), batch["x"]).numpy()
+    np.testing.assert_allclose(out["logits"], expected, rtol=2e-3, atol=2e-2)
+
+
+def test_data_without_inputs_is_user_error(tmp_path, teacher):
+    ctx = StageContext.for_testing(tmp_path, name="nox")
+    data = ctx.write_dataset("data", {"id": np.arange(3), "label": np.zeros(3, np.int64)})
+    with pytest.raises(UserError, match=r"stage 'nox' \(teacher-outputs\) input 'data'.*'x'"):
+        TeacherOutputs({}).run(ctx, model=teacher, data=data)
