@@ -112,10 +112,15 @@ def cmd_run(args, argv) -> int:
     stdout = sys.stdout
     # Ray prints its own warnings (e.g. from the raylet) on the driver's stdout; with
     # --json, stdout holds the one JSON document and nothing else.
-    with contextlib.redirect_stdout(sys.stderr if args.json else stdout):
-        result = run(pipeline, store=args.store, force=args.force, address=args.address,
-                     tracking_uri=args.tracking_uri, progress=not args.quiet,
-                     command=_resume_command(argv))
+    try:
+        with contextlib.redirect_stdout(sys.stderr if args.json else stdout):
+            result = run(pipeline, store=args.store, force=args.force, address=args.address,
+                         tracking_uri=args.tracking_uri, progress=not args.quiet,
+                         command=_resume_command(argv))
+    except StageFailed as e:
+        if args.json and e.result is not None:  # what ran, what was cached, what failed
+            print(json.dumps(e.result.to_json(), indent=2), file=stdout)
+        raise
     if args.json:
         print(json.dumps(result.to_json(), indent=2), file=stdout)
     else:

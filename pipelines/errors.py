@@ -25,9 +25,10 @@ class StageFailed(Exception):
     exit_code = 1
 
     def __init__(self, stage: str, cause: str, finished: list[str], resume: str,
-                 user_error: bool = False):
+                 user_error: bool = False, result=None):
         self.stage, self.cause, self.finished, self.resume = stage, cause, finished, resume
         self.user_error = user_error
+        self.result = result  # the RunResult: what ran, what was cached, what failed
         done = ", ".join(finished) if finished else "none"
         super().__init__(
             f"stage '{stage}' failed: {cause}\n"

@@ -33,11 +33,16 @@ class LocalBoard:
     def final_metrics(self, stage):
         return {k: v for k, v, _ in self.history.get(stage, [])}
 
+    def history_of(self, stage):
+        return list(self.history.get(stage, []))
+
     def snapshot(self):
         return {"progress": dict(self.progress_)}
 
     def take_history(self, stage):
-        return list(self.history.get(stage, []))
+        """The stage's metric history, cleared: a retried attempt starts afresh."""
+        self.progress_.pop(stage, None)
+        return self.history.pop(stage, [])
 
 
 class RayBoard:
@@ -57,6 +62,11 @@ class RayBoard:
     def final_metrics(self, stage):
         import ray
         return ray.get(self.actor.final_metrics.remote(stage))
+
+    def history(self, stage) -> list[tuple[str, float, int | None]]:
+        """Every (metric, value, step) logged for ``stage`` (read without clearing)."""
+        import ray
+        return ray.get(self.actor.history_of.remote(stage))
 
 
 def start_board_actor():

@@ -30,7 +30,7 @@ class PipelineFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = "pipeline"
     seed: int = 0
-    stages: dict[str, StageEntry]
+    stages: dict[str, StageEntry] = Field(min_length=1)
 
 
 def load_yaml(path: str) -> dict:

@@ -41,20 +41,22 @@ def classify(exc: BaseException) -> str:
 
 def execute_stage(stage, state: dict, store_root: str, inputs: dict[str, Artifact], board,
                   num_gpus_available: float, mlflow_run_id: str | None, pipeline: str,
-                  replace: bool) -> dict:
+                  replace: bool, clear_work: bool = False) -> dict:
     """Returns ``{"ok": True, "manifest": ...}`` or ``{"ok": False, "kind", "message",
     "traceback"}``; never leaves a half-written artifact looking committed."""
     store = Store(store_root)
     kind, key, name = state["kind"], state["key"], state["name"]
     staging = store.new_staging_dir(kind, key)
     work = store.work_dir(kind, key)
+    if clear_work:  # --force: no resuming from the checkpoints of the replaced artifact
+        shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work, exist_ok=True)
     ctx = StageContext(name=name, kind=kind, key=key, seed=state["seed"], staging_dir=staging,
                        work_dir=work, board=board, num_gpus_available=num_gpus_available)
     started = time.time()
     try:
         outputs = stage.run(ctx, **inputs)
-        check_outputs(type(stage), name, outputs)
+        check_outputs(type(stage), name, outputs, staging)
         described = {out: describe_output(a.path, type(a).type_name, staging, a.info)
                      for out, a in outputs.items()}
         plots = [os.path.relpath(os.path.join(dp, f), staging)
@@ -72,11 +74,10 @@ def execute_stage(stage, state: dict, store_root: str, inputs: dict[str, Artifac
         "created": time.time(), "libraries": library_versions(), "host": socket.gethostname(),
         "mlflow_run_id": mlflow_run_id,
     }
-    committed = store.commit(staging, manifest, replace=replace)
-    return {"ok": True, "manifest": committed, "adopted": committed is not manifest}
+    return {"ok": True, "manifest": store.commit(staging, manifest, replace=replace)}
 
 
-def check_outputs(cls, name: str, outputs) -> None:
+def check_outputs(cls, name: str, outputs, staging: str) -> None:
     where = f"stage '{name}' ({cls.kind})"
     if not isinstance(outputs, dict):
         raise TypeError(f"{where}: run() must return a dict of outputs, got {type(outputs).__name__}")
@@ -87,3 +88,8 @@ def check_outputs(cls, name: str, outputs) -> None:
         if not isinstance(art, cls.outputs[out]):
             raise TypeError(f"{where}: output '{out}' must be a {cls.outputs[out].__name__}, got "
                             f"{type(art).__name__}")
+        inside = os.path.realpath(art.path)
+        if os.path.commonpath([inside, os.path.realpath(staging)]) != os.path.realpath(staging):
+            raise TypeError(f"{where}: output '{out}' is at {art.path}, outside the stage's own "
+                            f"output directory; write outputs with ctx.write_dataset / "
+                            f"ctx.save_model / ctx.output_dir")

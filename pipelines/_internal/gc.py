@@ -7,8 +7,9 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import time
 
-from .store import MANIFEST, Store
+from .store import Store
 
 
 def _size(path: str) -> int:
@@ -26,12 +27,18 @@ def _listdir(path: str) -> list[str]:
     return sorted(os.listdir(path)) if os.path.isdir(path) else []
 
 
-def _owner_alive(tag: str) -> bool:
+def _owner_alive(path: str, tag: str, other_host_grace_s: float = 24 * 3600) -> bool:
     """Staging directories are named '<key>.<host>.<pid>.<nonce>': keep those whose
-    process is still running on this host (a run in progress)."""
+    process still runs on this host, and those of other hosts (other nodes of a cluster)
+    younger than a day."""
     parts = tag.split(".")
-    if len(parts) < 4 or parts[-3] != socket.gethostname():
+    if len(parts) < 4:
         return False
+    if parts[-3] != socket.gethostname():
+        try:
+            return time.time() - os.path.getmtime(path) < other_host_grace_s
+        except OSError:
+            return False
     try:
         pid = int(parts[-2])
         os.kill(pid, 0)
@@ -52,7 +59,7 @@ def garbage(store: Store, unreferenced: bool = False) -> list[str]:
     staging = os.path.join(store.root, "_staging")
     for kind in _listdir(staging):
         out += [os.path.join(staging, kind, tag) for tag in _listdir(os.path.join(staging, kind))
-                if not _owner_alive(tag)]
+                if not _owner_alive(os.path.join(staging, kind, tag), tag)]
     trash = os.path.join(store.root, "_trash")
     out += [os.path.join(trash, t) for t in _listdir(trash)]
     keep = None
@@ -61,12 +68,14 @@ def garbage(store: Store, unreferenced: bool = False) -> list[str]:
         last: dict[str, dict] = {}
         for r in store.runs():
             last[r.get("pipeline")] = r
+            if r.get("ok") is None:  # a run in progress keeps everything it uses
+                keep |= {s.get("key") for s in r.get("states", {}).values()}
         for r in last.values():
             keep |= {s.get("key") for s in r.get("states", {}).values()}
     for kind in store.kinds():
         for key in _listdir(os.path.join(store.root, kind)):
             path = store.artifact_dir(kind, key)
-            committed = os.path.exists(os.path.join(path, MANIFEST))
+            committed = store.is_committed(kind, key)
             if not committed or (keep is not None and key not in keep):
                 out.append(path)
     work = os.path.join(store.root, "_work")

@@ -51,6 +51,7 @@ class Decision:
     key: str
     status: str        # "cached" | "run"
     reason: str
+    forced: bool = False
 
 
 def decide(state: StageState, committed: bool, forced: bool, previous: dict | None,
@@ -60,7 +61,7 @@ def decide(state: StageState, committed: bool, forced: bool, previous: dict | No
     will run in this plan."""
     key = state.key
     if forced:
-        return Decision(state.name, key, "run", "forced (--force)")
+        return Decision(state.name, key, "run", "forced (--force)", forced=True)
     if committed:
         return Decision(state.name, key, "cached", "artifact committed")
     return Decision(state.name, key, "run", why_changed(state, previous, upstream_running))

@@ -59,6 +59,11 @@ def make_plan(pipeline, store: Store, force: Iterable[str] = ()) -> Plan:
         decisions[name] = d
         if d.status == "run":
             running.add(name)
+            if d.forced and manifest is not None and pipeline.downstream(name) - set(force):
+                warnings.append(
+                    f"--force {name}: its artifact is replaced under the same key; stages "
+                    f"downstream of it stay cached ({', '.join(sorted(pipeline.downstream(name)))})"
+                    f"; force them too to recompute them from the new artifact")
         elif manifest is not None:
             w = code_warning(name, manifest, type(pipeline.nodes[name].stage).code_hash())
             if w:

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import os
 import shlex
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 
 from ..artifacts import ARTIFACT_TYPES, Artifact
-from ..errors import StageFailed
+from ..errors import StageFailed, UserError
 from .execute import execute_stage
 from .plan import should_retry
 from .planner import Plan, make_plan
@@ -38,7 +37,6 @@ class RunResult:
     store: str
     stages: list[StageResult]
     ok: bool = True
-    error: str = ""
 
     def __getitem__(self, name: str) -> StageResult:
         for s in self.stages:
@@ -47,9 +45,10 @@ class RunResult:
         raise KeyError(name)
 
     def to_json(self) -> dict:
+        """``{"run_id", "stages": [...]}``; stages a failure kept from running are left out."""
         return {"run_id": self.run_id,
                 "stages": [{k: v for k, v in asdict(s).items() if k != "reason"}
-                           for s in self.stages]}
+                           for s in self.stages if s.status != "skipped"]}
 
 
 def connect_ray(address: str | None) -> None:
@@ -59,11 +58,28 @@ def connect_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     common = dict(log_to_driver=bool(os.environ.get("DISTILL_VERBOSE")), configure_logging=False)
-    if address:
-        ray.init(address=address, **common)
-    else:
+    if not address:
         ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1),
                  include_dashboard=False, **common)
+        return
+    try:
+        ray.init(address=address, **common)
+    except (ConnectionError, ValueError, RuntimeError) as e:
+        raise UserError(f"--address: cannot connect to a Ray cluster at {address!r} ({e}); "
+                        f"allowed: 'auto' on a cluster node, ray://HOST:10001, HOST:6379, or "
+                        f"no --address for an embedded Ray") from None
+
+
+def check_feasible(pipeline, names: list[str], available: dict) -> None:
+    """A stage asking for more than the whole cluster has would wait forever: say so."""
+    for name in names:
+        res = pipeline.nodes[name].effective_resources
+        for field, key in (("num_cpus", "CPU"), ("num_gpus", "GPU")):
+            want, have = getattr(res, field), available.get(key, 0.0)
+            if want > have:
+                raise UserError(f"stage '{name}' ({pipeline.nodes[name].kind}): resources.{field} "
+                                f"{want:g} is more than the Ray cluster has ({have:g} {key}); "
+                                f"allowed: 0 to {have:g}")
 
 
 def input_artifacts(pipeline, name: str, manifests: dict, store: Store) -> dict[str, Artifact]:
@@ -86,13 +102,15 @@ def run_plan(plan: Plan, address: str | None = None, tracking_uri: str | None = 
     tracker = Tracker(resolve_tracking_uri(store.root, tracking_uri), pipeline.name, store.root)
     run_id = tracker.start_parent(pipeline.name, {"seed": str(pipeline.seed)},
                                   {"distillery.store": store.root})
-    started = time.time()
     results: dict[str, StageResult] = {}
     manifests: dict[str, dict] = {}
-    record = {"run_id": run_id, "pipeline": pipeline.name, "started": started,
+    record = {"run_id": run_id, "pipeline": pipeline.name, "started": time.time(),
               "store": store.root, "pipeline_spec": pipeline.to_dict(),
-              "states": {n: s.to_record() for n, s in plan.states.items()}, "stages": {}}
+              "states": {n: s.to_record() for n, s in plan.states.items()}, "stages": {},
+              "ok": None}  # None while running: gc keeps the keys of a run in progress
+    store.write_run(record)
     failure: tuple[str, dict] | None = None
+    outcome = "KILLED"  # unless the try block completes
     try:
         for name, d in plan.decisions.items():
             if d.status != "cached":
@@ -101,28 +119,29 @@ def run_plan(plan: Plan, address: str | None = None, tracking_uri: str | None = 
             m = store.manifest(state.kind, state.key)
             manifests[name] = m
             rid = tracker.start_stage(run_id, name, state.kind, d.key, state.config, "cached")
-            tracker.log_metrics(rid, [(k, v, None) for k, v in m.get("metrics", {}).items()])
-            tracker.end(rid, True)
+            _track_stage(tracker, rid, store, m, [], "cached", plots=False)
             results[name] = StageResult(name, state.kind, "cached", d.key,
                                         store.artifact_dir(state.kind, d.key), 0.0,
                                         dict(m.get("metrics", {})), d.reason)
             display.finish(name, "cached", 0.0)
         if plan.to_run():
             failure = _run_stages(plan, manifests, results, tracker, run_id, display, address)
+        outcome = "FINISHED" if failure is None else "FAILED"
+    except UserError:  # e.g. --address unreachable, resources the cluster cannot give
+        outcome = "FAILED"
+        raise
     finally:
-        ok = failure is None
         for name, d in plan.decisions.items():
             if name not in results:
                 st = plan.states[name]
                 results[name] = StageResult(name, st.kind, "skipped", d.key,
                                             store.artifact_dir(st.kind, d.key), 0.0, {}, d.reason)
         ordered = [results[n] for n in plan.decisions]
-        record["stages"] = {s.name: asdict(s) for s in ordered}
-        record["finished"] = time.time()
-        record["ok"] = ok
+        record.update(stages={s.name: asdict(s) for s in ordered}, finished=time.time(),
+                      ok=outcome == "FINISHED", outcome=outcome.lower())
         store.write_run(record)
-        tracker.end(run_id, ok)
-    result = RunResult(run_id, pipeline.name, store.root, ordered, ok)
+        tracker.end(run_id, outcome)
+    result = RunResult(run_id, pipeline.name, store.root, ordered, failure is None)
     if failure is not None:
         name, out = failure
         finished = [s.name for s in ordered if s.status in ("ran", "cached")]
@@ -130,7 +149,8 @@ def run_plan(plan: Plan, address: str | None = None, tracking_uri: str | None = 
         cause = out["message"]
         if os.environ.get("DISTILL_VERBOSE") and out.get("traceback"):
             cause += "\n" + out["traceback"]
-        raise StageFailed(name, cause, finished, resume, user_error=out["kind"] == "user")
+        raise StageFailed(name, cause, finished, resume, user_error=out["kind"] == "user",
+                          result=result)
     return result
 
 
@@ -139,39 +159,63 @@ def _run_stages(plan, manifests, results, tracker, run_id, display, address):
     from .board import RayBoard, start_board_actor
 
     pipeline, store = plan.pipeline, plan.store
+    waiting = plan.to_run()
     connect_ray(address)
-    gpus = float(ray.cluster_resources().get("GPU", 0.0))
+    available = ray.cluster_resources()
+    if not address:  # a cluster may autoscale; the embedded Ray will not
+        check_feasible(pipeline, waiting, available)
+    gpus = float(available.get("GPU", 0.0))
     board_actor = start_board_actor()
     board = RayBoard(board_actor)
     remote = ray.remote(execute_stage)
-    waiting = plan.to_run()
     pending: dict = {}          # ObjectRef -> stage name
     attempts: dict[str, int] = {}
-    stage_runs: dict[str, tuple[str, float]] = {}
+    stage_runs: dict[str, tuple[str, float]] = {}   # open MLflow stage runs
     failure = None
 
     def submit(name: str) -> None:
-        node, state = pipeline.nodes[name], plan.states[name]
+        node, state, decision = pipeline.nodes[name], plan.states[name], plan.decisions[name]
         res = node.effective_resources
-        if name not in stage_runs:
+        first = name not in stage_runs
+        if first:
             rid = tracker.start_stage(run_id, name, state.kind, state.key, state.config, "running")
             stage_runs[name] = (rid, time.time())
-            display.start(name, state.kind, plan.decisions[name].reason)
+            display.start(name, state.kind, decision.reason)
         ref = remote.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_retries=0,
                              name=f"stage:{name}").remote(
             node.stage, state.to_record(), store.root,
             input_artifacts(pipeline, name, manifests, store), board, gpus,
-            stage_runs[name][0], pipeline.name, plan.decisions[name].reason.startswith("forced"))
+            stage_runs[name][0], pipeline.name, decision.forced, decision.forced and first)
         pending[ref] = name
+
+    def finish(name: str, out: dict, history) -> None:
+        nonlocal failure
+        rid, t0 = stage_runs.pop(name)
+        state, secs = plan.states[name], time.time() - t0
+        uri = store.artifact_dir(state.kind, state.key)
+        if out["ok"]:
+            m = manifests[name] = out["manifest"]
+            _track_stage(tracker, rid, store, m, history, "ran")
+            results[name] = StageResult(name, state.kind, "ran", state.key, uri, secs,
+                                        dict(m.get("metrics", {})), plan.decisions[name].reason)
+            display.finish(name, "ran", secs)
+            return
+        tracker.log_metrics(rid, history)
+        tracker.set_tag(rid, "distillery.status", "failed")
+        tracker.set_tag(rid, "distillery.error", out["message"][:4000])
+        tracker.end(rid, "FAILED")
+        results[name] = StageResult(name, state.kind, "failed", state.key, uri, secs, {},
+                                    out["message"])
+        display.finish(name, "failed", secs)
+        if failure is None:
+            failure = (name, out)
 
     try:
         while waiting or pending:
-            if failure is None:
+            if failure is None:  # after a failure, only let running stages finish
                 for name in [n for n in waiting if pipeline.upstream(n) <= set(manifests)]:
                     waiting.remove(name)
                     submit(name)
-            elif not pending:
-                break
             if not pending:
                 break
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
@@ -182,50 +226,33 @@ def _run_stages(plan, manifests, results, tracker, run_id, display, address):
                     out = ray.get(ref)
                 except ray.exceptions.RayError as e:  # the worker or its node died
                     out = {"ok": False, "kind": "system", "message": f"{type(e).__name__}: {e}"}
-                rid, t0 = stage_runs[name]
-                state = plan.states[name]
                 history = ray.get(board_actor.take_history.remote(name))
-                if out["ok"]:
-                    m = out["manifest"]
-                    manifests[name] = m
-                    _track_stage(tracker, rid, store, m, history)
-                    secs = time.time() - t0
-                    results[name] = StageResult(name, state.kind, "ran", state.key,
-                                                store.artifact_dir(state.kind, state.key), secs,
-                                                dict(m.get("metrics", {})),
-                                                plan.decisions[name].reason)
-                    display.finish(name, "ran", secs)
-                    continue
-                attempts[name] = attempts.get(name, 0) + 1
+                attempts[name] = attempts.get(name, 0) + (not out["ok"])
                 retries = pipeline.nodes[name].effective_resources.max_retries
-                if should_retry(out["kind"], attempts[name] - 1, retries):
+                if not out["ok"] and should_retry(out["kind"], attempts[name] - 1, retries):
                     display.event(f" retry {name} ({attempts[name]}/{retries}): {out['message']}")
                     submit(name)
-                    continue
-                tracker.log_metrics(rid, history)
-                tracker.set_tag(rid, "distillery.status", "failed")
-                tracker.set_tag(rid, "distillery.error", out["message"][:4000])
-                tracker.end(rid, False)
-                secs = time.time() - t0
-                results[name] = StageResult(name, state.kind, "failed", state.key,
-                                            store.artifact_dir(state.kind, state.key), secs, {},
-                                            out["message"])
-                display.finish(name, "failed", secs)
-                if failure is None:
-                    failure = (name, out)
+                else:
+                    finish(name, out, history)
     finally:
+        for ref in pending:  # interrupted: stop what still runs, close its MLflow run
+            ray.cancel(ref, force=True)
+        for rid, _ in stage_runs.values():
+            tracker.end(rid, "KILLED")
         ray.kill(board_actor)
     return failure
 
 
-def _track_stage(tracker: Tracker, rid: str, store: Store, manifest: dict, history) -> None:
+def _track_stage(tracker: Tracker, rid: str, store: Store, manifest: dict, history,
+                 status: str, plots: bool = True) -> None:
     if not history:
         history = [(k, v, None) for k, v in manifest.get("metrics", {}).items()]
     tracker.log_metrics(rid, history)
-    root = store.artifact_dir(manifest["kind"], manifest["key"])
-    tracker.log_artifacts(rid, [os.path.join(root, p) for p in manifest.get("plots", [])])
-    tracker.set_tag(rid, "distillery.status", "ran")
-    tracker.end(rid, True)
+    if plots:
+        root = store.artifact_dir(manifest["kind"], manifest["key"])
+        tracker.log_artifacts(rid, [os.path.join(root, p) for p in manifest.get("plots", [])])
+    tracker.set_tag(rid, "distillery.status", status)
+    tracker.end(rid, "FINISHED")
 
 
 def run(pipeline, store: str = ".distill", force=(), address: str | None = None,
@@ -239,7 +266,3 @@ def run(pipeline, store: str = ".distill", force=(), address: str | None = None,
 def plan(pipeline, store: str = ".distill", force=()) -> Plan:
     """What ``run`` would do: per stage, cached or run, and why. Starts nothing."""
     return make_plan(pipeline, Store.open(store, create=False), force)
-
-
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr)

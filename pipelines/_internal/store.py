@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import socket
-import time
 import uuid
 from dataclasses import dataclass
 
@@ -103,18 +102,18 @@ class Store:
         _write_json_atomic(os.path.join(staging, MANIFEST), manifest)
         final = self.artifact_dir(kind, key)
         os.makedirs(os.path.dirname(final), exist_ok=True)
-        existing = self.manifest(kind, key)
-        if os.path.exists(final) and (existing is None or replace):
-            self._discard(final)  # debris of a killed run, or replaced by --force
-        try:
-            os.rename(staging, final)
-        except OSError:
+        for _ in range(3):
+            try:
+                os.rename(staging, final)  # atomic; fails if ``final`` is a non-empty dir
+                return manifest
+            except OSError:
+                pass
             winner = self.manifest(kind, key)
-            if winner is None:
-                raise
-            shutil.rmtree(staging, ignore_errors=True)
-            return winner
-        return manifest
+            if winner is not None and not replace:  # another run committed it first
+                shutil.rmtree(staging, ignore_errors=True)
+                return winner
+            self._discard(final)  # debris of a killed run, or replaced by --force
+        raise OSError(f"cannot commit {kind}/{key}: {final} keeps reappearing")
 
     def _discard(self, path: str) -> None:
         trash = os.path.join(self.root, "_trash", uuid.uuid4().hex)
@@ -205,6 +204,3 @@ def _sha256(path: str) -> str:
             h.update(chunk)
     return h.hexdigest()
 
-
-def now() -> float:
-    return time.time()

@@ -39,7 +39,6 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
 
 class Tracker:
     def __init__(self, uri: str, experiment: str, store_root: str):
-        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         import logging
 
         from mlflow.tracking import MlflowClient  # configures mlflow's loggers on import
@@ -49,18 +48,24 @@ class Tracker:
             os.makedirs(os.path.dirname(uri[len("sqlite:///"):]), exist_ok=True)
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
-            location = None
-            if uri.startswith("sqlite:"):
-                location = "file://" + os.path.join(os.path.abspath(store_root), "mlflow",
-                                                    "artifacts")
-            try:
-                self.experiment_id = self.client.create_experiment(experiment, location)
-            except Exception:  # created concurrently by another run
-                self.experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
-        else:
-            self.experiment_id = exp.experiment_id
+        try:
+            self.experiment_id = self._experiment(experiment, store_root)
+        except Exception as e:  # noqa: BLE001 - any failure to reach the tracking store
+            raise UserError(f"tracking URI {uri!r} cannot be used ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:300]}); allowed: a reachable MLflow "
+                            f"server, or sqlite:////absolute/path.db") from None
+
+    def _experiment(self, name: str, store_root: str) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        location = None
+        if self.uri.startswith("sqlite:"):
+            location = "file://" + os.path.join(os.path.abspath(store_root), "mlflow", "artifacts")
+        try:
+            return self.client.create_experiment(name, location)
+        except Exception:  # created concurrently by another run
+            return self.client.get_experiment_by_name(name).experiment_id
 
     def start_parent(self, name: str, params: dict, tags: dict) -> str:
         run = self.client.create_run(self.experiment_id, run_name=name,
@@ -92,8 +97,9 @@ class Tracker:
     def set_tag(self, run_id: str, key: str, value: str) -> None:
         self.client.set_tag(run_id, key, value)
 
-    def end(self, run_id: str, ok: bool) -> None:
-        self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+    def end(self, run_id: str, status: str) -> None:
+        """``status``: FINISHED, FAILED or KILLED."""
+        self.client.set_terminated(run_id, status)
 
     def _params(self, run_id: str, params: dict) -> None:
         from mlflow.entities import Param

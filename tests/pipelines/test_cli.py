@@ -86,6 +86,12 @@ def test_wrong_artifact_type_and_unwritable_store(tmp_path):
     assert "--store: store path" in proc.stderr and "is not writable" in proc.stderr
 
 
+def test_pipeline_without_stages(tmp_path):
+    proc = cli("plan", write(tmp_path, "name: empty\nstages: {}\n"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "field 'stages'" in proc.stderr and "at least 1" in proc.stderr
+
+
 def test_missing_pipeline_file(tmp_path):
     proc = cli("plan", str(tmp_path / "nope.yaml"))
     assert proc.returncode == 2 and "does not exist" in proc.stderr
@@ -144,9 +150,13 @@ def test_run_json_then_plan_ls_show_lineage_gc(cli_store, capsys):
 def test_failed_stage_exit_code_and_resume_command(cli_store, capsys, tmp_path):
     path, _ = cli_store
     store = str(tmp_path / "s")
-    code = main(["run", path, "--store", store, "--quiet", "--set", "double.fail=error"])
-    err = capsys.readouterr().err
+    code = main(["run", path, "--store", store, "--quiet", "--set", "double.fail=error",
+                 "--json"])
+    out, err = capsys.readouterr()
     assert code == 1
+    statuses = {s["name"]: s["status"] for s in json.loads(out)["stages"]}
+    assert statuses == {"nums": "ran", "double": "failed"}  # 'sum' never ran
     assert "stage 'double' failed: RuntimeError: boom in scale" in err
     assert "finished (committed, will be reused): nums" in err
-    assert f"resume with: distill run {path} --store {store} --quiet --set double.fail=error" in err
+    assert (f"resume with: distill run {path} --store {store} --quiet --set double.fail=error "
+            f"--json") in err

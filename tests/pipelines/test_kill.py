@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 from pipelines import Pipeline, plan, run
@@ -21,8 +22,9 @@ stages:
 """
 
 
-def raylets() -> set[int]:
-    out = subprocess.run(["pgrep", "-f", "ray/core/src/ray/raylet/raylet"], capture_output=True,
+def raylets(temp_dir: str) -> set[int]:
+    """The raylets of the Ray whose temp dir is ``temp_dir`` (not other Ray sessions')."""
+    out = subprocess.run(["pgrep", "-f", f"raylet.*{temp_dir}"], capture_output=True,
                          text=True).stdout
     return {int(p) for p in out.split()}
 
@@ -31,16 +33,17 @@ def test_kill_mid_stage_then_rerun_completes(ray_session, tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text(SPEC)
     store = tmp_path / "store"
-    before = raylets()
+    ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # short: unix socket paths
     proc = subprocess.Popen([sys.executable, "-c", LAUNCH, "run", str(path), "--store", str(store)],
                             cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, env=os.environ | {"RAY_TMPDIR": ray_tmp})
     staging = store / "_staging" / "test-numbers"
     deadline = time.time() + 120
     while time.time() < deadline and not (staging.exists() and any(staging.iterdir())):
         assert proc.poll() is None, "the run ended before it could be killed"
         time.sleep(0.2)
     assert staging.exists(), "stage never started"
+    assert raylets(ray_tmp), "the run's own embedded Ray is not where RAY_TMPDIR says"
     time.sleep(1.0)  # mid-stage: it sleeps 6 s before writing
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
@@ -60,6 +63,6 @@ def test_kill_mid_stage_then_rerun_completes(ray_session, tmp_path):
     assert [s.status for s in run(p, store=str(store), progress=False).stages] == ["cached"] * 2
 
     deadline = time.time() + 30  # the killed driver's embedded Ray goes with it
-    while raylets() - before and time.time() < deadline:
+    while raylets(ray_tmp) and time.time() < deadline:
         time.sleep(0.5)
-    assert not raylets() - before, "the killed run left a raylet behind"
+    assert not raylets(ray_tmp), "the killed run left a raylet behind"

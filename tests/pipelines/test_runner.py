@@ -6,7 +6,8 @@ import os
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipelines import Pipeline, StageFailed, plan, run
+from pipelines import Pipeline, StageFailed, UserError, plan, run
+from pipelines._internal.store import Store
 from pipelines._internal.tracking import default_tracking_uri
 from tests.pipelines import toy_stages  # noqa: F401
 
@@ -72,10 +73,19 @@ def test_changed_config_reruns_only_downstream_as_planned(first_runs):
 
 def test_force_reruns_one_stage(first_runs):
     store, cold, _ = first_runs
+    st = Store(store)
+    before = st.manifest("test-scale", cold["double"].key)["created"]
+    work = st.work_dir("test-scale", cold["double"].key)
+    os.makedirs(work, exist_ok=True)
+    open(os.path.join(work, "old-checkpoint"), "w").close()
+    p = plan(diamond(), store=store, force=["double"])
+    assert any("--force double: its artifact is replaced" in w for w in p.warnings)
     result = run(diamond(), store=store, force=["double"], progress=False)
     assert {s.name: s.status for s in result.stages} == {
         "nums": "cached", "double": "ran", "triple": "cached", "sum": "cached"}
     assert result["double"].key == cold["double"].key
+    assert st.manifest("test-scale", cold["double"].key)["created"] > before
+    assert not os.path.exists(os.path.join(work, "old-checkpoint"))  # no resume from it
 
 
 def test_mlflow_parent_with_one_nested_run_per_stage(first_runs):
@@ -107,12 +117,20 @@ def test_failing_stage_names_cause_finished_and_resume(ray_session, tmp_path):
     assert "stage 'triple' failed: RuntimeError: boom in scale" in msg
     assert "finished (committed, will be reused): nums" in msg
     assert "resume with: distill run d.yaml" in msg
-    assert not os.path.exists(os.path.join(tmp_path, "test-scale", e.value.finished and
-                                           p and "x"))  # nothing committed for triple
-    rec = [json.load(open(os.path.join(tmp_path, "_runs", f)))
-           for f in os.listdir(os.path.join(tmp_path, "_runs"))][0]
-    assert rec["ok"] is False and rec["stages"]["triple"]["status"] == "failed"
+    result = e.value.result
+    assert not Store(str(tmp_path)).is_committed("test-scale", result["triple"].key)
+    assert Store(str(tmp_path)).is_committed("test-scale", result["double"].key)
+    rec = Store(str(tmp_path)).runs()[-1]
+    assert rec["ok"] is False and rec["outcome"] == "failed"
+    assert rec["stages"]["triple"]["status"] == "failed"
     assert rec["stages"]["sum"]["status"] == "skipped"
+    assert [s["name"] for s in result.to_json()["stages"]] == ["nums", "double", "triple"]
+    client = MlflowClient(tracking_uri=default_tracking_uri(str(tmp_path)))
+    assert client.get_run(result.run_id).info.status == "FAILED"
+    children = client.search_runs([client.get_experiment_by_name("diamond").experiment_id],
+                                  f"tags.mlflow.parentRunId = '{result.run_id}'")
+    status = {c.data.tags["distillery.stage"]: c.info.status for c in children}
+    assert status == {"nums": "FINISHED", "double": "FINISHED", "triple": "FAILED"}
     staging = os.path.join(tmp_path, "_staging", "test-scale")
     assert not os.path.isdir(staging) or os.listdir(staging) == []
 
@@ -150,3 +168,13 @@ def test_code_change_without_version_bump_is_warned_not_trusted_silently(first_r
     assert p.decisions["nums"].status == "cached"
     assert any("stage 'nums' (test-numbers): its code changed" in w and "--force nums" in w
                for w in p.warnings)
+
+
+def test_resources_the_cluster_cannot_give_are_a_user_error(ray_session, tmp_path):
+    spec = diamond(**{"nums.sleep": 0}).to_dict()
+    spec["stages"]["nums"]["resources"] = {"num_gpus": 64}
+    with pytest.raises(UserError, match=r"stage 'nums' \(test-numbers\): resources.num_gpus 64 "
+                                        r"is more than the Ray cluster has"):
+        run(Pipeline.from_dict(spec), store=str(tmp_path), progress=False)
+    rec = Store(str(tmp_path)).runs()[-1]
+    assert rec["ok"] is False and rec["outcome"] == "failed"

@@ -100,17 +100,26 @@ def test_gc_removes_debris_keeps_committed_and_live_staging(tmp_path):
     os.makedirs(store.work_dir("k", "unfinished"))                 # resumable: kept
     dead = os.path.join(store.root, "_staging", "k", "x.otherhost.1.ab")
     os.makedirs(dead)
+    os.utime(dead, (1, 1))                                        # another node, long ago
+    busy = os.path.join(store.root, "_staging", "k", "x.otherhost.2.cd")
+    os.makedirs(busy)                                             # another node, just now
     live = store.new_staging_dir("k", "live")                      # this process: alive
     paths = garbage(store)
     assert store.artifact_dir("k", "torn") in paths and dead in paths
     assert store.work_dir("k", "good") in paths
-    assert live not in paths and store.work_dir("k", "unfinished") not in paths
+    assert live not in paths and busy not in paths
+    assert store.work_dir("k", "unfinished") not in paths
     assert store.artifact_dir("k", "good") not in paths
     removed, _ = collect(store, dry_run=True)
     assert removed == paths and os.path.exists(dead)
     collect(store)
     assert not os.path.exists(dead) and store.is_committed("k", "good")
-    store.write_run({"run_id": "r", "pipeline": "p", "started": 1, "states": {}})
+    store.write_run({"run_id": "r", "pipeline": "p", "started": 1, "ok": True, "states": {}})
+    store.write_run({"run_id": "q", "pipeline": "q", "started": 2, "ok": None,
+                     "states": {"s": {"key": "good"}}})          # in progress: keeps its keys
+    collect(store, unreferenced=True)
+    assert store.is_committed("k", "good")
+    store.write_run({"run_id": "q", "pipeline": "q", "started": 2, "ok": True, "states": {}})
     collect(store, unreferenced=True)
     assert not store.is_committed("k", "good")
 
