@@ -24,7 +24,9 @@ def write_readme(results: list[dict], info: dict) -> None:
                      f"{r['spread'][0]:.3f} to {r['spread'][1]:.3f} | {r['target']} | "
                      f"`{r['command']}` |")
     lines += ["", "Each figure is a ratio measured within one run; per-repetition numbers are "
-              "in the JSON files next to this one."]
+              "in the JSON files next to this one.", "",
+              "GPU paths (GPU Ray Data actors, `use_gpu` Ray Train workers), checked on a lent "
+              "GPU machine: [gpu_check.md](gpu_check.md)."]
     with open(os.path.join(RESULTS, "README.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -33,13 +35,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--only", choices=sorted(BENCHMARKS), action="append")
+    parser.add_argument("--repetitions", type=int, default=5, help="repetitions per benchmark")
     args = parser.parse_args()
     os.makedirs(RESULTS, exist_ok=True)
     info = machine()
     results = []
     for name in args.only or sorted(BENCHMARKS):
         print(f"benchmark {name}", flush=True)
-        result = BENCHMARKS[name].run(repetitions=1 if args.quick else 5) | {"machine": info}
+        result = BENCHMARKS[name].run(repetitions=1 if args.quick else args.repetitions) | {"machine": info}
         with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
             json.dump(result, f, indent=2)
         results.append(result)

@@ -46,7 +46,7 @@ def run(repetitions: int = 3) -> dict:
         "name": "cached_rerun",
         "what": "cached re-run of examples/quickstart.yaml vs its cold run (whole distill "
                 "process, fresh store per repetition)",
-        "command": "python -m benchmarks --only cached_rerun",
+        "command": f"python -m benchmarks --only cached_rerun --repetitions {repetitions}",
         "repetitions": rows,
         "median_ratio": statistics.median(ratios),
         "spread": [min(ratios), max(ratios)],
