@@ -17,7 +17,7 @@ def progress_line(name: str, kind: str, p: dict | None, started: float, now: flo
         return f"  {name:<18} {kind:<22} running  {elapsed:6.1f}s"
     done, total, unit = p["done"], p["total"], p["unit"]
     if total:
-        frac = min(1.0, done / total) if total else 0.0
+        frac = min(1.0, done / total)
         eta = f"  ETA {_fmt_eta(elapsed * (1 - frac) / frac)}" if 0 < frac < 1 else ""
         return (f"  {name:<18} {kind:<22} {unit} {done:g}/{total:g} {100 * frac:3.0f}%"
                 f"  {elapsed:6.1f}s{eta}")

@@ -6,7 +6,16 @@ teacher logits, trained with Ray Train (``TorchTrainer``, data-parallel workers)
 
 z_t: teacher logits from the ``teacher-outputs`` signal, z_s: student logits, T: the
 temperature (the T^2 factor keeps soft-target gradients on the scale of the hard loss),
-alpha = 0 is plain supervised training. Every epoch each worker reports its metrics and
+alpha = 0 is plain supervised training.
+
+``loss: taid`` replaces the fixed teacher target by TAID's interpolated one (Shing et al.
+2025, arXiv 2501.16937; see ``stages.train.taid``): the teacher logits z_t above become
+(1 - t) stopgrad(z_s) + t z_t, with t rising from ``taid_t_start`` to ``taid_t_end`` on
+TAID's adaptive schedule, updated after every optimisation step. In data-parallel training
+each step's loss is averaged over the workers (one scalar all-reduce) before the update, so
+every worker computes the same t without broadcasting it; t and the schedule's state (m,
+previous loss, step) are saved in each checkpoint and restored on resume, and t is logged
+per epoch as ``taid_t``. Every epoch each worker reports its metrics and
 rank 0 a checkpoint (model, optimiser, epoch, resolved config); a re-run with the same
 artifact key resumes from the last checkpoint.
 """
@@ -16,18 +25,20 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from typing import Literal
 
 import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
-from pydantic import Field, PositiveInt
+from pydantic import Field, PositiveInt, model_validator
 
 from pipelines.artifacts import column_to_numpy
 from pipelines.errors import UserError, bad_value
 from pipelines.stage import Dataset, Model, Resources, Stage
-from stages.data.tables import require_columns
+from stages.data.tables import parquet, require_columns
 from stages.models.classifiers import ArchName, ClassifierArch, save_classifier
 from stages.train.loop import OptimConfig, train_epoch
+from stages.train.taid import TAIDSchedule, taid_loss
 
 STATE_FILE, CONFIG_FILE = "state.pt", "config.json"
 
@@ -69,9 +80,20 @@ def train_loop(config: dict) -> None:
         opt.load_state_dict(state["optimizer"])  # moves its tensors to the params' device
     shard = ray.train.get_dataset_shard("train")
 
+    taid = _taid_schedule(cfg, state)
+    if taid:  # same number of steps on every worker: DataConfig splits the rows equally
+        world = ray.train.get_context().get_world_size()
+        total_steps = cfg.epochs * -(-(config["num_train"] // world) // cfg.batch_size)
+
     def loss_fn(model, batch):
         z_s = model(batch["x"])
-        loss = hinton_kd_loss(z_s, batch["logits"], batch["label"], cfg.temperature, cfg.alpha)
+        if not taid:
+            loss = hinton_kd_loss(z_s, batch["logits"], batch["label"], cfg.temperature,
+                                  cfg.alpha)
+            return loss, z_s, batch["label"]
+        loss = taid_loss(z_s, batch["logits"], batch["label"], taid.t, cfg.temperature,
+                         cfg.alpha)
+        taid.update(_mean_over_workers(loss.detach()), taid.step + 1, total_steps)
         return loss, z_s, batch["label"]
 
     for epoch in range(start, cfg.epochs):
@@ -80,12 +102,17 @@ def train_loop(config: dict) -> None:
             local_shuffle_seed=ctx.seed + epoch,
             dtypes={"x": torch.float32, "logits": torch.float32, "label": torch.int64})
         metrics = {**train_epoch(model, batches, opt, loss_fn, epoch), "start_epoch": start}
+        if taid:
+            metrics["taid_t"] = taid.t
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0:
                 net = getattr(model, "module", model)
-                torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(),
-                            "epoch": epoch}, os.path.join(d, STATE_FILE))
+                saved = {"model": net.state_dict(), "optimizer": opt.state_dict(),
+                         "epoch": epoch}
+                if taid:
+                    saved["taid"] = taid.state_dict()
+                torch.save(saved, os.path.join(d, STATE_FILE))
                 with open(os.path.join(d, CONFIG_FILE), "w") as f:
                     json.dump(config["cfg"], f, indent=2)
                 checkpoint = ray.train.Checkpoint.from_directory(d)
@@ -95,9 +122,29 @@ def train_loop(config: dict) -> None:
             ctx.progress(epoch + 1, cfg.epochs, "epochs")
 
 
+def _taid_schedule(cfg, state: dict | None) -> TAIDSchedule | None:
+    """The TAID schedule for ``loss: taid`` (None for Hinton), resumed from the checkpoint."""
+    if cfg.loss != "taid":
+        return None
+    schedule = TAIDSchedule(cfg.taid_t_start, cfg.taid_t_end, cfg.taid_alpha, cfg.taid_beta)
+    if state and "taid" in state:
+        schedule.load_state_dict(state["taid"])
+    return schedule
+
+
+def _mean_over_workers(value: torch.Tensor) -> float:
+    """The scalar's mean over the Ray Train workers (itself with a single worker)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= dist.get_world_size()
+    return value.item()
+
+
 class KDStudent(Stage):
     kind = "kd-student"
-    version = "1"
+    version = "2"  # 2: ``loss: taid``
 
     class Config(ClassifierArch, OptimConfig):
         arch: ArchName = "mlp"
@@ -105,6 +152,12 @@ class KDStudent(Stage):
         lr: float = Field(1e-2, gt=0)
         temperature: float = Field(4.0, gt=0)
         alpha: float = Field(0.9, ge=0, le=1)
+        loss: Literal["hinton", "taid"] = "hinton"
+        # TAID (stages.train.taid): t rises from t_start to t_end, never slower than linear
+        taid_t_start: float = Field(0.4, ge=0, le=1)
+        taid_t_end: float = Field(1.0, ge=0, le=1)
+        taid_alpha: float = Field(5e-4, ge=0, le=1)     # adaptive step size
+        taid_beta: float = Field(0.99, ge=0, lt=1)      # momentum of the loss improvement
         shuffle_buffer: int = Field(1024, ge=1)
         num_workers: int = Field(1, ge=1)
         use_gpu: bool = True       # used only when the cluster has GPUs
@@ -112,6 +165,14 @@ class KDStudent(Stage):
         # hold the training rows in Ray's object store (spilled to disk when large) rather
         # than re-reading the parquet files every epoch (seconds per epoch on small data)
         cache: bool = True
+
+        @model_validator(mode="after")
+        def _taid_interval(self):
+            if self.taid_t_start > self.taid_t_end:
+                raise ValueError(
+                    f"taid_t_start ({self.taid_t_start}) must not exceed taid_t_end "
+                    f"({self.taid_t_end}): TAID's t only rises, from t_start to t_end")
+            return self
 
     inputs = {"signal": Dataset}
     outputs = {"model": Model}
@@ -131,10 +192,13 @@ class KDStudent(Stage):
             expr=col("split") == "train").select_columns(["x", "label", "logits"])
         if cfg.cache:
             train = train.materialize()
+        extra = {}
+        if cfg.loss == "taid":  # the schedule's length in steps needs the row count
+            extra["num_train"] = parquet(signal).count_rows(filter=pc.field("split") == "train")
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={"cfg": cfg.model_dump(), "ctx": ctx,
-                               "in_shape": in_shape, "num_classes": num_classes},
+                               "in_shape": in_shape, "num_classes": num_classes, **extra},
             scaling_config=ScalingConfig(
                 num_workers=cfg.num_workers, use_gpu=use_gpu,
                 resources_per_worker={"CPU": 1, **({"GPU": 1} if use_gpu else {})}),
