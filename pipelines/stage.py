@@ -30,7 +30,7 @@ import hashlib
 import inspect
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from .artifacts import Artifact, Dataset, Model, Report  # noqa: F401  (re-exported)
 from .errors import UserError, allowed_list, did_you_mean
@@ -50,9 +50,9 @@ class Resources(BaseModel):
     or it starves the work it launched (see RAY_NOTES.md)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    max_retries: int = 0
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    max_retries: int = Field(0, ge=0)
 
 
 _REGISTRY: dict[str, type[Stage]] = {}

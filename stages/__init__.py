@@ -8,3 +8,4 @@ from stages.teacher import fit_classifier  # noqa: F401
 from stages.teacher import teacher_outputs  # noqa: F401
 from stages.train import kd_student  # noqa: F401
 from stages.evaluate import evaluate_classifier  # noqa: F401
+from stages.distill import reinforce_data  # noqa: F401

@@ -41,14 +41,43 @@ class TeacherActor:
         return {**batch, "logits": logits.astype(self.dtype)}
 
 
+class InferenceConfig(StageConfig):
+    """Settings of a teacher pass over a dataset, shared by the stages that make one."""
+
+    precision: Literal[tuple(DTYPES)] = "float32"
+    actors: int = Field(1, ge=1)
+    batch_size: int = Field(256, ge=1)
+
+
+def with_teacher_logits(ds, model_path: str, cfg: InferenceConfig, ctx, where: str):
+    """``ds`` plus a ``logits`` column: a pool of ``cfg.actors`` TeacherActors (on GPUs
+    when the cluster has them)."""
+    return ds.map_batches(
+        TeacherActor, batch_format="numpy", batch_size=cfg.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+        num_gpus=1 if ctx.num_gpus_available > 0 else 0,
+        fn_constructor_kwargs={"model_path": model_path, "precision": cfg.precision,
+                               "where": where})
+
+
+def write_signal(ctx, ds, cfg: InferenceConfig, num_classes: int, data, **extra_info):
+    """Write the signal kd-student reads, with the info it checks; report its rows."""
+    info = {"signal": "logits", "precision": cfg.precision, "num_classes": num_classes,
+            **extra_info}
+    if "input_shape" in data.info:
+        info["input_shape"] = data.info["input_shape"]
+    signal = ctx.write_dataset("signal", ds, info=info)
+    rows = parquet(signal).count_rows()
+    ctx.progress(rows, rows, "rows", force=True)
+    return signal
+
+
 class TeacherOutputs(Stage):
     kind = "teacher-outputs"
     version = "1"
 
-    class Config(StageConfig):
-        precision: Literal[tuple(DTYPES)] = "float32"
-        actors: int = Field(1, ge=1)
-        batch_size: int = Field(256, ge=1)
+    class Config(InferenceConfig):
+        pass
 
     inputs = {"model": Model, "data": Dataset}
     outputs = {"signal": Dataset}
@@ -59,16 +88,5 @@ class TeacherOutputs(Stage):
         where = f"stage '{ctx.name}' ({self.kind}) input 'model'"
         num_classes = load_classifier(model.path, where).num_classes  # fail before any work
         require_columns(data, ["x"], f"stage '{ctx.name}' ({self.kind}) input 'data'")
-        ds = data.read().map_batches(
-            TeacherActor, batch_format="numpy", batch_size=cfg.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-            num_gpus=1 if ctx.num_gpus_available > 0 else 0,
-            fn_constructor_kwargs={"model_path": model.path, "precision": cfg.precision,
-                                   "where": where})
-        info = {"signal": "logits", "precision": cfg.precision, "num_classes": num_classes}
-        if "input_shape" in data.info:
-            info["input_shape"] = data.info["input_shape"]
-        signal = ctx.write_dataset("signal", ds, info=info)
-        rows = parquet(signal).count_rows()
-        ctx.progress(rows, rows, "rows", force=True)
-        return {"signal": signal}
+        ds = with_teacher_logits(data.read(), model.path, cfg, ctx, where)
+        return {"signal": write_signal(ctx, ds, cfg, num_classes, data)}

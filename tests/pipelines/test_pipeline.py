@@ -110,6 +110,8 @@ def test_resources_override_validated():
     p = build(spec(nums=NUMS | {"resources": {"max_retries": 2}}))
     assert p.nodes["nums"].effective_resources.max_retries == 2
     assert "unknown field 'gpus'" in error(spec(nums=NUMS | {"resources": {"gpus": 1}}))
+    msg = error(spec(nums=NUMS | {"resources": {"num_cpus": -1}}))
+    assert "stage 'nums' (test-numbers): resources: field 'num_cpus': value -1" in msg
 
 
 def test_python_builder_validates_each_add():
