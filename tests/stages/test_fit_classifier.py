@@ -26,7 +26,7 @@ def test_teacher_is_accurate_and_loads_with_from_pretrained(teacher_run, digits)
 def test_logs_every_epoch(teacher_run):
     outputs, ctx = teacher_run
     epochs = FitClassifier.Config().epochs
-    history = ctx.board.take_history("teacher")
+    history = ctx.board.history_of("teacher")
     assert sorted({step for name, _, step in history if name == "val_accuracy"}) == \
         list(range(epochs))
     assert ctx.metrics["val_accuracy"] >= 0.9
