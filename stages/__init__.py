@@ -4,6 +4,7 @@ A new method is a new file plus one line here.
 """
 
 from stages.data import digits  # noqa: F401
+from stages.data import mnist1d  # noqa: F401
 from stages.teacher import fit_classifier  # noqa: F401
 from stages.teacher import teacher_outputs  # noqa: F401
 from stages.train import kd_student  # noqa: F401

@@ -4,9 +4,12 @@ and the fresh networks of dataset distillation.
 - ``ConvNet``: the "ConvNet" of the dataset-distillation literature (Gidaris & Komodakis
   2018; used by DC/DM/MTT, Zhao et al. 2021, Cazenavette et al. 2022): ``depth`` blocks of
   conv3x3(width) -> norm -> ReLU -> avgpool2, then one linear classifier.
+- ``ConvNet1D``: the same blocks in one dimension, for signals shaped (channels, length)
+  such as MNIST-1D (Greydanus 2020): ``depth`` blocks of conv1d(width, kernel 3) -> norm ->
+  ReLU -> avgpool2, then one linear classifier.
 - ``MLP``: flatten -> [linear -> ReLU] * len(hidden) -> linear.
 
-Both are ``nn.Module`` + ``huggingface_hub.PyTorchModelHubMixin``: ``save_pretrained``
+All are ``nn.Module`` + ``huggingface_hub.PyTorchModelHubMixin``: ``save_pretrained``
 writes ``config.json`` (the constructor arguments) and ``model.safetensors``, and
 ``from_pretrained(path)`` rebuilds the module. ``save_classifier`` also writes
 ``classifier.json`` with the architecture name, so ``load_classifier(path)`` knows which
@@ -31,6 +34,7 @@ from pipelines.stage import StageConfig
 ARCH_FILE = "classifier.json"
 NORMS = {"batch": nn.BatchNorm2d, "instance": lambda c: nn.GroupNorm(c, c),
          "none": lambda c: nn.Identity()}
+NORMS_1D = {**NORMS, "batch": nn.BatchNorm1d}
 
 
 class ConvNet(nn.Module, PyTorchModelHubMixin):
@@ -52,6 +56,24 @@ class ConvNet(nn.Module, PyTorchModelHubMixin):
         return self.classifier(self.features(x).flatten(1))
 
 
+class ConvNet1D(nn.Module, PyTorchModelHubMixin):
+    def __init__(self, in_shape: list[int] = (1, 40), num_classes: int = 10,
+                 width: int = 32, depth: int = 2, norm: str = "batch"):
+        super().__init__()
+        self.in_shape, self.num_classes = list(in_shape), num_classes
+        c, length = in_shape
+        blocks = []
+        for _ in range(depth):
+            pool = nn.AvgPool1d(2) if length >= 2 else nn.Identity()
+            blocks += [nn.Conv1d(c, width, 3, padding=1), NORMS_1D[norm](width), nn.ReLU(), pool]
+            c, length = width, length // 2 if length >= 2 else length
+        self.features = nn.Sequential(*blocks)
+        self.classifier = nn.Linear(c * length, num_classes)
+
+    def forward(self, x):
+        return self.classifier(self.features(x).flatten(1))
+
+
 class MLP(nn.Module, PyTorchModelHubMixin):
     def __init__(self, in_shape: list[int] = (1, 8, 8), num_classes: int = 10,
                  hidden: list[int] = (64,)):
@@ -68,7 +90,10 @@ class MLP(nn.Module, PyTorchModelHubMixin):
         return self.net(x)
 
 
-ARCHITECTURES: dict[str, type[nn.Module]] = {"convnet": ConvNet, "mlp": MLP}
+ARCHITECTURES: dict[str, type[nn.Module]] = {"convnet": ConvNet, "convnet1d": ConvNet1D,
+                                             "mlp": MLP}
+CONV_INPUTS = {"convnet": (3, "(channels, height, width)"),
+               "convnet1d": (2, "(channels, length)")}
 ArchName = Literal[tuple(ARCHITECTURES)]  # pydantic rejects anything not in the registry
 NormName = Literal[tuple(NORMS)]
 
@@ -77,18 +102,23 @@ class ClassifierArch(StageConfig):
     """The architecture fields shared by every stage that builds a classifier."""
 
     arch: ArchName = "convnet"
-    width: PositiveInt = 32          # ConvNet channels
-    depth: PositiveInt = 2           # ConvNet blocks
-    norm: NormName = "batch"         # ConvNet normalisation
+    width: PositiveInt = 32          # ConvNet / ConvNet1D channels
+    depth: PositiveInt = 2           # ConvNet / ConvNet1D blocks
+    norm: NormName = "batch"         # ConvNet / ConvNet1D normalisation
     hidden: list[PositiveInt] = [64]  # MLP hidden sizes
 
     def build(self, in_shape, num_classes: int, where: str = "build") -> nn.Module:
         kwargs = dict(in_shape=list(in_shape), num_classes=int(num_classes))
-        if self.arch == "convnet":
-            if len(in_shape) != 3:
-                raise bad_value(where, "input shape for arch 'convnet'", list(in_shape),
-                                "(channels, height, width); use arch 'mlp' for flat inputs")
-            return ConvNet(width=self.width, depth=self.depth, norm=self.norm, **kwargs)
+        if self.arch in CONV_INPUTS:
+            ndim, layout = CONV_INPUTS[self.arch]
+            if len(in_shape) != ndim:
+                fits = [f"for {lay} inputs use arch '{a}' (or 'mlp', which flattens)"
+                        for a, (n, lay) in CONV_INPUTS.items() if n == len(in_shape)]
+                hint = fits[0] if fits else "use arch 'mlp' for flat inputs"
+                raise bad_value(where, f"input shape for arch '{self.arch}'", list(in_shape),
+                                f"{layout}; {hint}")
+            return ARCHITECTURES[self.arch](width=self.width, depth=self.depth, norm=self.norm,
+                                            **kwargs)
         return MLP(hidden=list(self.hidden), **kwargs)
 
 

@@ -33,7 +33,7 @@ def test_convnet_shapes():
 
 
 def test_bad_arch_name_rejected_by_config():
-    with pytest.raises(pydantic.ValidationError, match="'convnet' or 'mlp'"):
+    with pytest.raises(pydantic.ValidationError, match="'convnet', 'convnet1d' or 'mlp'"):
         ClassifierArch(arch="resnet")
 
 
