@@ -79,10 +79,8 @@ def column_to_numpy(column):
     """A pyarrow column (plain, list or Ray tensor extension) as a numpy array."""
     import numpy as np
     column = column.combine_chunks() if hasattr(column, "combine_chunks") else column
-    if hasattr(column.type, "to_pandas_dtype") and hasattr(column, "to_numpy_ndarray"):
+    if hasattr(column, "to_numpy_ndarray"):  # Ray Data tensor column
         return column.to_numpy_ndarray()
-    if hasattr(column, "to_numpy") and type(column.type).__name__.startswith("ArrowTensorType"):
-        return column.to_numpy()
     try:
         return column.to_numpy(zero_copy_only=False)
     except TypeError:

@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 
+from pipelines._internal.store import Store
 from pipelines.cli import main
 from tests.pipelines import toy_stages  # noqa: F401
 
@@ -70,7 +71,7 @@ def test_bad_input_is_one_clear_message(tmp_path, case):
     assert proc.stderr.startswith("error: ")
     for piece in expected:
         assert piece in proc.stderr, (piece, proc.stderr)
-    assert not any(os.scandir(store)) if store.exists() else True  # nothing committed
+    assert Store(str(store)).manifests() == []  # nothing committed
 
 
 def test_wrong_artifact_type_and_unwritable_store(tmp_path):
