@@ -4,11 +4,11 @@ import argparse
 import json
 import os
 
-from benchmarks import cached_rerun
+from benchmarks import cached_rerun, kd_family
 from benchmarks.machine import machine
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-BENCHMARKS = {"cached_rerun": cached_rerun}
+BENCHMARKS = {"cached_rerun": cached_rerun, "kd_family": kd_family}
 
 
 def write_readme(results: list[dict], info: dict) -> None:
@@ -20,11 +20,24 @@ def write_readme(results: list[dict], info: dict) -> None:
              "| benchmark | what | median | spread | target | command |",
              "|---|---|---|---|---|---|"]
     for r in results:
+        if "median_ratio" not in r:
+            continue
         lines.append(f"| {r['name']} | {r['what']} | {r['median_ratio']:.3f} | "
                      f"{r['spread'][0]:.3f} to {r['spread'][1]:.3f} | {r['target']} | "
                      f"`{r['command']}` |")
     lines += ["", "Each figure is a ratio measured within one run; per-repetition numbers are "
-              "in the JSON files next to this one.", "",
+              "in the JSON files next to this one.", ""]
+    for r in results:  # quality benchmarks: a table of figures against their targets
+        if "figures" not in r:
+            continue
+        lines += [f"## {r['name']}: {r['what']}", "", f"Command: `{r['command']}`", "",
+                  "| figure | value | target | met |", "|---|---|---|---|"]
+        lines += [f"| {f['figure']} | {f['value']} | {f['target']} | "
+                  f"{'yes' if f['met'] else 'NO'} |" for f in r["figures"]]
+        if os.path.isdir(os.path.join(RESULTS, r["name"])):
+            lines.append(f"\nPlots: [{r['name']}/]({r['name']}/)")
+        lines.append("")
+    lines += [
               "GPU paths (GPU Ray Data actors, `use_gpu` Ray Train workers), checked on a lent "
               "GPU machine: [gpu_check.md](gpu_check.md)."]
     with open(os.path.join(RESULTS, "README.md"), "w") as f:

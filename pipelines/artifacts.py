@@ -35,10 +35,12 @@ class Artifact:
 class Dataset(Artifact):
     type_name = "dataset"
 
-    def read(self, **kwargs):
-        """A lazy ``ray.data.Dataset`` over the parquet files."""
+    def read(self, columns: list[str] | None = None, **kwargs):
+        """A lazy ``ray.data.Dataset`` over the parquet files (only ``columns``, if given:
+        Ray Data pushes the projection down into the parquet read)."""
         import ray.data
-        return ray.data.read_parquet(self.path, **kwargs)
+        ds = ray.data.read_parquet(self.path, **kwargs)
+        return ds.select_columns(columns) if columns else ds
 
     def files(self) -> list[str]:
         return sorted(os.path.join(self.path, f) for f in os.listdir(self.path)

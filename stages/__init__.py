@@ -10,3 +10,8 @@ from stages.teacher import teacher_outputs  # noqa: F401
 from stages.train import kd_student  # noqa: F401
 from stages.evaluate import evaluate_classifier  # noqa: F401
 from stages.distill import reinforce_data  # noqa: F401
+from stages.data import text_corpus  # noqa: F401
+from stages.teacher import pretrained_model  # noqa: F401
+from stages.teacher import fit_causal_lm  # noqa: F401
+from stages.evaluate import evaluate_embeddings  # noqa: F401
+from stages.evaluate import evaluate_lm  # noqa: F401

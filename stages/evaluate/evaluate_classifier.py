@@ -39,14 +39,29 @@ def latencies_ms(models: list[torch.nn.Module], x: torch.Tensor, repeats: int,
     return [statistics.median(t) for t in times]
 
 
+class LatencyConfig(StageConfig):
+    """How the evaluation stages time student and teacher side by side."""
+
+    repeats: int = Field(20, ge=3)           # timed forward passes per model
+    latency_batch_size: int = Field(256, ge=1)
+    threads: int = Field(1, ge=1)            # torch threads for both models
+
+    def latencies(self, models: list, x) -> list[float]:
+        """``latencies_ms`` with ``threads`` torch threads, restored afterwards."""
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            return latencies_ms(models, x, self.repeats)
+        finally:
+            torch.set_num_threads(before)
+
+
 class EvaluateClassifier(Stage):
     kind = "evaluate-classifier"
     version = "1"
 
-    class Config(StageConfig):
-        repeats: int = Field(20, ge=5)           # timed forward passes per model
-        latency_batch_size: int = Field(256, ge=1)
-        threads: int = Field(1, ge=1)            # torch threads for both models
+    class Config(LatencyConfig):
+        repeats: int = Field(20, ge=5)
 
     inputs = {"student": Model, "teacher": Model, "data": Dataset}
     outputs = {"report": Report}
@@ -61,12 +76,7 @@ class EvaluateClassifier(Stage):
         s_pred = predict_logits(s_model, x).argmax(1).numpy()
         t_pred = predict_logits(t_model, x).argmax(1).numpy()
 
-        threads = torch.get_num_threads()
-        torch.set_num_threads(cfg.threads)
-        try:
-            s_ms, t_ms = latencies_ms([s_model, t_model], x[:cfg.latency_batch_size], cfg.repeats)
-        finally:
-            torch.set_num_threads(threads)
+        s_ms, t_ms = cfg.latencies([s_model, t_model], x[:cfg.latency_batch_size])
         s_params, t_params = count_params(s_model), count_params(t_model)
         metrics = {
             "accuracy": float((s_pred == y).mean()),

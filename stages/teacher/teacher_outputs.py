@@ -1,11 +1,22 @@
-"""``teacher-outputs``: the teacher's logits for every row, by Ray Data batch inference
+"""``teacher-outputs``: the teacher's signal for every row, by Ray Data batch inference
 (the stored "soft targets" of Hinton et al. 2015, arXiv 1503.02531, computed once and
 reused by every student; cf. dataset reinforcement, Faghri et al. 2023).
 
-For each row i the output holds the input columns plus z_t(x_i) = teacher(x_i), the raw
-logits (shape (num_classes,)) in ``precision``; students apply their own temperature T:
-p_t = softmax(z_t / T). A pool of ``actors`` Ray actors each loads the teacher once with
-its real ``from_pretrained`` and runs on a GPU when the cluster has one.
+Signals (``signal``), by teacher:
+- a classifier saved by ``fit-classifier``: ``logits``, z_t(x_i) = teacher(x_i) of shape
+  (num_classes,), or ``probabilities``, softmax(z_t); students apply their own temperature
+  T: p_t = softmax(z_t / T) (from probabilities, log p_t is z_t up to a constant, so the
+  same tempering applies);
+- a ``transformers`` model folder, over the ``text_column``: ``topk_logprobs`` (a causal
+  LM's top-k next-token log-probabilities and the mass left outside them),
+  ``hidden_states`` of chosen ``layers``, or mean-pooled sentence ``embeddings``; see
+  ``stages.teacher.text_teacher``.
+
+Values are stored in ``precision``. The signal, its settings (top_k, layers, max_length,
+precision) and the teacher's vocabulary and widths go in the manifest's info, which
+training stages check before using the signal. A pool of ``actors`` Ray actors each loads
+the teacher once with its real ``from_pretrained`` and runs on a GPU when the cluster has
+one. Rows keep the input's stable ``id``.
 """
 
 from __future__ import annotations
@@ -14,20 +25,25 @@ from typing import Literal
 
 import numpy as np
 import ray
-from pydantic import Field
+from pydantic import Field, PositiveInt
 
+from pipelines.errors import bad_value
 from pipelines.stage import Dataset, Model, Resources, Stage, StageConfig
 from stages.data.tables import parquet, require_columns
 from stages.models.classifiers import load_classifier
+from stages.models.text import is_transformers_folder, load_text_model
+from stages.teacher.text_teacher import DTYPES, TEXT_SIGNALS, TextTeacherActor
 
-DTYPES = {"float32": np.float32, "float16": np.float16}
+CLASSIFIER_SIGNALS = ("logits", "probabilities")
+SIGNALS = (*CLASSIFIER_SIGNALS, *TEXT_SIGNALS)
 
 
 class TeacherActor:
     """Ray Data actor: holds one teacher in memory, maps a batch to its logits."""
 
-    def __init__(self, model_path: str, precision: str, where: str):
+    def __init__(self, model_path: str, precision: str, where: str, probabilities: bool = False):
         import torch
+        self.probabilities = probabilities
         self.torch = torch
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = load_classifier(model_path, where).to(self.device).eval()
@@ -37,8 +53,11 @@ class TeacherActor:
         x = self.torch.tensor(np.asarray(batch["x"]), dtype=self.torch.float32,
                               device=self.device)  # a copy: batches are read-only views
         with self.torch.inference_mode():
-            logits = self.model(x).float().cpu().numpy()
-        return {**batch, "logits": logits.astype(self.dtype)}
+            logits = self.model(x).float()
+            if self.probabilities:
+                return {**batch, "probabilities":
+                        logits.softmax(1).cpu().numpy().astype(self.dtype)}
+        return {**batch, "logits": logits.cpu().numpy().astype(self.dtype)}
 
 
 class InferenceConfig(StageConfig):
@@ -49,35 +68,53 @@ class InferenceConfig(StageConfig):
     batch_size: int = Field(256, ge=1)
 
 
-def with_teacher_logits(ds, model_path: str, cfg: InferenceConfig, ctx, where: str):
-    """``ds`` plus a ``logits`` column: a pool of ``cfg.actors`` TeacherActors (on GPUs
-    when the cluster has them)."""
+def with_teacher(ds, actor, kwargs: dict, cfg: InferenceConfig, ctx):
+    """``ds`` mapped by a pool of ``cfg.actors`` teacher actors (on GPUs when the cluster
+    has them)."""
     return ds.map_batches(
-        TeacherActor, batch_format="numpy", batch_size=cfg.batch_size,
+        actor, batch_format="numpy", batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-        num_gpus=1 if ctx.num_gpus_available > 0 else 0,
-        fn_constructor_kwargs={"model_path": model_path, "precision": cfg.precision,
-                               "where": where})
+        num_gpus=1 if ctx.num_gpus_available > 0 else 0, fn_constructor_kwargs=kwargs)
 
 
-def write_signal(ctx, ds, cfg: InferenceConfig, num_classes: int, data, **extra_info):
+def with_teacher_logits(ds, model_path: str, cfg: InferenceConfig, ctx, where: str,
+                        probabilities: bool = False):
+    """``ds`` plus a ``logits`` (or ``probabilities``) column from a classifier."""
+    return with_teacher(ds, TeacherActor, {"model_path": model_path, "where": where,
+                                           "precision": cfg.precision,
+                                           "probabilities": probabilities}, cfg, ctx)
+
+
+def write_signal(ctx, ds, cfg: InferenceConfig, num_classes: int, data, signal="logits",
+                 **extra_info):
     """Write the signal kd-student reads, with the info it checks; report its rows."""
-    info = {"signal": "logits", "precision": cfg.precision, "num_classes": num_classes,
+    info = {"signal": signal, "precision": cfg.precision, "num_classes": num_classes,
             **extra_info}
     if "input_shape" in data.info:
         info["input_shape"] = data.info["input_shape"]
+    return write_rows(ctx, ds, info)
+
+
+def write_rows(ctx, ds, info: dict):
     signal = ctx.write_dataset("signal", ds, info=info)
     rows = parquet(signal).count_rows()
+    if not rows:
+        raise bad_value(f"stage '{ctx.name}' ({ctx.kind}) input 'data'", "rows", 0,
+                        "at least one row")
     ctx.progress(rows, rows, "rows", force=True)
     return signal
 
 
 class TeacherOutputs(Stage):
     kind = "teacher-outputs"
-    version = "1"
+    version = "2"  # 2: probabilities and the text signals
 
     class Config(InferenceConfig):
-        pass
+        signal: Literal[SIGNALS] = "logits"
+        top_k: PositiveInt = 32          # topk_logprobs
+        layers: list[int] = [-1]         # hidden_states: indices into (embeddings, layer 1, ...)
+        max_length: int = Field(64, ge=2)  # text signals: tokens per row (padded/truncated)
+        text_column: str = "text"
 
     inputs = {"model": Model, "data": Dataset}
     outputs = {"signal": Dataset}
@@ -85,8 +122,45 @@ class TeacherOutputs(Stage):
 
     def run(self, ctx, model, data):
         cfg = self.config
-        where = f"stage '{ctx.name}' ({self.kind}) input 'model'"
-        num_classes = load_classifier(model.path, where).num_classes  # fail before any work
-        require_columns(data, ["x"], f"stage '{ctx.name}' ({self.kind}) input 'data'")
-        ds = with_teacher_logits(data.read(), model.path, cfg, ctx, where)
-        return {"signal": write_signal(ctx, ds, cfg, num_classes, data)}
+        where = f"stage '{ctx.name}' ({self.kind})"
+        text = is_transformers_folder(model.path)
+        allowed = tuple(TEXT_SIGNALS) if text else CLASSIFIER_SIGNALS
+        if cfg.signal not in allowed:
+            teacher = "a transformers model" if text else "a classifier"
+            raise bad_value(f"{where} field 'signal'", "signal", cfg.signal,
+                            f"for {teacher} teacher: {', '.join(allowed)}")
+        if text:
+            return {"signal": self._text_signal(ctx, model, data, where)}
+        num_classes = load_classifier(model.path, f"{where} input 'model'").num_classes
+        require_columns(data, ["x"], f"{where} input 'data'")  # fail before any work
+        ds = with_teacher_logits(data.read(), model.path, cfg, ctx, f"{where} input 'model'",
+                                 probabilities=cfg.signal == "probabilities")
+        return {"signal": write_signal(ctx, ds, cfg, num_classes, data, signal=cfg.signal)}
+
+    def _text_signal(self, ctx, model, data, where):
+        cfg = self.config
+        teacher, tokenizer = load_text_model(model.path, TEXT_SIGNALS[cfg.signal],
+                                             f"{where} input 'model'")
+        c, n_states = teacher.config, int(teacher.config.num_hidden_layers) + 1
+        bad = [i for i in cfg.layers if not -n_states <= i < n_states]
+        if cfg.signal == "hidden_states" and bad:
+            raise bad_value(f"{where} field 'layers'", "layers", bad,
+                            f"indices in -{n_states}..{n_states - 1} (0: embeddings)")
+        if cfg.signal == "topk_logprobs" and cfg.top_k > c.vocab_size:
+            raise bad_value(f"{where} field 'top_k'", "top_k", cfg.top_k,
+                            f"at most the vocabulary size {c.vocab_size}")
+        require_columns(data, [cfg.text_column], f"{where} input 'data'")
+        kwargs = {"model_path": model.path, "signal": cfg.signal, "precision": cfg.precision,
+                  "top_k": cfg.top_k, "layers": list(cfg.layers), "max_length": cfg.max_length,
+                  "text_column": cfg.text_column, "where": f"{where} input 'model'"}
+        ds = with_teacher(data.read(), TextTeacherActor, kwargs, cfg, ctx)
+        info = {"signal": cfg.signal, "precision": cfg.precision, "model_type": c.model_type,
+                "vocab_size": int(c.vocab_size), "hidden_size": int(c.hidden_size),
+                "num_layers": int(c.num_hidden_layers), "max_length": cfg.max_length,
+                "text_column": cfg.text_column, "teacher_path": model.path,
+                "teacher_params": sum(p.numel() for p in teacher.parameters())}
+        if cfg.signal == "topk_logprobs":
+            info["top_k"] = cfg.top_k
+        if cfg.signal == "hidden_states":
+            info["layers"] = [i % n_states for i in cfg.layers]
+        return write_rows(ctx, ds, info)

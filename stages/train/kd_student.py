@@ -1,6 +1,17 @@
-"""``kd-student``: Hinton knowledge distillation (Hinton, Vinyals & Dean 2015, "Distilling
-the Knowledge in a Neural Network", arXiv 1503.02531) of a small classifier from stored
-teacher logits, trained with Ray Train (``TorchTrainer``, data-parallel workers).
+"""``kd-student``: knowledge distillation of a student from a stored teacher signal (the
+``teacher-outputs`` artifact), trained with Ray Train (``TorchTrainer``, data-parallel
+workers, DDP). The signal decides the student and the losses it allows
+(``stages.train.kd_tasks``): classifier logits or probabilities -> a torch classifier
+(``hinton``, ``taid``); a causal LM's top-k log-probabilities -> a smaller causal LM
+(``hinton``, ``taid``); sentence embeddings -> a smaller encoder (``cosine``, ``mse``,
+``cosine_mse``); hidden states -> a smaller encoder (``feature_mse``). Text students are
+``transformers`` models made from the teacher's folder (``stages.models.text``): every
+n-th teacher layer (DistilBERT), a shrunk config, or a local folder. ``loss`` defaults to
+the first one the signal allows; a loss or student the signal cannot serve is a clear
+error before any training.
+
+Hinton knowledge distillation (Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in
+a Neural Network", arXiv 1503.02531):
 
     L = alpha * T^2 * KL( softmax(z_t / T) || softmax(z_s / T) ) + (1 - alpha) * CE(y, z_s)
 
@@ -36,22 +47,14 @@ from pipelines.artifacts import column_to_numpy
 from pipelines.errors import UserError, bad_value
 from pipelines.stage import Dataset, Model, Resources, Stage
 from stages.data.tables import parquet, require_columns
-from stages.models.classifiers import ArchName, ClassifierArch, save_classifier
+from stages.models.classifiers import ArchName, ClassifierArch
+from stages.models.text import TextStudentArch
+from stages.train.kd_tasks import TASKS, ClassifierTask, hinton_kd_loss  # noqa: F401
 from stages.train.loop import OptimConfig, train_epoch
-from stages.train.taid import TAIDSchedule, taid_loss
+from stages.train.taid import TAIDSchedule
 
 STATE_FILE, CONFIG_FILE = "state.pt", "config.json"
-
-
-def hinton_kd_loss(z_s, z_t, y, temperature: float, alpha: float):
-    """alpha * T^2 * KL(p_t || p_s) + (1 - alpha) * CE(y, z_s), batch mean."""
-    hard = F.cross_entropy(z_s, y)
-    if alpha == 0:
-        return hard
-    t = temperature
-    kl = F.kl_div(F.log_softmax(z_s / t, dim=1), F.log_softmax(z_t / t, dim=1),
-                  log_target=True, reduction="batchmean")
-    return alpha * t * t * kl + (1 - alpha) * hard
+LOSSES = tuple(dict.fromkeys(loss for task in TASKS.values() for loss in task.losses))
 
 
 def _load_state(checkpoint) -> dict | None:
@@ -69,12 +72,16 @@ def train_loop(config: dict) -> None:
     cfg, ctx = KDStudent.Config(**config["cfg"]), config["ctx"]
     rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(ctx.seed)
-    model = cfg.build(config["in_shape"], config["num_classes"])
+    task = TASKS[config["meta"]["signal"]](cfg, config["meta"])
+    model = task.build()
     state, start = _load_state(ray.train.get_checkpoint()), 0
     if state:  # resume: same run name, or a restart under FailureConfig
         model.load_state_dict(state["model"])
         start = state["epoch"] + 1
-    model = ray.train.torch.prepare_model(model)  # to the worker's device, DDP-wrapped
+    # to the worker's device, DDP-wrapped; transformers backbones have parameters a task
+    # leaves unused (BERT's pooler), which DDP must be told about
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={
+        "find_unused_parameters": not isinstance(task, ClassifierTask)})
     opt = cfg.optimizer(model)
     if state:
         opt.load_state_dict(state["optimizer"])  # moves its tensors to the params' device
@@ -86,21 +93,15 @@ def train_loop(config: dict) -> None:
         total_steps = cfg.epochs * -(-(config["num_train"] // world) // cfg.batch_size)
 
     def loss_fn(model, batch):
-        z_s = model(batch["x"])
-        if not taid:
-            loss = hinton_kd_loss(z_s, batch["logits"], batch["label"], cfg.temperature,
-                                  cfg.alpha)
-            return loss, z_s, batch["label"]
-        loss = taid_loss(z_s, batch["logits"], batch["label"], taid.t, cfg.temperature,
-                         cfg.alpha)
-        taid.update(_mean_over_workers(loss.detach()), taid.step + 1, total_steps)
-        return loss, z_s, batch["label"]
+        loss, logits, labels = task.loss(model, batch, taid)
+        if taid:
+            taid.update(_mean_over_workers(loss.detach()), taid.step + 1, total_steps)
+        return loss, logits, labels
 
     for epoch in range(start, cfg.epochs):
         batches = shard.iter_torch_batches(
             batch_size=cfg.batch_size, local_shuffle_buffer_size=cfg.shuffle_buffer,
-            local_shuffle_seed=ctx.seed + epoch,
-            dtypes={"x": torch.float32, "logits": torch.float32, "label": torch.int64})
+            local_shuffle_seed=ctx.seed + epoch, dtypes=task.columns)
         metrics = {**train_epoch(model, batches, opt, loss_fn, epoch), "start_epoch": start}
         if taid:
             metrics["taid_t"] = taid.t
@@ -144,15 +145,17 @@ def _mean_over_workers(value: torch.Tensor) -> float:
 
 class KDStudent(Stage):
     kind = "kd-student"
-    version = "2"  # 2: ``loss: taid``
+    version = "3"  # 2: ``loss: taid``; 3: text signals, probabilities
 
-    class Config(ClassifierArch, OptimConfig):
+    class Config(ClassifierArch, TextStudentArch, OptimConfig):
+        # classifier students: ClassifierArch's fields; text students: TextStudentArch's
         arch: ArchName = "mlp"
         hidden: list[PositiveInt] = [32]
         lr: float = Field(1e-2, gt=0)
         temperature: float = Field(4.0, gt=0)
         alpha: float = Field(0.9, ge=0, le=1)
-        loss: Literal["hinton", "taid"] = "hinton"
+        loss: Literal[LOSSES] | None = None   # None: the first loss the signal allows
+        topk_rest: Literal["uniform", "renormalize"] = "uniform"  # top-k LM signals
         # TAID (stages.train.taid): t rises from t_start to t_end, never slower than linear
         taid_t_start: float = Field(0.4, ge=0, le=1)
         taid_t_end: float = Field(1.0, ge=0, le=1)
@@ -184,12 +187,19 @@ class KDStudent(Stage):
         from ray.data.expressions import col
         from ray.train.torch import TorchTrainer
 
-        cfg = self.config
-        num_classes, in_shape = self._check_signal(ctx, signal)
-        model = cfg.build(in_shape, num_classes, f"stage '{ctx.name}' ({self.kind})")
+        where = f"stage '{ctx.name}' ({self.kind})"
+        meta = self._check_signal(ctx, signal)
+        task_cls = TASKS[meta["signal"]]
+        cfg = self.config.model_copy(update={"loss": self.config.loss or task_cls.losses[0]})
+        if cfg.loss not in task_cls.losses:
+            raise bad_value(f"{where} field 'loss'", "loss", cfg.loss,
+                            f"for a '{meta['signal']}' signal: {', '.join(task_cls.losses)}")
+        task = task_cls(cfg, meta)
+        task.build(where)  # a student that does not fit the signal fails before training
         use_gpu = ctx.num_gpus_available > 0 and cfg.use_gpu
-        train = signal.read(columns=["x", "label", "logits", "split"]).filter(
-            expr=col("split") == "train").select_columns(["x", "label", "logits"])
+        columns = list(task.columns)
+        train = signal.read(columns=columns + ["split"]).filter(
+            expr=col("split") == "train").select_columns(columns)
         if cfg.cache:
             train = train.materialize()
         extra = {}
@@ -197,8 +207,7 @@ class KDStudent(Stage):
             extra["num_train"] = parquet(signal).count_rows(filter=pc.field("split") == "train")
         trainer = TorchTrainer(
             train_loop,
-            train_loop_config={"cfg": cfg.model_dump(), "ctx": ctx,
-                               "in_shape": in_shape, "num_classes": num_classes, **extra},
+            train_loop_config={"cfg": cfg.model_dump(), "ctx": ctx, "meta": meta, **extra},
             scaling_config=ScalingConfig(
                 num_workers=cfg.num_workers, use_gpu=use_gpu,
                 resources_per_worker={"CPU": 1, **({"GPU": 1} if use_gpu else {})}),
@@ -215,24 +224,30 @@ class KDStudent(Stage):
             raise _original_error(e) from e
 
         state = _load_state(result.checkpoint)
+        model = task.build()
         model.load_state_dict(state["model"])
-        path = save_classifier(model, ctx.output_dir("model"))
-        info = {"architecture": cfg.arch, "num_classes": num_classes, "input_shape": in_shape,
+        out = ctx.output_dir("model")
+        info = {**task.save(model, out), "signal": meta["signal"], "loss": cfg.loss,
                 "epochs": state["epoch"] + 1, **(result.metrics or {})}
-        return {"model": Model(path=path, info=info)}
+        return {"model": Model(path=out, info=info)}
 
-    def _check_signal(self, ctx, signal) -> tuple[int, list[int]]:
-        """The signal must be teacher logits with the columns this stage reads."""
+    def _check_signal(self, ctx, signal) -> dict:
+        """The signal's info (what it is, its settings) plus, for classifier signals, the
+        class count and input shape; a signal this stage cannot use is a UserError."""
         where = f"stage '{ctx.name}' ({self.kind}) input 'signal'"
         kind = signal.info.get("signal")
-        if kind != "logits":
-            raise bad_value(where, "info.signal", kind, ["logits"])
-        table = require_columns(signal, ["x", "label", "logits", "split"], where)
-        head = table.head(1, columns=["x", "logits"], filter=pc.field("split") == "train")
+        if kind not in TASKS:
+            raise bad_value(where, "info.signal", kind, TASKS)
+        meta = {**signal.info}
+        columns = list(TASKS[kind](self.config, meta).columns)
+        table = require_columns(signal, columns + ["split"], where)
+        head = table.head(1, columns=columns, filter=pc.field("split") == "train")
         if not head.num_rows:
             raise bad_value(where, "number of rows with split == 'train'", 0, "at least one")
-        x, logits = (column_to_numpy(head.column(c)) for c in ("x", "logits"))
-        return int(logits.shape[1]), list(x.shape[1:])
+        if TASKS[kind] is ClassifierTask:
+            x, z = (column_to_numpy(head.column(c)) for c in ("x", kind))
+            meta.update(num_classes=int(z.shape[1]), input_shape=list(x.shape[1:]))
+        return meta
 
 
 def _original_error(error: Exception) -> Exception:

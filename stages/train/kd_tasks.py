@@ -1,0 +1,226 @@
+"""What ``kd-student`` does for each kind of teacher signal: which columns it reads, how the
+student is built, the loss of one batch, and how the student is saved. The training loop
+itself (Ray Train, checkpoints, resume) is the same for all, in ``kd_student``.
+
+Losses (z_s student logits, z_t teacher logits or log-probabilities, T the temperature):
+- ``hinton``: alpha T^2 KL(softmax(z_t/T) || softmax(z_s/T)) + (1 - alpha) CE(y, z_s)
+  (Hinton et al. 2015). From a causal LM's stored top-k, the teacher distribution over
+  the vocabulary is rebuilt from (top-k log-probabilities, rest mass r): ``topk_rest:
+  uniform`` spreads r evenly over the V - k other tokens, ``renormalize`` drops it (the
+  top k renormalised); y is the next token.
+- ``taid``: TAID's interpolated target (Shing et al. 2025), see ``stages.train.taid``.
+- ``cosine`` / ``mse`` / ``cosine_mse``: embedding distillation, 1 - cos(W e_s, e_t) and
+  ||W e_s - e_t||^2 between mean-pooled sentence embeddings (W a learned projection when
+  the widths differ, else the identity; saved with the student).
+- ``feature_mse``: FitNets / DistilBERT hidden-state matching, the mean over the matched
+  layers of ||W_l h_s,l - h_t,l||^2 over real tokens (W_l learned, for training only).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipelines.errors import bad_value
+from stages.models.classifiers import save_classifier
+from stages.models.text import PROJECTION_FILE, mean_pool
+from stages.train.taid import taid_loss
+
+NEG = -1e4  # log-probability standing for "no mass" (finite: 0 * -inf would be NaN)
+
+
+def hinton_kd_loss(z_s, z_t, y, temperature: float, alpha: float):
+    """alpha * T^2 * KL(p_t || p_s) + (1 - alpha) * CE(y, z_s), batch mean."""
+    hard = F.cross_entropy(z_s, y)
+    if alpha == 0:
+        return hard
+    t = temperature
+    kl = F.kl_div(F.log_softmax(z_s / t, dim=1), F.log_softmax(z_t / t, dim=1),
+                  log_target=True, reduction="batchmean")
+    return alpha * t * t * kl + (1 - alpha) * hard
+
+
+def soft_label_loss(cfg, z_s, z_t, y, taid):
+    if taid is None:
+        return hinton_kd_loss(z_s, z_t, y, cfg.temperature, cfg.alpha)
+    return taid_loss(z_s, z_t, y, taid.t, cfg.temperature, cfg.alpha)
+
+
+def dense_teacher_logprobs(ids, logprobs, rest, vocab: int, mode: str) -> torch.Tensor:
+    """[N, V] teacher log-probabilities from the top k: the other V - k tokens share the
+    rest mass evenly (``uniform``) or get none (``renormalize``)."""
+    k = ids.shape[-1]
+    fill = (torch.log(rest.clamp(min=1e-12) / max(vocab - k, 1)).unsqueeze(-1)
+            if mode == "uniform" and vocab > k else torch.full_like(rest, NEG).unsqueeze(-1))
+    dense = fill.expand(len(ids), vocab).clone()
+    return dense.scatter(1, ids, logprobs)
+
+
+class ClassifierTask:
+    """Stored classifier logits (or probabilities) -> a torch classifier."""
+
+    losses = ("hinton", "taid")
+
+    def __init__(self, cfg, meta: dict):
+        self.cfg, self.meta = cfg, meta
+        self.target = meta["signal"]  # the column: logits or probabilities
+        self.columns = {"x": torch.float32, "label": torch.int64, self.target: torch.float32}
+
+    def build(self, where: str = "student") -> nn.Module:
+        return self.cfg.build(self.meta["input_shape"], self.meta["num_classes"], where)
+
+    def loss(self, model, batch, taid):
+        z_s, z_t = model(batch["x"]), batch[self.target]
+        if self.target == "probabilities":  # log p_t = z_t + const: tempering is the same
+            z_t = z_t.clamp(min=1e-12).log()
+        return soft_label_loss(self.cfg, z_s, z_t, batch["label"], taid), z_s, batch["label"]
+
+    def save(self, model, out: str) -> dict:
+        save_classifier(model, out)
+        return {"architecture": self.cfg.arch, "num_classes": self.meta["num_classes"],
+                "input_shape": self.meta["input_shape"]}
+
+
+class TextTask:
+    """Shared by the text signals: token columns, the student from the teacher's folder,
+    saving the model with the teacher's tokenizer."""
+
+    use = "encoder"
+
+    def __init__(self, cfg, meta: dict):
+        self.cfg, self.meta = cfg, meta
+        self.columns = {"input_ids": torch.int64, "attention_mask": torch.int64,
+                        **self.signal_columns}
+
+    def student(self, where: str = "student"):
+        model = self.cfg.build_text_student(self.meta["teacher_path"], self.use, where)
+        if model.config.vocab_size != self.meta["vocab_size"]:
+            raise bad_value(where, "student vocab_size", model.config.vocab_size,
+                            f"the teacher signal's vocab_size {self.meta['vocab_size']}")
+        return model
+
+    def save(self, model, out: str) -> dict:
+        from transformers import AutoTokenizer
+        net = self.backbone(model)
+        net.save_pretrained(out)
+        AutoTokenizer.from_pretrained(self.meta["teacher_path"]).save_pretrained(out)
+        return {"model_type": net.config.model_type,
+                "num_layers": int(net.config.num_hidden_layers),
+                "hidden_size": int(net.config.hidden_size),
+                "params": sum(p.numel() for p in net.parameters())}
+
+    def backbone(self, model):
+        return model
+
+
+class CausalLMTask(TextTask):
+    """A causal LM's top-k next-token log-probabilities -> a smaller causal LM."""
+
+    losses = ("hinton", "taid")
+    use = "causal-lm"
+    signal_columns = {"topk_ids": torch.int64, "topk_logprobs": torch.float32,
+                      "rest_mass": torch.float32}
+
+    def build(self, where: str = "student") -> nn.Module:
+        return self.student(where)
+
+    def loss(self, model, batch, taid):
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        keep = mask[:, 1:].bool()  # predictions of real next tokens
+        z_s = model(input_ids=ids, attention_mask=mask).logits[:, :-1][keep].float()
+        y = ids[:, 1:][keep]
+        z_t = dense_teacher_logprobs(batch["topk_ids"][:, :-1][keep],
+                                     batch["topk_logprobs"][:, :-1][keep],
+                                     batch["rest_mass"][:, :-1][keep],
+                                     z_s.shape[-1], self.cfg.topk_rest)
+        return soft_label_loss(self.cfg, z_s, z_t, y, taid), z_s, y
+
+
+class EmbeddingStudent(nn.Module):
+    """An encoder, mean pooling, and a projection to the teacher's width if they differ."""
+
+    def __init__(self, encoder, teacher_width: int):
+        super().__init__()
+        self.encoder = encoder
+        width = encoder.config.hidden_size
+        self.proj = nn.Linear(width, teacher_width) if width != teacher_width else None
+
+    def forward(self, input_ids, attention_mask):
+        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        e = mean_pool(h, attention_mask)
+        return self.proj(e) if self.proj is not None else e
+
+
+class EmbeddingTask(TextTask):
+    """Teacher sentence embeddings -> a smaller encoder."""
+
+    losses = ("cosine", "mse", "cosine_mse")
+    signal_columns = {"embedding": torch.float32}
+
+    def build(self, where: str = "student") -> nn.Module:
+        return EmbeddingStudent(self.student(where), self.meta["hidden_size"])
+
+    def loss(self, model, batch, taid):
+        e_s, e_t = model(batch["input_ids"], batch["attention_mask"]), batch["embedding"]
+        cos = (1 - F.cosine_similarity(e_s, e_t, dim=-1)).mean()
+        mse = F.mse_loss(e_s, e_t)
+        loss = {"cosine": cos, "mse": mse, "cosine_mse": cos + mse}[self.cfg.loss]
+        return loss, None, e_t
+
+    def backbone(self, model):
+        return model.encoder
+
+    def save(self, model, out: str) -> dict:
+        info = super().save(model, out)
+        if model.proj is not None:
+            from safetensors.torch import save_file
+            save_file(model.proj.state_dict(), os.path.join(out, PROJECTION_FILE))
+        return info
+
+
+class FeatureStudent(nn.Module):
+    """An encoder returning the hidden states of chosen layers, projected per layer."""
+
+    def __init__(self, encoder, layers: list[int], teacher_width: int):
+        super().__init__()
+        self.encoder, self.layers = encoder, layers
+        width = encoder.config.hidden_size
+        self.proj = nn.ModuleList(nn.Linear(width, teacher_width) if width != teacher_width
+                                  else nn.Identity() for _ in layers)
+
+    def forward(self, input_ids, attention_mask):
+        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                           output_hidden_states=True)
+        return torch.stack([p(out.hidden_states[i]) for p, i in zip(self.proj, self.layers)], 1)
+
+
+class FeatureTask(TextTask):
+    """Teacher hidden states of chosen layers -> a smaller encoder (student layer l_s
+    matched to teacher layer l_t in proportion, l_s = round(l_t * n_s / n_t))."""
+
+    losses = ("feature_mse",)
+    signal_columns = {"hidden_states": torch.float32}
+
+    def build(self, where: str = "student") -> nn.Module:
+        encoder = self.student(where)
+        n_s, n_t = encoder.config.num_hidden_layers, self.meta["num_layers"]
+        layers = [round(l_t * n_s / n_t) for l_t in self.meta["layers"]]
+        return FeatureStudent(encoder, layers, self.meta["hidden_size"])
+
+    def loss(self, model, batch, taid):
+        mask = batch["attention_mask"].unsqueeze(1).unsqueeze(-1).float()
+        err = (model(batch["input_ids"], batch["attention_mask"]) - batch["hidden_states"]) ** 2
+        # the mean over real tokens, matched layers and features
+        loss = (err * mask).sum() / (mask.sum() * err.shape[1] * err.shape[-1])
+        return loss, None, batch["input_ids"]
+
+    def backbone(self, model):
+        return model.encoder
+
+
+TASKS = {"logits": ClassifierTask, "probabilities": ClassifierTask,
+         "topk_logprobs": CausalLMTask, "embeddings": EmbeddingTask,
+         "hidden_states": FeatureTask}

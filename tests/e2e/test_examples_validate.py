@@ -1,0 +1,40 @@
+"""Every example pipeline in examples/ loads and validates (kinds, fields, wiring), with
+and without the overrides that shrink it; the plan of a fresh store runs every stage.
+Running them is the e2e tests' and the benchmarks' business."""
+
+import glob
+import os
+
+import pytest
+
+from pipelines import Pipeline, plan
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+EXAMPLES = sorted(glob.glob(os.path.join(ROOT, "examples", "*.yaml")))
+SHRINK = {
+    "kd_embeddings.yaml": ["corpus.max_rows=200", "student.epochs=1"],
+    "kd_lm.yaml": ["corpus.max_rows=200", "teacher.epochs=1", "student_kd.epochs=1",
+                   "student_ce.epochs=1"],
+}
+
+
+def test_there_are_examples():
+    names = {os.path.basename(p) for p in EXAMPLES}
+    assert {"quickstart.yaml", "kd_mnist1d.yaml", "kd_embeddings.yaml", "kd_lm.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=os.path.basename)
+def test_example_validates_and_plans(path, tmp_path):
+    pipeline = Pipeline.from_yaml(path, SHRINK.get(os.path.basename(path), ()))
+    pipeline.validate()
+    (tmp_path / "store").mkdir()
+    decided = plan(pipeline, store=str(tmp_path / "store"))
+    assert decided.to_run() == pipeline.order()  # a fresh store runs everything, in order
+
+
+def test_text_examples_name_the_stages_users_rely_on():
+    lm = Pipeline.from_yaml(os.path.join(ROOT, "examples", "kd_lm.yaml"))
+    assert {"student_kd", "student_ce", "eval_kd", "eval_ce"} <= set(lm.nodes)
+    emb = Pipeline.from_yaml(os.path.join(ROOT, "examples", "kd_embeddings.yaml"))
+    assert emb.nodes["eval"].kind == "evaluate-embeddings"
+    assert emb.nodes["student"].stage.config.teacher_layers == [0, 5]
