@@ -57,7 +57,9 @@ def test_views_of_every_train_row_with_the_teachers_logits(reinforced, teacher, 
 
 def test_kd_student_accepts_the_signal(reinforced, tmp_path):
     ctx = StageContext.for_testing(tmp_path, name="student", kind="kd-student")
-    assert KDStudent(KD_CONFIG)._check_signal(ctx, reinforced) == (10, [1, 8, 8])
+    meta = KDStudent(KD_CONFIG)._check_signal(ctx, reinforced)
+    assert meta["signal"] == "logits" and meta["views"] == reinforced.info["views"]
+    assert (meta["num_classes"], meta["input_shape"]) == (10, [1, 8, 8])
 
 
 def test_augmentation_is_a_function_of_seed_id_and_view():

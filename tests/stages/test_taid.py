@@ -116,7 +116,7 @@ def test_config_rejects_t_start_above_t_end():
         KDStudent.Config(loss="taid", taid_t_end=1.5)
     with pytest.raises(ValidationError, match="loss"):
         KDStudent.Config(loss="reverse-kl")
-    assert KDStudent.Config().loss == "hinton"
+    assert KDStudent.Config().loss is None  # the signal's first loss: hinton for logits
 
 
 def test_kd_student_with_taid_learns_and_logs_a_rising_t(ray_session, signal, tmp_path):
