@@ -143,6 +143,7 @@ class TextStudentArch(StageConfig):
     hidden_size: PositiveInt | None = None
     num_heads: PositiveInt | None = None
     student_path: str | None = None
+    freeze_embeddings: bool = False  # keep the (teacher's) token embeddings fixed
 
     @model_validator(mode="after")
     def _student_source(self):
@@ -152,6 +153,12 @@ class TextStudentArch(StageConfig):
         return self
 
     def build_text_student(self, teacher_path: str, use: str, where: str):
+        model = self._text_student(teacher_path, use, where)
+        if self.freeze_embeddings:
+            model.get_input_embeddings().weight.requires_grad_(False)
+        return model
+
+    def _text_student(self, teacher_path: str, use: str, where: str):
         if self.student_init == "folder":
             return load_text_model(self.student_path, use, f"{where} field 'student_path'")[0]
         if self.student_init == "config":

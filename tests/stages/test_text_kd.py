@@ -71,6 +71,13 @@ def test_student_keeps_the_chosen_teacher_layers(minilm):
                                    teacher.encoder.layer[t].output.dense.weight)
     torch.testing.assert_close(student.embeddings.word_embeddings.weight,
                                teacher.embeddings.word_embeddings.weight)
+    from stages.models.text import TextStudentArch
+    frozen = TextStudentArch(teacher_layers=[0, 5], freeze_embeddings=True).build_text_student(
+        minilm.path, "encoder", "test")
+    assert not frozen.embeddings.word_embeddings.weight.requires_grad
+    assert frozen.encoder.layer[1].output.dense.weight.requires_grad
+    with pytest.raises(UserError, match=r"teacher_layers.*\[6\].*0\.\.5"):
+        TextStudentArch(teacher_layers=[0, 6]).build_text_student(minilm.path, "encoder", "t")
 
 
 def test_lm_student_from_topk_then_evaluated(ray_session, lm_signal, lm, corpus, tmp_path):
