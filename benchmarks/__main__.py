@@ -4,11 +4,11 @@ import argparse
 import json
 import os
 
-from benchmarks import cached_rerun, kd_family
+from benchmarks import cached_rerun, dataset_distillation, kd_family, diffusion, sweep
 from benchmarks.machine import machine
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-BENCHMARKS = {"cached_rerun": cached_rerun, "kd_family": kd_family}
+BENCHMARKS = {"cached_rerun": cached_rerun, "dataset_distillation": dataset_distillation, "kd_family": kd_family, "diffusion": diffusion, "sweep": sweep}
 
 
 def write_readme(results: list[dict], info: dict) -> None:

@@ -7,6 +7,9 @@
     distill show ARTIFACT_OR_RUN [--store URI]
     distill lineage ARTIFACT [--store URI]
     distill gc [--store URI] [--unreferenced] [--dry-run]
+    distill tune CONFIG --space SPACE.yaml --metric STAGE.METRIC --mode max|min
+                 [--samples N] [--scheduler asha|fifo] [--search random|optuna|hyperopt]
+                 [--max-concurrent K] [--store URI] [--set ...] [--address ADDR] [--json]
 
 User mistakes print one message (no traceback) and exit 2; a failed stage exits 1.
 """
@@ -65,7 +68,35 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--unreferenced", action="store_true",
                     help="also remove committed artifacts no pipeline's last run uses")
     sp.add_argument("--dry-run", action="store_true")
+    tune_args(sub.add_parser("tune", help="Ray Tune sweep over stage config fields"))
     return p
+
+
+def tune_args(sp) -> None:
+    from .sweep import SCHEDULERS, SEARCHERS
+    sp.add_argument("config", help="pipeline YAML file")
+    sp.add_argument("--space", required=True, metavar="SPACE.yaml",
+                    help="search space: 'stage.field: {uniform|loguniform|randint: [a, b]} "
+                         "| {choice|grid: [...]}'")
+    sp.add_argument("--metric", required=True, metavar="STAGE.METRIC",
+                    help="the metric to optimise, as logged by a stage")
+    sp.add_argument("--mode", required=True, choices=["max", "min"])
+    sp.add_argument("--samples", type=int, default=None,
+                    help="trials (default 10; 1 for an all-grid space)")
+    sp.add_argument("--scheduler", choices=SCHEDULERS, default="asha",
+                    help="asha stops bad trials early on per-epoch metrics (default asha)")
+    sp.add_argument("--search", choices=SEARCHERS, default="random")
+    sp.add_argument("--max-concurrent", type=int, default=None, metavar="K",
+                    help="at most K trials at once (default: half the cluster's CPUs)")
+    sp.add_argument("--store", default=DEFAULT_STORE, help="artifact store (default .distill)")
+    sp.add_argument("--set", dest="overrides", action="append", default=[],
+                    metavar="STAGE.FIELD=VALUE", help="override a stage config field")
+    sp.add_argument("--address", default=None,
+                    help="Ray address ('auto' on a cluster head); default: embedded Ray")
+    sp.add_argument("--tracking-uri", default=None,
+                    help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or the store)")
+    sp.add_argument("--json", action="store_true", help="print one JSON document")
+    sp.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,8 +246,30 @@ def cmd_gc(args, argv) -> int:
     return 0
 
 
+def cmd_tune(args, argv) -> int:
+    from .sweep import print_table, sweep
+    pipeline = _load(args)
+    stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr if args.json else stdout):
+        result = sweep(pipeline, args.space, args.metric, args.mode, samples=args.samples,
+                       scheduler=args.scheduler, search=args.search,
+                       max_concurrent=args.max_concurrent, store=args.store,
+                       address=args.address, tracking_uri=args.tracking_uri,
+                       progress=not args.quiet)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2, default=str), file=stdout)
+    else:
+        print_table(result)
+    if result.best is None:
+        failed = [t for t in result.trials if t.status == "failed"]
+        why = f"; first failure: trial {failed[0].trial_id}: {failed[0].error}" if failed else ""
+        print(f"error: no trial completed{why}", file=sys.stderr)
+        return 1
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "plan": cmd_plan, "ls": cmd_ls, "show": cmd_show,
-            "lineage": cmd_lineage, "gc": cmd_gc}
+            "lineage": cmd_lineage, "gc": cmd_gc, "tune": cmd_tune}
 
 
 if __name__ == "__main__":

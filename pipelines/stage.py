@@ -65,6 +65,9 @@ class Stage:
     inputs: ClassVar[dict[str, type[Artifact]]] = {}
     outputs: ClassVar[dict[str, type[Artifact]]] = {}
     resources: ClassVar[Resources] = Resources()
+    # names of the metrics ``run`` logs (``ctx.log_metrics`` / ``ctx.write_report``);
+    # sweeps check ``--metric STAGE.METRIC`` against it before any trial. Empty: undeclared.
+    metrics: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -51,16 +51,18 @@ class RunResult:
                            for s in self.stages if s.status != "skipped"]}
 
 
-def connect_ray(address: str | None) -> None:
+def connect_ray(address: str | None, dashboard: bool = False) -> None:
     """Attach to a cluster (``address``, e.g. 'auto' on a head node) or start an embedded
-    local Ray with more logical CPUs than cores (see RAY_NOTES.md)."""
+    local Ray with more logical CPUs than cores (see RAY_NOTES.md). ``dashboard``: the
+    embedded Ray gets the dashboard, whose State API Ray Train needs to clean up the
+    workers of a trial an early-stopping sweep scheduler stops."""
     import ray
     if ray.is_initialized():
         return
     common = dict(log_to_driver=bool(os.environ.get("DISTILL_VERBOSE")), configure_logging=False)
     if not address:
         ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1),
-                 include_dashboard=False, **common)
+                 include_dashboard=dashboard, **common)
         return
     try:
         ray.init(address=address, **common)
@@ -94,14 +96,16 @@ def input_artifacts(pipeline, name: str, manifests: dict, store: Store) -> dict[
 
 
 def run_plan(plan: Plan, address: str | None = None, tracking_uri: str | None = None,
-             progress: bool = True, command: str | None = None) -> RunResult:
+             progress: bool = True, command: str | None = None,
+             tags: dict | None = None) -> RunResult:
+    """``tags``: extra MLflow tags of the pipeline run (a sweep nests it under its run)."""
     pipeline, store = plan.pipeline, plan.store
     display = Display(enabled=progress)
     for w in plan.warnings:
         display.event(f"warning: {w}")
     tracker = Tracker(resolve_tracking_uri(store.root, tracking_uri), pipeline.name, store.root)
     run_id = tracker.start_parent(pipeline.name, {"seed": str(pipeline.seed)},
-                                  {"distillery.store": store.root})
+                                  {"distillery.store": store.root, **(tags or {})})
     results: dict[str, StageResult] = {}
     manifests: dict[str, dict] = {}
     record = {"run_id": run_id, "pipeline": pipeline.name, "started": time.time(),

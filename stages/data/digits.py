@@ -12,6 +12,7 @@ import numpy as np
 from pydantic import Field
 
 from pipelines.stage import Dataset, Stage, StageConfig
+from stages.data.tables import image_dataset
 
 
 class LoadDigits(Stage):
@@ -25,17 +26,9 @@ class LoadDigits(Stage):
 
     def run(self, ctx):
         from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
 
         digits = load_digits()
         x = (digits.images / 16.0).astype(np.float32)[:, None, :, :]
         label = digits.target.astype(np.int64)
-        ids = np.arange(len(label), dtype=np.int64)
-        _, test_ids = train_test_split(ids, test_size=self.config.test_fraction,
-                                       stratify=label, random_state=ctx.seed)
-        split = np.full(len(ids), "train", dtype=object)
-        split[test_ids] = "test"
-        columns = {"id": ids, "x": x, "label": label, "split": split.astype(str)}
         info = {"num_classes": 10, "input_shape": [1, 8, 8]}
-        ctx.progress(len(ids), len(ids), "rows", force=True)
-        return {"data": ctx.write_dataset("data", columns, info=info)}
+        return {"data": image_dataset(ctx, x, label, self.config.test_fraction, info)}

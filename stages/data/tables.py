@@ -7,6 +7,22 @@ import pyarrow.compute as pc
 from pipelines.errors import bad_value
 
 
+def image_dataset(ctx, x, label, test_fraction: float, info: dict):
+    """Write the image-classification dataset layout shared by the built-in datasets:
+    ``id`` (the row's index, stable), ``x``, ``label`` and a stratified ``split`` drawn
+    from the stage seed (same seed, same split)."""
+    import numpy as np
+    from sklearn.model_selection import train_test_split
+    ids = np.arange(len(label), dtype=np.int64)
+    _, test_ids = train_test_split(ids, test_size=test_fraction, stratify=label,
+                                   random_state=ctx.seed)
+    split = np.full(len(ids), "train", dtype=object)
+    split[test_ids] = "test"
+    columns = {"id": ids, "x": x, "label": label, "split": split.astype(str)}
+    ctx.progress(len(ids), len(ids), "rows", force=True)
+    return ctx.write_dataset("data", columns, info=info)
+
+
 def parquet(data):
     """A ``pyarrow.dataset.Dataset`` over the artifact's files (schema, counts, heads)."""
     import pyarrow.dataset as pads

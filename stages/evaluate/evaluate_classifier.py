@@ -65,6 +65,8 @@ class EvaluateClassifier(Stage):
 
     inputs = {"student": Model, "teacher": Model, "data": Dataset}
     outputs = {"report": Report}
+    metrics = ("accuracy", "teacher_accuracy", "agreement", "param_ratio", "speedup",
+               "student_latency_ms", "teacher_latency_ms", "student_params", "teacher_params")
 
     def run(self, ctx, student, teacher, data):
         cfg = self.config

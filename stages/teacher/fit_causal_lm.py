@@ -74,6 +74,7 @@ class FitCausalLM(Stage):
 
     inputs = {"data": Dataset}
     outputs = {"model": Model}
+    metrics = ("train_loss", "val_perplexity")  # per epoch
 
     def run(self, ctx, data):
         from transformers import GPT2Config, GPT2LMHeadModel

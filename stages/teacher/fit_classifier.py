@@ -29,6 +29,7 @@ class FitClassifier(Stage):
 
     inputs = {"data": Dataset}
     outputs = {"model": Model}
+    metrics = ("train_loss", "train_accuracy", "val_accuracy")  # per epoch
 
     def run(self, ctx, data):
         cfg = self.config

@@ -179,6 +179,7 @@ class KDStudent(Stage):
 
     inputs = {"signal": Dataset}
     outputs = {"model": Model}
+    metrics = ("train_loss", "train_accuracy", "start_epoch", "taid_t")  # per epoch
     resources = Resources(num_cpus=0)  # only launches Ray Train work
 
     def run(self, ctx, signal):

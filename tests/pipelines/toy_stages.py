@@ -1,9 +1,11 @@
 """Small real stages for testing the core (registered only in tests)."""
 
+import math
 import os
 import time
 
 import numpy as np
+from pydantic import Field
 
 from pipelines import Dataset, Report, Resources, Stage, StageConfig, UserError
 
@@ -76,3 +78,35 @@ class Summarize(Stage):
         xa, xb = a.to_numpy()["x"], b.to_numpy()["x"]
         return {"report": ctx.write_report("report", {"sum_a": xa.sum(), "sum_b": xb.sum(),
                                                       "rows": len(xa)})}
+
+
+class ToyTrain(Stage):
+    """A 'training' stage for sweeps: per epoch, score = (1 - exp(-lr * epoch)) * rows /
+    (rows + 10), deterministic, better with a larger lr at every epoch."""
+
+    kind = "test-train"
+    version = "1"
+
+    class Config(StageConfig):
+        lr: float = Field(0.1, gt=0)
+        epochs: int = Field(4, ge=1)
+        sleep: float = Field(0.0, ge=0)   # seconds per epoch
+
+    inputs = {"numbers": Dataset}
+    outputs = {"report": Report}
+    resources = Resources(num_cpus=0.25)
+    metrics = ("score", "loss")
+
+    @staticmethod
+    def score(lr: float, epochs: int, rows: int) -> float:
+        return (1 - math.exp(-lr * epochs)) * rows / (rows + 10)
+
+    def run(self, ctx, numbers):
+        rows = len(numbers.to_numpy()["id"])
+        cfg = self.config
+        for epoch in range(cfg.epochs):
+            time.sleep(cfg.sleep)
+            score = self.score(cfg.lr, epoch + 1, rows)
+            ctx.log_metrics({"score": score, "loss": 1 - score}, step=epoch)
+            ctx.progress(epoch + 1, cfg.epochs, "epochs")
+        return {"report": ctx.write_report("report", {"score": score, "loss": 1 - score})}

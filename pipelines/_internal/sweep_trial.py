@@ -1,0 +1,144 @@
+"""One sweep trial: a Ray Tune function trainable that runs the trial's stages through the
+ordinary cache, and reports the sweep metric to Tune after every epoch of the stage that
+logs it (so ASHA can stop the trial) and once more at the end (``final``).
+
+The trial is a small driver of its own, in the Tune trial's actor: it plans the trial's
+pipeline (the shared stages are cache hits), runs the stages it must as Ray tasks (the
+same ``execute_stage`` the runner uses, so artifacts are committed the same way), and
+reads the metrics the stages log from the sweep's board. When Tune stops the trial, its actor
+ends; the stage tasks it owns are cancelled with it (and explicitly, in ``finally``).
+Only the sweep's driver talks to MLflow: the trial sends what it learned in its reports.
+"""
+
+from __future__ import annotations
+
+import time
+
+from .board import RayBoard
+from .execute import execute_stage
+from .planner import make_plan
+from .runner import input_artifacts
+from .store import Store
+from .sweep_space import apply_params
+
+
+class TrialFailed(RuntimeError):
+    pass
+
+
+class TrialBoard(RayBoard):
+    """The sweep's board actor, with the trial's id before every stage name (one actor for
+    the whole sweep rather than one per trial)."""
+
+    def __init__(self, actor, prefix: str):
+        super().__init__(actor)
+        self.prefix = prefix
+
+    def log(self, stage, metrics, step):
+        super().log(self.prefix + stage, metrics, step)
+
+    def progress(self, stage, done, total, unit):
+        super().progress(self.prefix + stage, done, total, unit)
+
+    def final_metrics(self, stage):
+        return super().final_metrics(self.prefix + stage)
+
+
+def run_trial(config: dict, base=None, store_root: str = "", stages: tuple = (),
+              metric: str = "", gpus: float = 0.0, board_actor=None) -> None:
+    """``config``: {'stage.field': value} drawn by Tune; ``stages``: the trial's stages
+    (the rest of what the metric needs is shared and cached); ``metric``: 'STAGE.NAME';
+    ``board_actor``: the sweep's board (``board.start_board_actor``)."""
+    import ray
+    from ray import tune
+
+    prefix = f"{tune.get_context().get_trial_id()}/"
+    metric_stage, metric_name = metric.split(".", 1)
+    pipeline = apply_params(base, config)
+    store = Store(store_root)
+    plan = make_plan(pipeline, store)
+    manifests: dict[str, dict] = {}
+    status: dict[str, str] = {}
+    for name in _needed(pipeline, metric_stage):
+        d, st = plan.decisions[name], plan.states[name]
+        if d.status == "cached":
+            manifests[name] = store.manifest(st.kind, st.key)
+            status[name] = "cached"
+        elif name not in stages:
+            raise TrialFailed(f"shared stage '{name}' is not in the store any more ({d.reason})")
+    waiting = [n for n in pipeline.order() if n in stages and n not in manifests]
+    board, trial_board = board_actor, TrialBoard(board_actor, prefix)
+    remote = ray.remote(execute_stage)
+    pending: dict = {}
+    steps: dict[str, set] = {}          # stage -> epochs (steps) it logged
+    seen = 0                            # metric values already reported
+    started = time.time()
+
+    def report_new(history) -> None:
+        nonlocal seen
+        values = [(v, s) for k, v, s in history if k == metric_name and s is not None]
+        for v, s in values[seen:]:
+            tune.report({metric: v, "epoch": int(s) + 1, "epochs": _total(steps),
+                         "final": False})
+        seen = len(values)
+
+    try:
+        while waiting or pending:
+            for name in [n for n in waiting if pipeline.upstream(n) <= set(manifests)]:
+                waiting.remove(name)
+                res, st = pipeline.nodes[name].effective_resources, plan.states[name]
+                ref = remote.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus,
+                                     max_retries=0, name=f"trial-stage:{name}",
+                                     scheduling_strategy="DEFAULT").remote(  # not in Tune's PG
+                    pipeline.nodes[name].stage, st.to_record(), store.root,
+                    input_artifacts(pipeline, name, manifests, store), trial_board, gpus,
+                    None, pipeline.name, False)
+                pending[ref] = name
+            if not pending:
+                raise TrialFailed(f"stages {waiting} cannot start: their inputs never came")
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+            for name in list(pending.values()):
+                history = ray.get(board.history_of.remote(prefix + name))
+                steps[name] = {s for _, _, s in history if s is not None}
+                if name == metric_stage:
+                    report_new(history)
+            for ref in ready:
+                name = pending.pop(ref)
+                try:
+                    out = ray.get(ref)
+                except ray.exceptions.RayError as e:
+                    out = {"ok": False, "message": f"{type(e).__name__}: {e}"}
+                history = ray.get(board.take_history.remote(prefix + name))
+                steps[name] = {s for _, _, s in history if s is not None}
+                if name == metric_stage:
+                    report_new(history)
+                if not out["ok"]:
+                    raise TrialFailed(f"stage '{name}' failed: {out['message']}")
+                manifests[name] = out["manifest"]
+                status[name] = "ran"
+    finally:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+    final = manifests[metric_stage].get("metrics", {})
+    if metric_name not in final:
+        raise TrialFailed(f"stage '{metric_stage}' ({pipeline.nodes[metric_stage].kind}) "
+                          f"reported no metric '{metric_name}'; it reported: "
+                          f"{', '.join(sorted(final)) or '(none)'}")
+    tune.report({metric: final[metric_name], "epochs": _total(steps), "final": True,
+                 "seconds": time.time() - started, "stages": status,
+                 "stage_metrics": {n: manifests[n].get("metrics", {}) for n in stages
+                                   if n in manifests}})
+
+
+def _total(steps: dict[str, set]) -> int:
+    return sum(len(s) for s in steps.values())
+
+
+def _needed(pipeline, stage: str) -> list[str]:
+    """``stage`` and every stage it depends on, in order."""
+    need, frontier = {stage}, {stage}
+    while frontier:
+        frontier = {up for n in frontier for up in pipeline.upstream(n)} - need
+        need |= frontier
+    return [n for n in pipeline.order() if n in need]
+

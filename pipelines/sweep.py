@@ -1,0 +1,516 @@
+"""Ray Tune sweeps over any config field of any stage of a pipeline.
+
+    from pipelines import Pipeline, sweep
+    p = Pipeline.from_yaml("examples/quickstart.yaml")
+    result = sweep(p, {"student.temperature": {"uniform": [1, 8]},
+                       "student.lr": {"loguniform": [1e-4, 0.1]}},
+                   metric="student.train_accuracy", mode="max", samples=6)
+    result.best_config   # a pipeline file that ``distill run`` accepts
+
+or ``distill tune CONFIG --space SPACE.yaml --metric STAGE.METRIC --mode max``.
+
+1. The space and the metric are checked against the pipeline before anything runs
+   (``sweep_space``): unknown fields (did you mean), values a field rejects, a metric the
+   stage does not report or a stage the space cannot change are one clear error.
+2. The stages the metric needs that the space cannot change (neither their config nor any
+   of their inputs) are *shared*: they run once, or are found in the store, with the normal
+   runner, before the trials. Stages downstream of the metric's stage are not needed to
+   rank trials and do not run in them.
+3. Every trial (``sweep_trial.run_trial``) runs the rest through the same cache: the shared
+   artifacts are cache hits, and trials with equal upstream configs share those too. The
+   metric goes to Tune after every epoch of the stage that logs it, so ASHA stops bad
+   trials early; stopped trials are marked ``stopped``.
+4. MLflow: one sweep run; the shared stages' pipeline run and one run per trial (params,
+   metric per epoch, final stage metrics, status) nested under it; a scatter plot of the
+   metric against every parameter, the results table and the best config as artifacts.
+5. Outputs in ``<store>/_runs/sweeps/<sweep id>/``: ``best.yaml`` (the best completed
+   trial's whole pipeline), ``trials.parquet`` (trial, parameters, metric, status, time,
+   epochs), ``metric_vs_params.png``, ``sweep.json`` (what ``--json`` prints).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from .errors import UserError, allowed_list, did_you_mean
+from ._internal.sweep_space import Param, apply_params, load_space, parse_space
+
+SCHEDULERS = ("asha", "fifo")
+SEARCHERS = ("random", "optuna", "hyperopt")
+MODES = ("max", "min")
+
+
+@dataclass
+class TrialResult:
+    trial_id: str
+    params: dict
+    metric: float | None
+    status: str                 # completed | stopped | failed
+    epochs: int
+    seconds: float
+    stages: dict = field(default_factory=dict)      # trial stage -> ran | cached
+    error: str = ""
+    history: list = field(default_factory=list)     # (epoch, metric value)
+    stage_metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class SweepResult:
+    sweep_run_id: str
+    metric: str
+    mode: str
+    best_config: str | None
+    best: dict | None           # {"params", "metric"}
+    trials: list[TrialResult]
+    shared_stages: list[dict]   # {"name", "status": ran | cached}
+    directory: str
+
+    def to_json(self) -> dict:
+        return {"sweep_run_id": self.sweep_run_id, "metric": self.metric, "mode": self.mode,
+                "best_config": self.best_config, "best": self.best,
+                "trials": [{"trial_id": t.trial_id, "params": t.params, "metric": t.metric,
+                            "status": t.status, "epochs": t.epochs} for t in self.trials],
+                "shared_stages": self.shared_stages}
+
+    @property
+    def total_epochs(self) -> int:
+        return sum(t.epochs for t in self.trials)
+
+
+# -- checks before anything runs ---------------------------------------------------------
+def check_metric(pipeline, metric: str, store=None) -> tuple[str, str]:
+    """``STAGE.METRIC``: the stage must exist and, as far as can be known before running
+    it, report the metric (its class's declared ``metrics``, else what committed
+    artifacts of its kind reported)."""
+    stage, dot, name = str(metric).partition(".")
+    if not dot or not stage or not name:
+        raise UserError(f"--metric: {metric!r} is not valid; expected STAGE.METRIC, e.g. "
+                        f"'{next(reversed(pipeline.nodes))}.accuracy'")
+    if stage not in pipeline.nodes:
+        raise UserError(f"--metric {metric}: no stage '{stage}'{did_you_mean(stage, pipeline.nodes)}"
+                        f"; stages: {allowed_list(pipeline.nodes)}")
+    node = pipeline.nodes[stage]
+    known, source = tuple(type(node.stage).metrics), "reports"
+    if not known and store is not None:
+        known = tuple(sorted({k for m in store.manifests() if m.get("kind") == node.kind
+                              for k in m.get("metrics", {})}))
+        source = "reported in earlier runs"
+    if known and name not in known:
+        raise UserError(f"--metric {metric}: stage '{stage}' ({node.kind}) reports no metric "
+                        f"'{name}'{did_you_mean(name, known)}; it {source}: {allowed_list(known)}")
+    return stage, name
+
+
+def split_stages(pipeline, params: list[Param], metric_stage: str) -> tuple[list, list]:
+    """(shared, trial) stages among those the metric's stage needs."""
+    from ._internal.sweep_trial import _needed
+    affected = {p.stage for p in params}
+    for p in params:
+        affected |= pipeline.downstream(p.stage)
+    needed = _needed(pipeline, metric_stage)
+    if metric_stage not in affected:
+        raise UserError(f"--metric {metric_stage}.*: stage '{metric_stage}' is not changed by the "
+                        f"search space (neither its config nor its inputs), so every trial would "
+                        f"get the same value; name a metric of a stage the space affects: "
+                        f"{allowed_list(affected)}")
+    return [n for n in needed if n not in affected], [n for n in needed if n in affected]
+
+
+def _check_choice(what: str, value, allowed) -> None:
+    if value not in allowed:
+        raise UserError(f"{what}: {value!r} is not valid; allowed: {allowed_list(allowed)}"
+                        f"{did_you_mean(str(value), allowed)}")
+
+
+def _check_count(what: str, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise UserError(f"{what}: {value!r} is not valid; expected an integer >= 1")
+
+
+# -- the sweep -------------------------------------------------------------------------
+def sweep(pipeline, space, metric: str, mode: str, samples: int | None = None,
+          scheduler: str = "asha", search: str = "random", max_concurrent: int | None = None,
+          store: str = ".distill", address: str | None = None, tracking_uri: str | None = None,
+          progress: bool = True) -> SweepResult:
+    """Search ``space`` (a dict or a YAML file of ``stage.field: {distribution: values}``)
+    for the best ``metric`` ('STAGE.METRIC', ``mode`` max or min). ``samples``: trials
+    (default 10; 1 when the space is all ``grid``, whose every value is tried per sample).
+    ``max_concurrent``: at most this many trials at once (default: half the cluster's CPUs,
+    each trial's training workers plus the Ray Data tasks feeding them)."""
+    from ._internal.progress import Display
+    from ._internal.runner import connect_ray, run_plan
+    from ._internal.planner import Plan, make_plan
+    from ._internal.store import Store
+    from ._internal.tracking import Tracker, resolve_tracking_uri
+
+    _check_choice("--mode", mode, MODES)
+    _check_choice("--scheduler", scheduler, SCHEDULERS)
+    _check_choice("--search", search, SEARCHERS)
+    _check_count("--samples", samples)
+    _check_count("--max-concurrent", max_concurrent)
+    params = parse_space(load_space(space), pipeline)
+    grid = [p.key for p in params if p.dist == "grid"]
+    if grid and search != "random":
+        raise UserError(f"--space: key '{grid[0]}' uses grid, which --search {search} cannot "
+                        f"draw from; use choice, or --search random")
+    st = Store.open(store)
+    metric_stage, metric_name = check_metric(pipeline, metric, st)
+    shared, trial_stages = split_stages(pipeline, params, metric_stage)
+    if samples is None:
+        samples = 1 if len(grid) == len(params) else 10
+
+    display = Display(enabled=progress)
+    connect_ray(address, dashboard=scheduler == "asha")
+    import ray
+    cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    gpus = float(ray.cluster_resources().get("GPU", 0.0))
+    if max_concurrent is None:
+        max_concurrent = max(1, int(cpus // 2))
+
+    sweep_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    out_dir = os.path.join(st.runs_dir(), "sweeps", sweep_id)
+    os.makedirs(out_dir, exist_ok=True)
+    tracker = Tracker(resolve_tracking_uri(st.root, tracking_uri), pipeline.name, st.root)
+    sweep_run = tracker.client.create_run(
+        tracker.experiment_id, run_name=f"sweep {pipeline.name}",
+        tags={"distillery.type": "sweep", "distillery.sweep": sweep_id,
+              "distillery.store": st.root}).info.run_id
+    tracker._params(sweep_run, {"metric": metric, "mode": mode, "samples": str(samples),
+                                "scheduler": scheduler, "search": search,
+                                "max_concurrent": str(max_concurrent), "seed": str(pipeline.seed),
+                                **{f"space.{p.key}": json.dumps({p.dist: list(p.values)})
+                                   for p in params}})
+    outcome = "FAILED"
+    try:
+        shared_status = []
+        if shared:
+            full = make_plan(pipeline, st)
+            sub = Plan(pipeline, st, {n: full.states[n] for n in shared},
+                       {n: full.decisions[n] for n in shared},
+                       [w for w in full.warnings if any(f"'{n}'" in w for n in shared)])
+            display.event(f"sweep {sweep_id}: shared stages {', '.join(shared)}")
+            ran = run_plan(sub, address, tracking_uri, progress,
+                           tags={"mlflow.parentRunId": sweep_run, "distillery.sweep": sweep_id})
+            shared_status = [{"name": s.name, "status": s.status} for s in ran.stages]
+        display.event(f"sweep {sweep_id}: {samples} sample(s) of {', '.join(p.key for p in params)}"
+                      f" on {', '.join(trial_stages)}; {scheduler}, {search} search, at most "
+                      f"{max_concurrent} at once")
+        trials = _tune(pipeline, params, st, trial_stages, metric, mode, samples, scheduler,
+                       search, max_concurrent, gpus, sweep_id, display)
+        result = _finish(pipeline, params, trials, shared_status, metric, mode, sweep_run,
+                         out_dir, tracker)
+        outcome = "FINISHED"
+        return result
+    except (KeyboardInterrupt, SystemExit):
+        outcome = "KILLED"
+        raise
+    finally:
+        tracker.end(sweep_run, outcome)
+
+
+def _max_epochs(pipeline, params: list[Param], stage: str) -> int:
+    """ASHA's horizon: the metric stage's ``epochs`` (the largest the space allows)."""
+    cfg = pipeline.nodes[stage].stage.config
+    values = [getattr(cfg, "epochs", None)]
+    for p in params:
+        if p.stage == stage and p.path == ("epochs",):
+            values += list(p.values)
+    values = [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
+    return max(values) if values else 100
+
+
+def _tune(pipeline, params, st, trial_stages, metric, mode, samples, scheduler, search,
+          max_concurrent, gpus, sweep_id, display) -> list[TrialResult]:
+    import logging
+
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    import ray
+
+    from ._internal.board import start_board_actor
+    from ._internal.sweep_trial import run_trial
+    tune_log = logging.getLogger("ray.tune")
+    level = tune_log.level
+    tune_log.setLevel(logging.CRITICAL)  # trial errors are reported by the sweep itself
+    if scheduler == "asha":
+        sched = ASHAScheduler(time_attr="epoch", grace_period=1, reduction_factor=2,
+                              max_t=_max_epochs(pipeline, params, metric.split(".")[0]),
+                              stop_last_trials=False)
+    else:
+        sched = FIFOScheduler()
+    if search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+        searcher = OptunaSearch(seed=pipeline.seed)
+    elif search == "hyperopt":
+        from ray.tune.search.hyperopt import HyperOptSearch
+        searcher = HyperOptSearch(random_state_seed=pipeline.seed)
+    else:  # Tune applies max_concurrent_trials to Searchers only, not to this generator
+        searcher = BasicVariantGenerator(random_state=pipeline.seed,
+                                         max_concurrent=max_concurrent)
+    log = _TrialLog(display, metric, [p.key for p in params])
+    board = start_board_actor()
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=pipeline, store_root=st.root,
+                             stages=tuple(trial_stages), metric=metric, gpus=gpus,
+                             board_actor=board),
+        {"cpu": 0.01})
+    tuner = tune.Tuner(
+        trainable, param_space={p.key: p.tune_domain() for p in params},
+        tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=samples,
+                                    scheduler=sched, search_alg=searcher,
+                                    max_concurrent_trials=(None if search == "random"
+                                                           else max_concurrent)),
+        run_config=tune.RunConfig(name=sweep_id, verbose=0, callbacks=[_callback(log)],
+                                  storage_path=os.path.join(st.root, "_work", "_sweeps")))
+    # Ctrl-C interrupts the sweep (KeyboardInterrupt: the sweep run is KILLED), rather than
+    # Tune ending the experiment quietly with its running trials looking stopped
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    try:  # Tune prints its own experiment banner on stdout: the sweep reports instead
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+            tuner.fit()
+    finally:
+        tune_log.setLevel(level)
+        ray.kill(board)
+    return log.results()
+
+
+def _callback(log: "_TrialLog"):
+    """A Tune callback (it runs in the driver) feeding ``log``; ray.tune is imported only
+    when a sweep runs."""
+    from ray.tune import Callback
+
+    class Events(Callback):
+        def on_trial_start(self, iteration, trials, trial, **info):
+            log.on_trial_start(trial)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            log.on_trial_result(trial, result)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            log.on_trial_complete(trial)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            log.on_trial_error(trial)
+
+    return Events()
+
+
+class _TrialLog:
+    """In the driver: progress lines, and every trial's reports, status and error."""
+
+    def __init__(self, display, metric: str, keys: list[str]):
+        self.display, self.metric, self.keys = display, metric, keys
+        self.trials: dict[str, object] = {}
+        self.reports: dict[str, list[dict]] = {}
+
+    def __getstate__(self):  # Tune pickles its callbacks: leave out the stream and trials
+        return {"display": None, "metric": self.metric, "keys": self.keys, "trials": {},
+                "reports": {}}
+
+    def _params(self, trial) -> dict:
+        return {k: trial.config.get(k) for k in self.keys}
+
+    def on_trial_start(self, trial):
+        self.trials[trial.trial_id] = trial
+        self.reports.setdefault(trial.trial_id, [])
+        self.display.event(f"> trial {trial.trial_id} started: {_fmt_params(self._params(trial))}")
+
+    def on_trial_result(self, trial, result):
+        self.reports.setdefault(trial.trial_id, []).append(
+            {k: result.get(k) for k in (self.metric, "epoch", "epochs", "final", "seconds",
+                                        "stages", "stage_metrics", "time_total_s")})
+
+    def on_trial_complete(self, trial):
+        last = (self.reports.get(trial.trial_id) or [{}])[-1]
+        status = "ok" if last.get("final") else "stopped"
+        value = last.get(self.metric)
+        self.display.event(f"{status:>7} trial {trial.trial_id}: {self.metric} = "
+                           f"{_fmt(value)} after {last.get('epochs') or 0} epoch(s)")
+
+    def on_trial_error(self, trial):
+        self.trials[trial.trial_id] = trial
+        self.display.event(f" FAILED trial {trial.trial_id}: {_error_text(trial)}")
+
+    def results(self) -> list[TrialResult]:
+        out = []
+        for tid in sorted(self.trials):
+            trial, reports = self.trials[tid], self.reports.get(tid, [])
+            last = reports[-1] if reports else {}
+            error = _error_text(trial) if trial.status == "ERROR" else ""
+            status = "failed" if error else "completed" if last.get("final") else "stopped"
+            metric = last.get(self.metric)
+            out.append(TrialResult(
+                trial_id=tid, params=self._params(trial),
+                metric=float(metric) if metric is not None else None, status=status,
+                epochs=int(last.get("epochs") or 0),
+                seconds=round(float(last.get("time_total_s") or 0.0), 2),
+                stages=dict(last.get("stages") or {}), error=error,
+                history=[(r["epoch"], r[self.metric]) for r in reports if r.get("epoch")],
+                stage_metrics=dict(last.get("stage_metrics") or {})))
+        return out
+
+
+def _error_text(trial) -> str:
+    """The trial's own error message (the last line naming it), not Tune's traceback."""
+    text = ""
+    try:
+        text = trial.get_error() or ""
+    except Exception:  # noqa: BLE001 - error file not written yet
+        pass
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "TrialFailed:" in line:
+            return line.split("TrialFailed:", 1)[1].strip()
+    for line in reversed(lines):  # the last 'SomeError: message' line
+        head = line.split(":", 1)[0]
+        if ":" in line and head.replace(".", "").isidentifier() and head.endswith(("Error", "Exception")):
+            return line[:500]
+    return lines[-1][:500] if lines else "trial failed"
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _fmt_params(params: dict) -> str:
+    return ", ".join(f"{k}={_fmt(v)}" for k, v in params.items())
+
+
+# -- results -----------------------------------------------------------------------------
+def _finish(pipeline, params, trials, shared_status, metric, mode, sweep_run, out_dir,
+            tracker) -> SweepResult:
+    done = [t for t in trials if t.status == "completed" and t.metric is not None]
+    best_trial = (max if mode == "max" else min)(done, key=lambda t: t.metric) if done else None
+    best_config, best = None, None
+    if best_trial is not None:
+        best = {"params": best_trial.params, "metric": best_trial.metric}
+        best_config = os.path.join(out_dir, "best.yaml")
+        write_pipeline_file(apply_params(pipeline, best_trial.params), best_config,
+                            f"best trial {best_trial.trial_id} of a sweep: {metric} = "
+                            f"{best_trial.metric:.6g} ({mode})")
+    result = SweepResult(sweep_run, metric, mode, best_config, best, trials, shared_status,
+                         out_dir)
+    table = trials_table(result)
+    table.to_parquet(os.path.join(out_dir, "trials.parquet"), index=False)
+    plot = os.path.join(out_dir, "metric_vs_params.png")
+    plot_metric_vs_params(result, [p.key for p in params], plot)
+    with open(os.path.join(out_dir, "sweep.json"), "w") as f:
+        json.dump(result.to_json(), f, indent=2, default=str)
+    _track(tracker, result, shared_status)
+    return result
+
+
+def write_pipeline_file(pipeline, path: str, comment: str) -> None:
+    import yaml
+    with open(path, "w") as f:
+        f.write(f"# {comment}\n# distill run {path}\n")
+        yaml.safe_dump(pipeline.to_dict(), f, sort_keys=False, default_flow_style=None)
+
+
+def trials_table(result: SweepResult):
+    """One row per trial: trial, one column per parameter, metric, status, time, epochs."""
+    import pandas as pd
+    rows = []
+    for t in result.trials:
+        row = {"trial": t.trial_id}
+        for k, v in t.params.items():
+            row[k] = v if isinstance(v, (int, float, str, bool)) or v is None else json.dumps(v)
+        row.update({"metric": t.metric, "status": t.status, "seconds": t.seconds,
+                    "epochs": t.epochs, "error": t.error})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def print_table(result: SweepResult, stream=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    keys = list(result.trials[0].params) if result.trials else []
+    table = Table(title=f"sweep {result.sweep_run_id}: {result.metric} ({result.mode})",
+                  title_justify="left")
+    for col in ("trial", *keys, "metric", "status", "time", "epochs"):
+        table.add_column(col, no_wrap=True)
+    best = result.best["params"] if result.best else None
+    for t in result.trials:
+        mark = " *" if best is not None and t.params == best and t.status == "completed" else ""
+        table.add_row(t.trial_id, *(_fmt(t.params[k]) for k in keys),
+                      (_fmt(t.metric) if t.metric is not None else "-") + mark,
+                      t.status, f"{t.seconds:.1f}s", str(t.epochs))
+    console = Console(file=stream or sys.stdout, width=160)
+    console.print(table)
+    shared = ", ".join(f"{s['name']} ({s['status']})" for s in result.shared_stages) or "none"
+    console.print(f"shared stages: {shared}")
+    console.print(f"best config: {result.best_config or '(no trial completed)'}")
+
+
+def plot_metric_vs_params(result: SweepResult, keys: list[str], path: str) -> None:
+    """One scatter per parameter: the metric of every trial, by status."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4), squeeze=False)
+    colors = {"completed": "tab:blue", "stopped": "tab:orange", "failed": "tab:red"}
+    for ax, key in zip(axes[0], keys):
+        values = [t.params.get(key) for t in result.trials]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        labels = sorted({json.dumps(v) for v in values}) if not numeric else []
+        for status, color in colors.items():
+            pts = [(v if numeric else labels.index(json.dumps(v)), t.metric)
+                   for v, t in zip(values, result.trials)
+                   if t.status == status and t.metric is not None]
+            if pts:
+                ax.scatter(*zip(*pts), c=color, label=status, alpha=0.8)
+        if numeric and values and min(values) > 0 and max(values) / min(values) > 50:
+            ax.set_xscale("log")
+        if labels:
+            ax.set_xticks(range(len(labels)), labels, rotation=30)
+        ax.set_xlabel(key)
+        ax.set_ylabel(result.metric)
+    if any(ax.get_legend_handles_labels()[0] for ax in axes[0]):
+        axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{result.metric} vs parameters ({len(result.trials)} trials; stopped: last "
+                 f"value before stopping)", fontsize=9)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _track(tracker, result: SweepResult, shared_status: list[dict]) -> None:
+    """A nested MLflow run per trial; the plot, table and best config on the sweep run."""
+    from ._internal.tracking import flatten
+    shared = {f"distillery.stage.{s['name']}": s["status"] for s in shared_status}
+    for t in result.trials:
+        rid = tracker.client.create_run(
+            tracker.experiment_id, run_name=f"trial {t.trial_id}",
+            tags={"mlflow.parentRunId": result.sweep_run_id, "distillery.type": "trial",
+                  "distillery.trial": t.trial_id, "distillery.status": t.status, **shared,
+                  **{f"distillery.stage.{n}": s for n, s in t.stages.items()},
+                  **({"distillery.error": t.error[:4000]} if t.error else {})}).info.run_id
+        tracker._params(rid, flatten({k: json.dumps(v) if isinstance(v, (list, dict)) else v
+                                      for k, v in t.params.items()}))
+        history = [(result.metric, v, e - 1) for e, v in t.history]  # the stage's steps
+        history += [(f"{n}.{k}", v, None) for n, ms in t.stage_metrics.items()
+                    for k, v in ms.items() if isinstance(v, (int, float)) and math.isfinite(v)
+                    and not (t.history and f"{n}.{k}" == result.metric)]
+        history += [("epochs", t.epochs, None), ("seconds", t.seconds, None)]
+        if t.metric is not None:
+            history.append(("metric", t.metric, None))
+        tracker.log_metrics(rid, history)
+        tracker.end(rid, {"completed": "FINISHED", "stopped": "KILLED"}.get(t.status, "FAILED"))
+    files = [os.path.join(result.directory, f) for f in
+             ("metric_vs_params.png", "trials.parquet", "sweep.json", "best.yaml")]
+    tracker.log_artifacts(result.sweep_run_id, [f for f in files if os.path.exists(f)])
+    if result.best is not None:
+        tracker.log_metrics(result.sweep_run_id, [("best_metric", result.best["metric"], None)])
+    tracker.set_tag(result.sweep_run_id, "distillery.trials", json.dumps(
+        {s: sum(t.status == s for t in result.trials) for s in ("completed", "stopped", "failed")}))
+
+
+__all__ = ["sweep", "SweepResult", "TrialResult", "SCHEDULERS", "SEARCHERS"]

@@ -1,0 +1,240 @@
+"""Pieces shared by the dataset-distillation stages (``expert-trajectories``, ``mtt``,
+``dm``, ``random-subset``, ``herding``, ``evaluate-synthetic``):
+
+- the network: the ConvNet of the literature (``stages.models.classifiers.ConvNet``,
+  conv3x3-norm-ReLU-avgpool blocks, default GroupNorm(c, c) = instance norm), described by
+  a plain ``arch`` dict that is recorded in manifests and compared between stages, and its
+  functional forward ``f(theta, x)`` on a flat parameter vector (``torch.func``);
+- Differentiable Siamese Augmentation (DSA, Zhao & Bilen 2021): a random affine warp
+  (scale, rotation, translation) and brightness/contrast jitter, differentiable in x;
+- the synthetic-set artifact (columns id, x, label, split) and its checks (IPC against the
+  smallest class), atomic checkpoints in ``ctx.work_dir``;
+- ``train_net``: plain SGD training of a fresh network (experts and evaluation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import PositiveInt
+
+from pipelines.errors import UserError, bad_value
+from pipelines.stage import Dataset, StageConfig
+from stages.data.tables import read_split
+from stages.models.classifiers import ConvNet, NormName
+from stages.train.loop import train_epoch
+
+
+class NetConfig(StageConfig):
+    """The ConvNet every stage of the family builds."""
+
+    width: PositiveInt = 64
+    depth: PositiveInt = 2
+    norm: NormName = "instance"
+
+    def arch(self, in_shape, num_classes: int) -> dict:
+        return {"arch": "convnet", "width": self.width, "depth": self.depth, "norm": self.norm,
+                "in_shape": [int(s) for s in in_shape], "num_classes": int(num_classes)}
+
+
+def build_net(arch: dict, seed: int | None = None) -> ConvNet:
+    if seed is not None:
+        torch.manual_seed(seed)
+    return ConvNet(in_shape=arch["in_shape"], num_classes=arch["num_classes"],
+                   width=arch["width"], depth=arch["depth"], norm=arch["norm"])
+
+
+def flat_params(net: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+
+
+def functional_forward(net: torch.nn.Module, flat: torch.Tensor, x: torch.Tensor,
+                       features: bool = False) -> torch.Tensor:
+    """``net`` evaluated with the parameters in the flat vector ``flat`` (differentiable in
+    both); ``features`` gives the embedding before the linear head."""
+    params, i = {}, 0
+    for name, p in net.named_parameters():
+        params[name] = flat[i:i + p.numel()].view_as(p)
+        i += p.numel()
+    module = net.features if features else net
+    if features:
+        params = {k[len("features."):]: v for k, v in params.items() if k.startswith("features.")}
+    out = torch.func.functional_call(module, params, (x,))
+    return out.flatten(1) if features else out
+
+
+# -- data -------------------------------------------------------------------------------
+def real_split(data: Dataset, split: str, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    cols = read_split(data, split, ["x", "label"], where)
+    return torch.tensor(cols["x"], dtype=torch.float32), torch.tensor(cols["label"])
+
+
+def num_classes_of(data: Dataset, y: torch.Tensor) -> int:
+    return int(data.info.get("num_classes", int(y.max()) + 1))
+
+
+def train_set(data: Dataset, ipc: int, where: str, net: NetConfig | None = None):
+    """(x, y, num_classes, arch) of the real training rows, once ``ipc`` is checked."""
+    x, y = real_split(data, "train", f"{where} input 'data'")
+    num_classes = num_classes_of(data, y)
+    check_ipc(ipc, y, num_classes, f"{where} config")
+    return x, y, num_classes, net.arch(x.shape[1:], num_classes) if net else None
+
+
+def dataset_key(data: Dataset, where: str) -> str:
+    """A fingerprint of the training rows (ids, labels, input shape): identifies the
+    dataset an expert artifact was trained on, whatever the store path."""
+    cols = read_split(data, "train", ["id", "label"], where)
+    order = np.argsort(cols["id"])
+    h = hashlib.sha256(np.asarray(cols["id"])[order].astype(np.int64).tobytes())
+    h.update(np.asarray(cols["label"])[order].astype(np.int64).tobytes())
+    h.update(str(data.info.get("input_shape")).encode())
+    return h.hexdigest()[:16]
+
+
+def check_ipc(ipc: int, y: torch.Tensor, num_classes: int, where: str) -> None:
+    counts = torch.bincount(y, minlength=num_classes)
+    smallest = int(counts.min())
+    if ipc > smallest:
+        raise bad_value(where, "ipc", ipc, f"at most {smallest}, the size of the smallest "
+                        f"training class (class {int(counts.argmin())})")
+
+
+def check_experts(experts: Dataset, arch: dict, key: str, where: str) -> None:
+    """The expert artifact must come from the same architecture and dataset."""
+    theirs_arch, theirs_key = experts.info.get("arch"), experts.info.get("dataset")
+    if theirs_arch != arch:
+        raise UserError(f"{where}: input 'experts' was trained with architecture "
+                        f"{theirs_arch}, but this stage distils for {arch}; regenerate the "
+                        f"experts with the same width/depth/norm on the same data")
+    if theirs_key != key:
+        raise UserError(f"{where}: input 'experts' was trained on dataset {theirs_key!r}, "
+                        f"but input 'data' is dataset {key!r}; connect the experts trained "
+                        f"on this data")
+
+
+def real_init(x: torch.Tensor, y: torch.Tensor, ipc: int, num_classes: int,
+              seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ipc`` random real images per class (the random-subset baseline and the
+    initialisation of DM and MTT)."""
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.cat([torch.nonzero(y == c).flatten()[torch.randperm(int((y == c).sum()),
+                     generator=gen)[:ipc]] for c in range(num_classes)])
+    return x[idx].clone(), y[idx].clone()
+
+
+def write_synthetic(ctx, x: torch.Tensor, y: torch.Tensor, info: dict) -> Dataset:
+    x = x.detach().float().numpy()
+    columns = {"id": np.arange(len(x), dtype=np.int64), "x": x,
+               "label": y.numpy().astype(np.int64), "split": np.full(len(x), "train")}
+    info = {"input_shape": list(x.shape[1:]), "num_rows": len(x), **info}
+    return ctx.write_dataset("synthetic", columns, info=info)
+
+
+def read_synthetic(syn: Dataset, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return real_split(syn, "train", where)
+
+
+# -- differentiable siamese augmentation ---------------------------------------------
+def dsa(x: torch.Tensor, seed: int, per_sample: bool = True, scale: float = 1.2,
+        rotate_deg: float = 15.0, shift: float = 0.125, color: float = 0.2) -> torch.Tensor:
+    """Random affine warp + brightness/contrast jitter, differentiable in ``x``. The same
+    ``seed`` gives the same transformation (the siamese part: real and synthetic batches of
+    DM share it); ``per_sample=False`` draws one transformation for the whole batch."""
+    gen = torch.Generator().manual_seed(int(seed) % 2**63)
+    n = len(x) if per_sample else 1
+    u = torch.rand(n, 7, generator=gen) * 2 - 1            # uniform in [-1, 1]
+    s = scale ** u[:, :2]                                  # scale factors in [1/s, s]
+    a = u[:, 2] * math.radians(rotate_deg)
+    t = u[:, 3:5] * shift * 2                              # grid units: 2 = whole image
+    cos, sin = torch.cos(a), torch.sin(a)
+    theta = torch.stack([torch.stack([s[:, 0] * cos, -s[:, 0] * sin, t[:, 0]], 1),
+                         torch.stack([s[:, 1] * sin, s[:, 1] * cos, t[:, 1]], 1)], 1)
+    theta = theta.expand(len(x), 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    out = F.grid_sample(x, grid, align_corners=False)
+    brightness = (u[:, 5] * color).view(-1, 1, 1, 1)
+    contrast = (1 + u[:, 6] * color).view(-1, 1, 1, 1)
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    return (out - mean) * contrast + mean + brightness
+
+
+# -- checkpoints ---------------------------------------------------------------------
+def save_checkpoint(work_dir: str, name: str, state: dict) -> str:
+    os.makedirs(work_dir, exist_ok=True)
+    path = os.path.join(work_dir, name)
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)  # atomic: a crash never leaves half a checkpoint
+    return path
+
+
+def load_checkpoint(work_dir: str, name: str) -> dict | None:
+    path = os.path.join(work_dir, name)
+    return torch.load(path, weights_only=False) if os.path.exists(path) else None
+
+
+# -- training a fresh network --------------------------------------------------------
+def train_net(arch: dict, x, y, epochs: int, lr: float, seed: int, momentum: float = 0.9,
+              weight_decay: float = 5e-4, batch_size: int = 256, augment: bool = False,
+              on_epoch=None) -> ConvNet:
+    """SGD on (x, y) for ``epochs``; ``on_epoch(epoch, net)`` after every epoch (and with
+    epoch 0 before training). One thread: callers run several of these as Ray tasks."""
+    torch.set_num_threads(1)
+    x, y = torch.tensor(np.array(x), dtype=torch.float32), torch.tensor(np.array(y))
+    net = build_net(arch, seed)
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    if on_epoch:
+        on_epoch(0, net)
+
+    def loss_fn(model, idx):
+        xb = dsa(x[idx], int(torch.randint(2**62, (1,), generator=gen))) if augment else x[idx]
+        logits = model(xb)
+        return F.cross_entropy(logits, y[idx]), logits, y[idx]
+
+    for epoch in range(1, epochs + 1):
+        train_epoch(net, torch.randperm(len(y), generator=gen).split(batch_size), opt, loss_fn,
+                    epoch)
+        if on_epoch:
+            on_epoch(epoch, net)
+    return net.eval()
+
+
+@torch.no_grad()
+def accuracy(net: torch.nn.Module, x, y) -> float:
+    net.eval()
+    x, y = torch.tensor(np.array(x), dtype=torch.float32), torch.tensor(np.array(y))
+    pred = torch.cat([net(x[i:i + 1024]).argmax(1) for i in range(0, len(x), 1024)])
+    return float((pred == y).float().mean())
+
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def image_grid(x: torch.Tensor, y: torch.Tensor, num_classes: int, title: str):
+    """The synthetic images as a grid: one column per class, one row per image."""
+    plt = pyplot()
+    x, y = torch.as_tensor(x), torch.as_tensor(y)
+    per = max(int((y == c).sum()) for c in range(num_classes))
+    fig, axes = plt.subplots(per, num_classes, figsize=(num_classes * 0.8, per * 0.8 + 0.4),
+                             squeeze=False)
+    for c in range(num_classes):
+        imgs = x[y == c]
+        for r in range(per):
+            ax = axes[r][c]
+            ax.axis("off")
+            if r < len(imgs):
+                ax.imshow(imgs[r, 0].numpy(), cmap="gray")
+            if r == 0:
+                ax.set_title(str(c), fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    return fig

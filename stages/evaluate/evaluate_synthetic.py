@@ -1,0 +1,134 @@
+"""``evaluate-synthetic``: the honest scorecard of a distilled dataset (the protocol of
+DC/DM/MTT, made strict as in DD-Ranking, Li et al. 2025, arXiv 2505.13300).
+
+``networks`` (N >= 5) fresh ConvNets, each from its own seed, are trained as parallel Ray
+tasks on the synthetic set with SGD (lr, momentum 0.9, weight decay 5e-4) for ``epochs``
+and scored on the real ``split == "test"`` rows with the FINAL weights (never the best
+epoch). In the same run, with the same protocol: N networks on random real subsets of the
+same IPC (a different subset per network) and ``full_networks`` on the full training data.
+
+    accuracy_mean / accuracy_std          over the N synthetic-set networks
+    random_accuracy_mean / _std           random subset of the same IPC
+    full_accuracy_mean / _std             the full training split
+    ior = accuracy_mean - random_accuracy_mean   (DD-Ranking's improvement over random)
+    hlr = full_accuracy_mean - accuracy_mean     (DD-Ranking's hard-label recovery gap)
+
+With ``use_learned_lr`` the synthetic networks use the learning rate learned by the
+distillation (``info.synthetic_lr`` of ``mtt``), as MTT's own evaluation does; the baselines
+keep ``lr``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from pipelines.errors import bad_value
+from pipelines.stage import Dataset, Report, Resources, Stage
+from stages.distill.dd_common import (NetConfig, accuracy, check_ipc, image_grid,
+                                      num_classes_of, pyplot, read_synthetic, real_init,
+                                      real_split, train_net)
+
+
+def fresh_accuracy(arch, x, y, x_test, y_test, protocol: dict, seed: int) -> float:
+    """Train one fresh ConvNet on (x, y); its final test accuracy."""
+    net = train_net(arch, x, y, seed=seed, **protocol)
+    return accuracy(net, x_test, y_test)
+
+
+class EvaluateSynthetic(Stage):
+    kind = "evaluate-synthetic"
+    version = "1"
+
+    class Config(NetConfig):
+        networks: int = Field(5, ge=5)               # N fresh networks per set
+        epochs: int = Field(300, ge=1)
+        lr: float = Field(0.01, gt=0)
+        momentum: float = Field(0.9, ge=0, lt=1)
+        weight_decay: float = Field(5e-4, ge=0)
+        batch_size: int = Field(256, ge=1)
+        augment: bool = False                        # DSA while training the fresh networks
+        use_learned_lr: bool = False                 # synthetic nets use info.synthetic_lr
+        full_networks: int = Field(3, ge=1)          # networks trained on the full data
+        full_epochs: int = Field(50, ge=1)
+
+    inputs = {"synthetic": Dataset, "data": Dataset}
+    outputs = {"report": Report}
+    resources = Resources(num_cpus=0)  # only launches the training Ray tasks
+
+    def run(self, ctx, synthetic, data):
+        import ray
+
+        cfg = self.config
+        where = f"stage '{ctx.name}' ({self.kind})"
+        xs, ys = read_synthetic(synthetic, f"{where} input 'synthetic'")
+        x, y = real_split(data, "train", f"{where} input 'data'")
+        x_test, y_test = real_split(data, "test", f"{where} input 'data'")
+        num_classes = num_classes_of(data, y)
+        if list(xs.shape[1:]) != list(x.shape[1:]):
+            raise bad_value(f"{where} input 'synthetic'", "image shape", list(xs.shape[1:]),
+                            f"the shape of input 'data', {list(x.shape[1:])}")
+        ipc = int(torch.bincount(ys, minlength=num_classes).max())
+        check_ipc(ipc, y, num_classes, f"{where} input 'synthetic'")
+        arch = cfg.arch(x.shape[1:], num_classes)
+        protocol = {"epochs": cfg.epochs, "lr": cfg.lr, "momentum": cfg.momentum,
+                    "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size,
+                    "augment": cfg.augment}
+        syn_lr = float(synthetic.info.get("synthetic_lr", cfg.lr)) if cfg.use_learned_lr else cfg.lr
+
+        # 1. every network of every set is one Ray task (num_cpus=1, one torch thread)
+        task = ray.remote(num_cpus=1)(fresh_accuracy)
+        test = [ray.put(a.numpy()) for a in (x_test, y_test)]
+        refs = {"synthetic": [], "random": [], "full": []}
+        for n in range(cfg.networks):
+            seed = ctx.seed * 1000 + n
+            refs["synthetic"].append(task.remote(arch, xs.numpy(), ys.numpy(), *test,
+                                                 {**protocol, "lr": syn_lr}, seed))
+            xr, yr = real_init(x, y, ipc, num_classes, seed=seed + 7919)
+            refs["random"].append(task.remote(arch, xr.numpy(), yr.numpy(), *test, protocol,
+                                              seed))
+        full = [ray.put(a.numpy()) for a in (x, y)]
+        for n in range(cfg.full_networks):
+            refs["full"].append(task.remote(arch, *full, *test,
+                                            {**protocol, "epochs": cfg.full_epochs},
+                                            ctx.seed * 1000 + n))
+        # 2. wait, reporting progress
+        total = sum(len(r) for r in refs.values())
+        pending = [r for rs in refs.values() for r in rs]
+        while pending:
+            _, pending = ray.wait(pending, num_returns=1)
+            ctx.progress(total - len(pending), total, "networks")
+        acc = {k: np.array(ray.get(r)) for k, r in refs.items()}
+
+        # 3. the report
+        metrics = {
+            "accuracy_mean": acc["synthetic"].mean(), "accuracy_std": acc["synthetic"].std(),
+            "random_accuracy_mean": acc["random"].mean(),
+            "random_accuracy_std": acc["random"].std(),
+            "full_accuracy_mean": acc["full"].mean(), "full_accuracy_std": acc["full"].std(),
+            "ior": acc["synthetic"].mean() - acc["random"].mean(),
+            "hlr": acc["full"].mean() - acc["synthetic"].mean(),
+            "ipc": ipc, "synthetic_lr": syn_lr}
+        method = synthetic.info.get("method", "synthetic")
+        figures = {"synthetic.png": image_grid(xs, ys, num_classes, f"{method}, ipc {ipc}"),
+                   "accuracy.png": _accuracy_plot(acc, method, ipc)}
+        info = {"method": method, "ipc": ipc, "networks": cfg.networks,
+                "per_network": {k: [float(a) for a in v] for k, v in acc.items()},
+                "protocol": protocol, "full_epochs": cfg.full_epochs}
+        report = ctx.write_report("report", metrics, figures=figures, info=info)
+        for fig in figures.values():
+            pyplot().close(fig)
+        return {"report": report}
+
+
+def _accuracy_plot(acc: dict, method: str, ipc: int):
+    fig, ax = pyplot().subplots(figsize=(5, 3.5))
+    names = [f"random ipc {ipc}", f"{method} ipc {ipc}", "full data"]
+    vals = [acc["random"], acc["synthetic"], acc["full"]]
+    bars = ax.bar(names, [v.mean() for v in vals], yerr=[v.std() for v in vals], capsize=4,
+                  color=["tab:gray", "tab:blue", "tab:green"])
+    ax.bar_label(bars, fmt="%.3f")
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("final test accuracy (mean ± std)")
+    return fig

@@ -1,0 +1,188 @@
+"""The dataset-distillation family on tiny settings: expert trajectories (parquet layout,
+resume), mtt / dm / random-subset / herding (synthetic-set artifacts, checkpoints, resume,
+bad input, divergence) and evaluate-synthetic (metric names, honest numbers)."""
+
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.context import StageContext
+from pipelines.errors import UserError
+from stages.data.digits import LoadDigits
+from stages.distill.dm import DistributionMatching
+from stages.distill.herding import Herding
+from stages.distill.mtt import CHECKPOINT, MatchTrajectories
+from stages.distill.random_subset import RandomSubset
+from stages.evaluate.evaluate_synthetic import EvaluateSynthetic
+from stages.teacher.expert_trajectories import ExpertReader, ExpertTrajectories
+
+from .conftest import run_stage
+
+NET = {"width": 8, "depth": 2}
+EXPERTS = {**NET, "epochs": 4, "lr": 0.05}
+MTT = {**NET, "ipc": 1, "syn_steps": 3, "expert_epochs": 1, "max_start_epoch": 2,
+       "checkpoint_every": 2}
+
+
+@pytest.fixture(scope="module")
+def experts_run(ray_session, digits, tmp_path_factory):
+    """expert-trajectories run twice on one work dir: 1 expert, then 2 (as a retried
+    attempt with more work would be): the second run trains only expert 1."""
+    ctx = StageContext.for_testing(tmp_path_factory.mktemp("experts"), name="experts",
+                                   kind="expert-trajectories")
+    ExpertTrajectories({**EXPERTS, "experts": 1}).run(ctx, data=digits)
+    first = os.path.join(ctx.work_dir, "experts", "expert-00000.parquet")
+    mtime = os.stat(first).st_mtime_ns
+    ctx.board.take_history("experts")
+    out = ExpertTrajectories({**EXPERTS, "experts": 2}).run(ctx, data=digits)["experts"]
+    return {"experts": out, "ctx": ctx, "first_mtime": mtime, "first": first}
+
+
+@pytest.fixture(scope="module")
+def experts(experts_run):
+    return experts_run["experts"]
+
+
+def test_experts_layout_and_resume(experts_run, digits):
+    ex, ctx = experts_run["experts"], experts_run["ctx"]
+    assert ex.info["arch"]["width"] == 8 and ex.info["experts"] == 2 and ex.info["epochs"] == 4
+    assert ex.info["dataset"] and ex.info["num_params"] > 0
+    files = ex.files()
+    assert [os.path.basename(f) for f in files] == ["expert-00000.parquet",
+                                                    "expert-00001.parquet"]
+    for e, f in enumerate(files):
+        meta = pq.ParquetFile(f).metadata
+        # one row per (expert, epoch 0..4), one row group per row: readers fetch single rows
+        assert meta.num_rows == 5 and meta.num_row_groups == 5
+        table = pq.read_table(f)
+        assert table.column("expert").to_pylist() == [e] * 5
+        assert table.column("epoch").to_pylist() == list(range(5))
+        assert table.schema.field("params").type.list_size == ex.info["num_params"]
+    # resume: expert 0 was not retrained, only expert 1 logged an accuracy
+    assert os.stat(experts_run["first"]).st_mtime_ns == experts_run["first_mtime"]
+    steps = [s for k, _, s in ctx.board.history_of("experts") if k == "expert_test_accuracy"]
+    assert steps == [1]
+    # the trajectory moves: epoch 4 differs from epoch 0
+    reader = ExpertReader(ex, "test")
+    assert float((reader.load(1, 4) - reader.load(1, 0)).abs().sum()) > 0
+    assert reader.rows_read == 2
+
+
+def test_random_subset_and_bad_ipc(digits, tmp_path):
+    out = run_stage(RandomSubset, {"ipc": 3}, tmp_path, "random", data=digits)[0]["synthetic"]
+    cols = out.to_numpy()
+    assert cols["x"].shape == (30, 1, 8, 8)
+    assert np.bincount(cols["label"]).tolist() == [3] * 10
+    assert out.info["method"] == "random" and out.info["ipc"] == 3
+    with pytest.raises(UserError, match=r"ipc 1000 .*smallest training class"):
+        run_stage(RandomSubset, {"ipc": 1000}, tmp_path, "random2", data=digits)
+
+
+def test_dm_learns_and_resumes(digits, tmp_path):
+    ctx = StageContext.for_testing(tmp_path, name="dm", kind="dm")
+    cfg = {**NET, "ipc": 2, "batch_real": 32, "checkpoint_every": 2}
+    first = DistributionMatching({**cfg, "iterations": 2}).run(ctx, data=digits)["synthetic"]
+    assert first.info["resumed_from"] == 0
+    x1 = first.to_numpy()["x"]
+    second = DistributionMatching({**cfg, "iterations": 3}).run(ctx, data=digits)["synthetic"]
+    assert second.info["resumed_from"] == 2 and second.info["iterations"] == 3
+    x2 = second.to_numpy()["x"]
+    init = RandomSubset({"ipc": 2}).run(StageContext.for_testing(tmp_path, name="init"),
+                                        data=digits)["synthetic"].to_numpy()["x"]
+    assert x2.shape == (20, 1, 8, 8) and not np.allclose(x1, x2) and not np.allclose(init, x1)
+    with pytest.raises(UserError, match="ipc"):
+        run_stage(DistributionMatching, {**cfg, "ipc": 500}, tmp_path, "dm2", data=digits)
+
+
+def test_mtt_resumes_streams_and_reports_divergence(experts, digits, tmp_path):
+    ctx = StageContext.for_testing(tmp_path, name="mtt", kind="mtt")
+    first = MatchTrajectories({**MTT, "iterations": 2}).run(ctx, experts=experts, data=digits)
+    first = first["synthetic"]
+    assert first.info["resumed_from"] == 0 and first.info["synthetic_lr"] > 0
+    assert first.info["expert_rows_read"] == 4  # 2 rows per iteration, never the artifact
+    second = MatchTrajectories({**MTT, "iterations": 3}).run(ctx, experts=experts,
+                                                             data=digits)["synthetic"]
+    assert second.info["resumed_from"] == 2 and second.info["expert_rows_read"] == 2
+    assert np.bincount(second.to_numpy()["label"]).tolist() == [1] * 10
+    # a huge image step makes the next iteration diverge; the checkpoint (3) is kept
+    with pytest.raises(FloatingPointError, match="diverged at iteration 4"):
+        MatchTrajectories({**MTT, "iterations": 8, "lr_img": 1e38,
+                           "checkpoint_every": 100}).run(ctx, experts=experts, data=digits)
+    import torch
+    assert torch.load(os.path.join(ctx.work_dir, CHECKPOINT))["iteration"] == 3
+    # a huge synthetic learning rate diverges at once
+    with pytest.raises(FloatingPointError, match="diverged at iteration 0"):
+        run_stage(MatchTrajectories, {**MTT, "iterations": 2, "lr_init": 1e8}, tmp_path,
+                  "mtt_lr", experts=experts, data=digits)
+
+
+def test_experts_from_another_architecture_or_dataset(experts, digits, tmp_path):
+    with pytest.raises(UserError, match="architecture"):
+        run_stage(MatchTrajectories, {**MTT, "width": 16, "iterations": 1}, tmp_path, "a",
+                  experts=experts, data=digits)
+    other = run_stage(LoadDigits, {"test_fraction": 0.3}, tmp_path, "digits30")[0]["data"]
+    with pytest.raises(UserError, match="dataset"):
+        run_stage(Herding, {**NET, "ipc": 1}, tmp_path, "b", experts=experts, data=other)
+    with pytest.raises(UserError, match="max_start_epoch"):
+        run_stage(MatchTrajectories, {**MTT, "max_start_epoch": 4}, tmp_path, "c",
+                  experts=experts, data=digits)
+
+
+def test_herding_picks_real_images(experts, digits, tmp_path):
+    out = run_stage(Herding, {**NET, "ipc": 2}, tmp_path, "herd", experts=experts,
+                    data=digits)[0]["synthetic"]
+    x = out.to_numpy()["x"]
+    train = digits.to_numpy(["x", "split"])
+    real = train["x"][train["split"] == "train"].reshape(-1, 64)
+    assert x.shape == (20, 1, 8, 8)
+    assert all((np.abs(real - xi.reshape(1, 64)).sum(1) == 0).any() for xi in x)
+
+
+def test_evaluate_synthetic_metrics(ray_session, digits, tmp_path):
+    syn = run_stage(RandomSubset, {"ipc": 2}, tmp_path, "syn", data=digits)[0]["synthetic"]
+    cfg = {**NET, "networks": 5, "epochs": 30, "full_networks": 1, "full_epochs": 3,
+           "lr": 0.05}
+    out, ctx = run_stage(EvaluateSynthetic, cfg, tmp_path, "eval", synthetic=syn, data=digits)
+    report = out["report"]
+    m = report.metrics()
+    for name in ("accuracy_mean", "accuracy_std", "random_accuracy_mean",
+                 "full_accuracy_mean", "ior"):
+        assert name in m and np.isfinite(m[name])
+    assert m["ior"] == pytest.approx(m["accuracy_mean"] - m["random_accuracy_mean"], abs=1e-6)
+    per = report.info["per_network"]
+    assert len(per["synthetic"]) == 5 and len(per["random"]) == 5 and len(per["full"]) == 1
+    assert m["accuracy_std"] == pytest.approx(np.std(per["synthetic"]), abs=1e-6)
+    assert 0.2 < m["accuracy_mean"] <= 1 and m["full_accuracy_mean"] > 0.5  # it learned
+    assert os.path.exists(os.path.join(report.path, "synthetic.png"))
+    assert os.path.exists(os.path.join(report.path, "accuracy.png"))
+    with pytest.raises(Exception, match="networks"):
+        EvaluateSynthetic({"networks": 3})
+
+
+@pytest.mark.parametrize("example", ["dd_digits.yaml", "dd_mnist.yaml"])
+def test_examples_name_every_cell(example):
+    from pipelines import Pipeline
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    p = Pipeline.from_yaml(os.path.join(root, "examples", example)).validate()
+    kinds = {"mtt": "mtt", "dm": "dm", "random": "random-subset", "herding": "herding"}
+    for method, kind in kinds.items():
+        for ipc in (1, 10):
+            evaluation, synthetic = p.nodes[f"eval_{method}_ipc{ipc}"], p.nodes[f"{method}_ipc{ipc}"]
+            assert evaluation.stage.kind == "evaluate-synthetic"
+            assert synthetic.stage.kind == kind and synthetic.stage.config.ipc == ipc
+            assert evaluation.inputs["synthetic"][0] == f"{method}_ipc{ipc}"
+            assert evaluation.stage.config.networks >= 5
+
+
+def test_load_mnist(tmp_path):
+    from stages.data.mnist import LoadMNIST
+    out = run_stage(LoadMNIST, {"test_fraction": 0.2}, tmp_path, "mnist")[0]["data"]
+    cols = out.to_numpy()
+    assert cols["x"].shape == (5000, 1, 28, 28) and cols["x"].dtype == np.float32
+    assert 0 <= cols["x"].min() and cols["x"].max() == 1
+    assert sorted(cols["id"].tolist()) == list(range(5000))
+    test = cols["split"] == "test"
+    assert np.bincount(cols["label"][test]).tolist() == [100] * 10  # stratified
+    assert out.info == {"num_classes": 10, "input_shape": [1, 28, 28]}
