@@ -57,10 +57,6 @@ def load_text_model(path: str, use: str, where: str):
     return model.eval(), tokenizer
 
 
-def num_layers(config) -> int:
-    return int(config.num_hidden_layers)
-
-
 def tokenize(tokenizer, texts, max_length: int) -> dict[str, np.ndarray]:
     """Token ids and attention mask, padded or truncated to ``max_length``."""
     if tokenizer.pad_token is None:
