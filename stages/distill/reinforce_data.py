@@ -11,9 +11,10 @@ input columns are repeated). Test rows are passed through once, un-augmented, as
 their teacher logits, so the output is a ``signal`` that ``kd-student`` accepts unchanged
 (``info.signal == "logits"``) and evaluation still sees the real test inputs.
 
-Augmentations for small images: a random shift (zero-pad by ``max_shift`` pixels, crop back
-at a random offset in [-max_shift, max_shift] on each axis), then gaussian pixel noise of
-standard deviation ``noise_std``. With ``include_original`` view 0 is the input itself.
+Augmentations for small images and 1-D signals (inputs are channels first): a random
+shift (zero-pad by ``max_shift`` positions, crop back at a random offset in [-max_shift,
+max_shift] on each axis after the channel one), then gaussian noise of standard deviation
+``noise_std``. With ``include_original`` view 0 is the input itself.
 
 Determinism contract: view v of row ``id`` depends only on (stage seed, id, v, the
 augmentation settings): ``augment_view`` draws from its own ``numpy`` Generator seeded with
@@ -41,19 +42,20 @@ def view_rng(seed: int, row_id: int, view: int) -> np.random.Generator:
 
 def augment_view(x: np.ndarray, seed: int, row_id: int, view: int, max_shift: int,
                  noise_std: float, include_original: bool = True) -> np.ndarray:
-    """View ``view`` of one input ``x`` (C, H, W): shifted by up to ``max_shift`` pixels
-    (zero padding) plus gaussian noise; view 0 is ``x`` itself with ``include_original``.
-    Always a new float32 array."""
+    """View ``view`` of one input ``x``, channels first: (C, H, W) images or (C, L)
+    signals, shifted by up to ``max_shift`` positions along every axis after the channel
+    one (zero padding) plus gaussian noise; view 0 is ``x`` itself with
+    ``include_original``. Always a new float32 array."""
     x = np.array(x, dtype=np.float32)  # a copy: batches are read-only views
     if view == 0 and include_original:
         return x
     rng = view_rng(seed, row_id, view)
     if max_shift > 0:
-        s = max_shift
-        dy, dx = rng.integers(-s, s + 1, size=2)
-        padded = np.pad(x, [(0, 0)] * (x.ndim - 2) + [(s, s), (s, s)])
-        h, w = x.shape[-2:]
-        x = padded[..., s + dy:s + dy + h, s + dx:s + dx + w].copy()
+        s, spatial = max_shift, x.shape[1:]
+        offsets = rng.integers(-s, s + 1, size=len(spatial))
+        padded = np.pad(x, [(0, 0)] + [(s, s)] * len(spatial))
+        x = padded[(slice(None),) + tuple(
+            slice(s + d, s + d + n) for d, n in zip(offsets, spatial))].copy()
     if noise_std > 0:
         x += rng.normal(0.0, noise_std, size=x.shape).astype(np.float32)
     return x
@@ -78,7 +80,7 @@ def expand_views(batch: dict[str, np.ndarray], seed: int, views: int, max_shift:
 
 class ReinforceData(Stage):
     kind = "reinforce-data"
-    version = "1"
+    version = "2"  # 2: 1-D (C, L) inputs shift along L (1 shifted the channel axis)
 
     class Config(InferenceConfig):                  # precision, actors, batch_size
         views: int = Field(4, ge=1)                 # K augmented views per training row

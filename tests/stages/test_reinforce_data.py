@@ -103,3 +103,19 @@ def test_bad_model_folder_fails_before_any_work(tmp_path, digits):
 def test_config_bounds(bad):
     with pytest.raises(ValueError):
         ReinforceData(bad)
+
+
+def test_one_dimensional_signals_shift_along_their_length():
+    """(C, L) inputs (MNIST-1D) shift along L; the channel axis is never shifted away."""
+    x = np.arange(1, 41, dtype=np.float32).reshape(1, 40)
+    offsets = set()
+    for view in range(1, 30):
+        v = augment_view(x, 0, 5, view, max_shift=3, noise_std=0.0)
+        assert v.shape == (1, 40)
+        # a shifted copy: some offset d in [-3, 3] maps it back onto x, zeros filling in
+        matches = [d for d in range(-3, 4)
+                   if np.array_equal(v[0], np.concatenate([x[0, d:], np.zeros(d)]) if d >= 0
+                                     else np.concatenate([np.zeros(-d), x[0, :d]]))]
+        assert len(matches) == 1
+        offsets.add(matches[0])
+    assert len(offsets) > 3  # the offsets vary across views
