@@ -69,9 +69,10 @@ def test_cold_run_then_fully_cached(quickstart, capsys):
     assert len(epochs) >= 2 and epochs[-1].value < epochs[0].value
 
 
-def test_temperature_change_reruns_student_and_evaluate_as_planned(quickstart, capsys):
-    store = quickstart
-    code, planned, _ = distill(capsys, "plan", QUICKSTART, "--store", store,
+def test_temperature_change_plans_student_and_evaluate(quickstart, capsys):
+    """The CLI plan names what a config change re-runs and why (that a run then does
+    exactly what the plan said is tested on toy stages in tests/pipelines/test_runner.py)."""
+    code, planned, _ = distill(capsys, "plan", QUICKSTART, "--store", quickstart,
                                "--set", "student.temperature=2", "--json")
     assert code == 0
     statuses = {s["name"]: s["status"] for s in planned["stages"]}
@@ -79,12 +80,7 @@ def test_temperature_change_reruns_student_and_evaluate_as_planned(quickstart, c
                         "student": "run", "evaluate": "run"}
     reasons = {s["name"]: s["reason"] for s in planned["stages"]}
     assert reasons["student"] == "config changed: temperature 4.0 -> 2.0"
-
-    code, doc, err = distill(capsys, "run", QUICKSTART, "--store", store,
-                             "--set", "student.temperature=2", "--json", "--quiet")
-    assert code == 0, err
-    ran = {s["name"]: s["status"] for s in doc["stages"]}
-    assert ran == {n: ("ran" if v == "run" else v) for n, v in statuses.items()}
+    assert reasons["evaluate"].startswith("input changed")
 
 
 def test_python_example_builds_the_same_pipeline(quickstart):
