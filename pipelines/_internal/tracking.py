@@ -37,6 +37,47 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def _template_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "distillery")
+
+
+def seed_sqlite(path: str) -> bool:
+    """Create the new sqlite tracking database ``path`` as a copy of an empty one at the
+    installed MLflow's schema head, kept per MLflow version in the user's cache directory
+    (made once by MLflow itself): MLflow's own set-up of a new database runs every schema
+    migration, seconds per new store. The copy is linked into place only if ``path`` still
+    does not exist, so a database another run created meanwhile is never replaced. Returns
+    False, leaving MLflow to create the database, where the cache cannot be used."""
+    import shutil
+    import tempfile
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+    try:
+        cache = _template_dir()
+        os.makedirs(cache, exist_ok=True)
+        template = os.path.join(cache, f"mlflow-{mlflow.__version__}-empty.db")
+        if not os.path.exists(template):
+            fd, tmp = tempfile.mkstemp(dir=cache, suffix=".db")
+            os.close(fd)
+            os.remove(tmp)  # sqlite creates it
+            MlflowClient(tracking_uri="sqlite:///" + tmp).search_experiments()
+            os.replace(tmp, template)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".db.tmp")
+        os.close(fd)
+        shutil.copyfile(template, tmp)
+        try:
+            os.link(tmp, path)  # fails if the database exists by now
+        except FileExistsError:
+            pass
+        finally:
+            os.remove(tmp)
+        return True
+    except OSError:
+        return False
+
+
 class Tracker:
     def __init__(self, uri: str, experiment: str, store_root: str):
         import logging
@@ -45,7 +86,10 @@ class Tracker:
         for name in ("mlflow", "alembic"):  # database set-up chatter
             logging.getLogger(name).setLevel(logging.WARNING)
         if uri.startswith("sqlite:///"):
-            os.makedirs(os.path.dirname(uri[len("sqlite:///"):]), exist_ok=True)
+            path = uri[len("sqlite:///"):]
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            if not os.path.exists(path):
+                seed_sqlite(path)
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         try:
