@@ -4,11 +4,16 @@ import argparse
 import json
 import os
 
-from benchmarks import cached_rerun, dataset_distillation, kd_family, diffusion, sweep
+from benchmarks import (cached_rerun, dataset_distillation, diffusion, kd_family, loader, sweep,
+                        sweep_overhead, teacher_generation, train_overhead)
 from benchmarks.machine import machine
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-BENCHMARKS = {"cached_rerun": cached_rerun, "dataset_distillation": dataset_distillation, "kd_family": kd_family, "diffusion": diffusion, "sweep": sweep}
+# BENCH_RESULTS=<dir>: write somewhere else (trial runs at BENCH_TINY=1 sizes)
+RESULTS = os.environ.get("BENCH_RESULTS") or os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "results")
+BENCHMARKS = {"cached_rerun": cached_rerun, "dataset_distillation": dataset_distillation, "kd_family": kd_family, "diffusion": diffusion, "sweep": sweep,
+              "teacher_generation": teacher_generation, "train_overhead": train_overhead,
+              "sweep_overhead": sweep_overhead, "loader": loader}
 
 
 def write_readme(results: list[dict], info: dict) -> None:
@@ -19,12 +24,11 @@ def write_readme(results: list[dict], info: dict) -> None:
              "Regenerate: `make bench` (`python -m benchmarks`).", "",
              "| benchmark | what | median | spread | target | command |",
              "|---|---|---|---|---|---|"]
-    for r in results:
-        if "median_ratio" not in r:
-            continue
-        lines.append(f"| {r['name']} | {r['what']} | {r['median_ratio']:.3f} | "
-                     f"{r['spread'][0]:.3f} to {r['spread'][1]:.3f} | {r['target']} | "
-                     f"`{r['command']}` |")
+    for r in results:  # a result's own row, then the further figures it lists in more_rows
+        for row in ([r] if "median_ratio" in r else []) + r.get("more_rows", []):
+            lines.append(f"| {row['name']} | {row['what']} | {row['median_ratio']:.3f} | "
+                         f"{row['spread'][0]:.3f} to {row['spread'][1]:.3f} | {row['target']} | "
+                         f"`{row['command']}` |")
     lines += ["", "Each figure is a ratio measured within one run; per-repetition numbers are "
               "in the JSON files next to this one.", ""]
     for r in results:  # quality benchmarks: a table of figures against their targets

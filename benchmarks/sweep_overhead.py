@@ -1,0 +1,117 @@
+"""Sweep overhead: a sweep of N trials vs the ideal (shared stages once + N x trial stages).
+
+The pipeline is examples/quickstart.yaml without its ``evaluate`` stage (a sweep does not
+run stages downstream of the metric's stage, so both sides do the same stages). Each
+repetition, with a fresh store for each side, times as the user sees them (the whole
+``distill`` process, interpreter and embedded Ray start-up included):
+
+- sweep: ``distill tune --space SPACE --metric student.train_accuracy --mode max
+  --samples N --scheduler fifo --max-concurrent 1`` (FIFO: every trial trains all its
+  epochs; one trial at a time, so the ideal below is the right comparison and the figure
+  shows overhead, not parallelism). The shared stages (data, teacher, teacher_outputs) run
+  once, then N ``student`` trials;
+- ideal: one cold ``distill run`` of the same pipeline (shared stages once + one student:
+  ``cold_s``) plus N - 1 further students at the time that student took in that run
+  (``student_s``, the runner's figure): ideal = cold_s + (N - 1) * student_s.
+
+The figure is sweep seconds / ideal seconds (target <= 1.2), both sides run alternately
+(order swapped every other repetition), median and spread. The quickstart is the example
+size; the default N = ``BENCH_TRIALS`` = 6 makes the ideal about two minutes on 2 cores.
+``BENCH_TINY=1``: N = 2, teacher and student 1 epoch each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import yaml
+
+from benchmarks import common
+
+PIPELINE = os.path.join(common.ROOT, "examples", "quickstart.yaml")
+SPACE = "student.temperature: {uniform: [1, 8]}\nstudent.lr: {loguniform: [1.0e-3, 3.0e-2]}\n"
+METRIC = "student.train_accuracy"
+
+
+def overrides() -> list[str]:
+    return ["--set", "teacher.epochs=1", "--set", "student.epochs=1"] if common.tiny() else []
+
+
+def distill(*args) -> tuple[float, dict]:
+    exe = os.path.join(os.path.dirname(sys.executable), "distill")
+    t0 = time.perf_counter()
+    proc = subprocess.run([exe, *args, *overrides(), "--json", "--quiet"], capture_output=True,
+                          text=True, cwd=common.ROOT)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"distill {args[0]} failed:\n{proc.stderr[-4000:]}")
+    return seconds, json_document(proc.stdout)
+
+
+def json_document(stdout: str) -> dict:
+    """The ``--json`` document; Ray may print warnings of its own (the raylet's "many
+    Python workers started") on the same stream, before or after it."""
+    start = stdout.index("\n{") + 1 if not stdout.startswith("{") else 0
+    return json.JSONDecoder().raw_decode(stdout[start:])[0]
+
+
+def run(repetitions: int = 5) -> dict:
+    trials = common.size("BENCH_TRIALS", 6, 2)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-sweep-overhead-") as work:
+        with open(PIPELINE) as f:
+            spec = yaml.safe_load(f)
+        del spec["stages"]["evaluate"]
+        pipeline, space = os.path.join(work, "pipeline.yaml"), os.path.join(work, "space.yaml")
+        with open(pipeline, "w") as f:
+            yaml.safe_dump(spec, f, sort_keys=False)
+        with open(space, "w") as f:
+            f.write(SPACE)
+        for i in range(repetitions):
+            def ideal():
+                seconds, doc = distill("run", pipeline, "--store", os.path.join(work, f"run{i}"))
+                stages = {s["name"]: s for s in doc["stages"]}
+                assert all(s["status"] == "ran" for s in stages.values()), doc
+                return {"cold_s": seconds, "student_s": stages["student"]["seconds"],
+                        "stage_s": {n: s["seconds"] for n, s in stages.items()}}
+
+            def sweep():
+                seconds, doc = distill("tune", pipeline, "--space", space, "--metric", METRIC,
+                                       "--mode", "max", "--samples", str(trials), "--scheduler",
+                                       "fifo", "--max-concurrent", "1", "--store",
+                                       os.path.join(work, f"sweep{i}"))
+                assert len(doc["trials"]) == trials, doc["trials"]
+                assert all(t["status"] == "completed" for t in doc["trials"]), doc["trials"]
+                return {"sweep_s": seconds, "trial_epochs": [t["epochs"] for t in doc["trials"]],
+                        "shared_stages": doc["shared_stages"]}
+
+            sides = [ideal, sweep]
+            out = {}
+            for fn in (sides if i % 2 == 0 else sides[::-1]):
+                out.update(fn())
+            ideal_s = out["cold_s"] + (trials - 1) * out["student_s"]
+            rows.append({"sweep_s": round(out["sweep_s"], 2), "cold_s": round(out["cold_s"], 2),
+                         "student_s": round(out["student_s"], 2),
+                         "ideal_s": round(ideal_s, 2), "ratio": round(out["sweep_s"] / ideal_s, 4),
+                         "stage_s": out["stage_s"], "trial_epochs": out["trial_epochs"],
+                         "shared_stages": out["shared_stages"]})
+            print(f"  repetition {i + 1}/{repetitions}: sweep {out['sweep_s']:.1f}s, ideal "
+                  f"{ideal_s:.1f}s (cold run {out['cold_s']:.1f}s + {trials - 1} x student "
+                  f"{out['student_s']:.1f}s), ratio {out['sweep_s'] / ideal_s:.3f}", flush=True)
+    median, spread = common.summary([r["ratio"] for r in rows])
+    return {
+        "name": "sweep_overhead",
+        "what": f"distill tune of the quickstart (no evaluate), {trials} FIFO trials one at a "
+                f"time / (cold distill run + {trials - 1} x its student stage time)",
+        "command": f"python -m benchmarks --only sweep_overhead --repetitions {repetitions}",
+        "median_ratio": median, "spread": spread, "target": "ratio <= 1.2",
+        "met": median <= 1.2, "trials": trials, "space": SPACE, "metric": METRIC,
+        "overrides": overrides()[1::2], "repetitions": rows,
+        "median_sweep_s": common.summary([r["sweep_s"] for r in rows], 2)[0],
+        "median_ideal_s": common.summary([r["ideal_s"] for r in rows], 2)[0],
+    }
