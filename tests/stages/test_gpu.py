@@ -1,5 +1,6 @@
-"""The GPU paths, run only where Ray reports a GPU: teacher-outputs with GPU actors and
-kd-student with ``use_gpu`` Ray Train workers. On a CPU machine these are skipped."""
+"""The GPU paths, run only where Ray reports a GPU: teacher-outputs and diffusion-trajectories
+with GPU actors, kd-student and the diffusion students with ``use_gpu`` Ray Train workers.
+On a CPU machine these are skipped."""
 
 import numpy as np
 import pytest
@@ -66,3 +67,51 @@ def test_text_teacher_on_gpu_actors_and_transformers_student_on_gpu(gpus, minilm
     losses = [v for k, v, _ in board.history("st") if k == "train_loss"]
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert model.info["num_layers"] == 2
+
+
+def test_diffusion_family_on_gpu(gpus, digits, tmp_path):
+    """fit-diffusion-teacher on the GPU of its process, diffusion-trajectories on a GPU
+    actor (the same trajectories as the CPU sampler, up to TF32), and the three students
+    with ``use_gpu`` Ray Train workers; every student then samples on the GPU."""
+    from stages.distill.diffusion_pairs import DiffusionPairs
+    from stages.models.diffusion import load_diffusion, row_noise, sample_student, sample_teacher
+    from stages.teacher.diffusion_trajectories import DiffusionTrajectories
+    from stages.teacher.fit_diffusion_teacher import FitDiffusionTeacher
+    from stages.train.consistency_distill import ConsistencyDistill
+    from stages.train.progressive_distill import ProgressiveDistill
+    from stages.train.reflow import Reflow
+    from tests.stages.conftest import run_stage
+
+    tiny = {"block_out_channels": [16, 32], "layers_per_block": 1, "attention": False}
+    dteacher = run_stage(FitDiffusionTeacher, {**tiny, "epochs": 2, "batch_size": 256},
+                         tmp_path / "dt", "dteacher", data=digits)[0]["model"]
+    ctx = StageContext.for_testing(tmp_path / "traj", name="traj",
+                                   kind="diffusion-trajectories", seed=3,
+                                   num_gpus_available=gpus)
+    traj = DiffusionTrajectories({"rows": 64, "steps": 4, "keep_states": 3, "shard_size": 16}
+                                 ).run(ctx, teacher=dteacher)["trajectories"]
+    got = traj.to_numpy()
+    order = np.argsort(got["id"])
+    assert got["id"][order].tolist() == list(range(64))
+    cpu = load_diffusion(dteacher.path, "test")  # the CPU reference, same noise
+    noise = row_noise(3, np.arange(64), cpu.shape)
+    np.testing.assert_array_equal(noise.numpy(), got["noise"][order])
+    final, _, _ = sample_teacher(cpu, noise, got["label"][order], "ddim", 4, [])
+    np.testing.assert_allclose(final.numpy(), got["sample"][order], atol=2e-2)
+
+    pairs = run_stage(DiffusionPairs, {}, tmp_path / "pairs", "pairs", trajectories=traj)[0]
+    student = {"epochs": 3, "batch_size": 32, "use_gpu": True}
+    for cls, name, data in ((ConsistencyDistill, "consistency", pairs["consistency"]),
+                            (ProgressiveDistill, "progressive", pairs["reflow"]),
+                            (Reflow, "reflow", pairs["reflow"])):
+        board = ray_board()
+        ctx = StageContext.for_testing(tmp_path / name, name=name, kind=cls.kind,
+                                       num_gpus_available=gpus, board=board, key=f"gpu-{name}")
+        config = {**student, "start_steps": 4} if name == "progressive" else student
+        model = cls(config).run(ctx, pairs=data, teacher=dteacher)["model"]
+        losses = [v for k, v, _ in board.history(name) if k == "train_loss"]
+        rounds = 2 if name == "progressive" else 1  # 4 -> 2 -> 1 steps
+        assert len(losses) == 3 * rounds and all(np.isfinite(losses)), (name, losses)
+        gpu = load_diffusion(model.path, "test").to("cuda")
+        x = sample_student(gpu, noise[:8], got["label"][order][:8], 1, torch.Generator())
+        assert x.shape == (8, 1, 8, 8) and torch.isfinite(x).all()
