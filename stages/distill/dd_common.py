@@ -10,6 +10,10 @@
 - the synthetic-set artifact (columns id, x, label, split) and its checks (IPC against the
   smallest class), atomic checkpoints in ``ctx.work_dir``;
 - ``train_net``: plain SGD training of a fresh network (experts and evaluation).
+
+Every tensor computation runs on ``device()``: the GPU when the process was given one (a
+stage with ``resources: {num_gpus: ...}``, or a network task launched with a GPU share
+because Ray reports a GPU), else the CPU; artifacts and checkpoints are always CPU tensors.
 """
 
 from __future__ import annotations
@@ -28,6 +32,21 @@ from pipelines.stage import Dataset, StageConfig
 from stages.data.tables import read_split
 from stages.models.classifiers import ConvNet, NormName
 from stages.train.loop import train_epoch
+
+
+def device() -> torch.device:
+    """The GPU Ray gave this process (``CUDA_VISIBLE_DEVICES``), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+NETWORK_GPU_SHARE = 0.25  # four of these small ConvNets train side by side on one GPU
+
+
+def task_gpus(ctx) -> float:
+    """The GPU share of one network's Ray task (experts, evaluation networks):
+    ``NETWORK_GPU_SHARE`` when Ray reports a GPU, else none. Not a config field: where a
+    network trains does not change what it computes, so it stays out of the cache key."""
+    return NETWORK_GPU_SHARE if ctx.num_gpus_available > 0 else 0.0
 
 
 class NetConfig(StageConfig):
@@ -129,9 +148,9 @@ def real_init(x: torch.Tensor, y: torch.Tensor, ipc: int, num_classes: int,
 
 
 def write_synthetic(ctx, x: torch.Tensor, y: torch.Tensor, info: dict) -> Dataset:
-    x = x.detach().float().numpy()
+    x = x.detach().float().cpu().numpy()
     columns = {"id": np.arange(len(x), dtype=np.int64), "x": x,
-               "label": y.numpy().astype(np.int64), "split": np.full(len(x), "train")}
+               "label": y.cpu().numpy().astype(np.int64), "split": np.full(len(x), "train")}
     info = {"input_shape": list(x.shape[1:]), "num_rows": len(x), **info}
     return ctx.write_dataset("synthetic", columns, info=info)
 
@@ -148,7 +167,7 @@ def dsa(x: torch.Tensor, seed: int, per_sample: bool = True, scale: float = 1.2,
     DM share it); ``per_sample=False`` draws one transformation for the whole batch."""
     gen = torch.Generator().manual_seed(int(seed) % 2**63)
     n = len(x) if per_sample else 1
-    u = torch.rand(n, 7, generator=gen) * 2 - 1            # uniform in [-1, 1]
+    u = (torch.rand(n, 7, generator=gen) * 2 - 1).to(x.device)  # uniform in [-1, 1]
     s = scale ** u[:, :2]                                  # scale factors in [1/s, s]
     a = u[:, 2] * math.radians(rotate_deg)
     t = u[:, 3:5] * shift * 2                              # grid units: 2 = whole image
@@ -168,6 +187,7 @@ def dsa(x: torch.Tensor, seed: int, per_sample: bool = True, scale: float = 1.2,
 def save_checkpoint(work_dir: str, name: str, state: dict) -> str:
     os.makedirs(work_dir, exist_ok=True)
     path = os.path.join(work_dir, name)
+    state = {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)  # atomic: a crash never leaves half a checkpoint
     return path
@@ -175,7 +195,9 @@ def save_checkpoint(work_dir: str, name: str, state: dict) -> str:
 
 def load_checkpoint(work_dir: str, name: str) -> dict | None:
     path = os.path.join(work_dir, name)
-    return torch.load(path, weights_only=False) if os.path.exists(path) else None
+    if not os.path.exists(path):
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 # -- training a fresh network --------------------------------------------------------
@@ -183,10 +205,13 @@ def train_net(arch: dict, x, y, epochs: int, lr: float, seed: int, momentum: flo
               weight_decay: float = 5e-4, batch_size: int = 256, augment: bool = False,
               on_epoch=None) -> ConvNet:
     """SGD on (x, y) for ``epochs``; ``on_epoch(epoch, net)`` after every epoch (and with
-    epoch 0 before training). One thread: callers run several of these as Ray tasks."""
+    epoch 0 before training). One thread: callers run several of these as Ray tasks; on
+    ``device()``, so on a GPU when the task was given a share of one."""
     torch.set_num_threads(1)
-    x, y = torch.tensor(np.array(x), dtype=torch.float32), torch.tensor(np.array(y))
-    net = build_net(arch, seed)
+    dev = device()
+    x = torch.tensor(np.array(x), dtype=torch.float32, device=dev)
+    y = torch.tensor(np.array(y), device=dev)
+    net = build_net(arch, seed).to(dev)
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
     if on_epoch:
@@ -208,7 +233,9 @@ def train_net(arch: dict, x, y, epochs: int, lr: float, seed: int, momentum: flo
 @torch.no_grad()
 def accuracy(net: torch.nn.Module, x, y) -> float:
     net.eval()
-    x, y = torch.tensor(np.array(x), dtype=torch.float32), torch.tensor(np.array(y))
+    dev = next(net.parameters()).device
+    x = torch.tensor(np.array(x), dtype=torch.float32, device=dev)
+    y = torch.tensor(np.array(y), device=dev)
     pred = torch.cat([net(x[i:i + 1024]).argmax(1) for i in range(0, len(x), 1024)])
     return float((pred == y).float().mean())
 

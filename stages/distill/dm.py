@@ -21,8 +21,9 @@ import torch
 from pydantic import Field
 
 from pipelines.stage import Dataset, Stage
-from stages.distill.dd_common import (NetConfig, build_net, dsa, image_grid, load_checkpoint,
-                                      real_init, save_checkpoint, train_set, write_synthetic)
+from stages.distill.dd_common import (NetConfig, build_net, device, dsa, image_grid,
+                                      load_checkpoint, real_init, save_checkpoint, train_set,
+                                      write_synthetic)
 
 CHECKPOINT = "dm_checkpoint.pt"
 
@@ -48,11 +49,12 @@ class DistributionMatching(Stage):
         where = f"stage '{ctx.name}' ({self.kind})"
         torch.set_num_threads(1)
         x, y, num_classes, arch = train_set(data, cfg.ipc, where, cfg)
-        by_class = [x[y == c] for c in range(num_classes)]
+        dev = device()  # the GPU when the stage was given one (resources.num_gpus)
+        by_class = [x[y == c].to(dev) for c in range(num_classes)]
 
         # 1. synthetic set: real images, or the last checkpoint
         xs, ys = real_init(x, y, cfg.ipc, num_classes, ctx.seed)
-        xs.requires_grad_(True)
+        xs = xs.to(dev).requires_grad_(True)
         opt = torch.optim.SGD([xs], lr=cfg.lr_img, momentum=cfg.momentum)
         start, state = 0, load_checkpoint(ctx.work_dir, CHECKPOINT)
         if state is not None:
@@ -65,7 +67,7 @@ class DistributionMatching(Stage):
 
         for it in range(start, cfg.iterations):
             # 2. a fresh random embedding network psi, frozen
-            net = build_net(arch, seed=ctx.seed * 1_000_003 + it)
+            net = build_net(arch, seed=ctx.seed * 1_000_003 + it).to(dev)
             net.requires_grad_(False)
             gen.manual_seed(ctx.seed * 1_000_003 + it)
             loss = 0.0
@@ -96,7 +98,7 @@ class DistributionMatching(Stage):
                 save_checkpoint(ctx.work_dir, CHECKPOINT,
                                 {"x": xs.detach(), "opt": opt.state_dict(), "iteration": it + 1})
 
-        xs = xs.detach()
+        xs = xs.detach().cpu()
         ctx.save_figure(image_grid(xs, ys, num_classes, f"DM, ipc {cfg.ipc}"), "synthetic.png")
         info = {"method": "dm", "ipc": cfg.ipc, "num_classes": num_classes, "arch": arch,
                 "iterations": cfg.iterations, "resumed_from": start}

@@ -34,7 +34,7 @@ from pydantic import Field
 
 from pipelines.errors import bad_value
 from pipelines.stage import Dataset, Stage
-from stages.distill.dd_common import (NetConfig, build_net, dataset_key, dsa,
+from stages.distill.dd_common import (NetConfig, build_net, dataset_key, device, dsa,
                                       functional_forward, image_grid, load_checkpoint,
                                       real_init, save_checkpoint, train_set, write_synthetic)
 from stages.teacher.expert_trajectories import ExpertReader
@@ -76,9 +76,10 @@ class MatchTrajectories(Stage):
                             f"at most the {reader.epochs} epochs recorded by input 'experts'")
 
         # 1. synthetic images (from real ones), alpha, optimisers; or the last checkpoint
+        dev = device()  # the GPU when the stage was given one (resources.num_gpus)
         xs, ys = real_init(x, y, cfg.ipc, num_classes, ctx.seed)
-        xs.requires_grad_(True)
-        log_lr = torch.tensor(math.log(cfg.lr_init), requires_grad=True)
+        xs, ys = xs.to(dev).requires_grad_(True), ys.to(dev)
+        log_lr = torch.tensor(math.log(cfg.lr_init), device=dev, requires_grad=True)
         opt_img = torch.optim.SGD([xs], lr=cfg.lr_img, momentum=cfg.momentum)
         opt_lr = torch.optim.SGD([log_lr], lr=cfg.lr_lr, momentum=cfg.momentum)
         start, state = 0, load_checkpoint(ctx.work_dir, CHECKPOINT)
@@ -92,7 +93,7 @@ class MatchTrajectories(Stage):
                 opt.param_groups[0]["lr"] = lr  # the config's, not the checkpoint's
             start = state["iteration"]
         syn_lr = log_lr.detach().exp()
-        net = build_net(arch)  # the module whose parameters functional_forward replaces
+        net = build_net(arch).to(dev)  # the module whose parameters functional_forward replaces
         gen = torch.Generator()
         batch = cfg.batch_syn or len(xs)
 
@@ -101,7 +102,8 @@ class MatchTrajectories(Stage):
             gen.manual_seed(ctx.seed * 1_000_003 + it)
             e = int(torch.randint(reader.num_experts, (1,), generator=gen))
             t = int(torch.randint(cfg.max_start_epoch, (1,), generator=gen))
-            theta_start, theta_target = reader.load(e, t), reader.load(e, t + cfg.expert_epochs)
+            theta_start = reader.load(e, t).to(dev)
+            theta_target = reader.load(e, t + cfg.expert_epochs).to(dev)
 
             # 3. unroll N student steps on the synthetic set
             theta = theta_start.clone().requires_grad_(True)
@@ -136,7 +138,7 @@ class MatchTrajectories(Stage):
                     "x": xs.detach(), "syn_lr": syn_lr, "iteration": it + 1,
                     "opt_img": opt_img.state_dict(), "opt_lr": opt_lr.state_dict()})
 
-        xs = xs.detach()
+        xs, ys = xs.detach().cpu(), ys.cpu()
         ctx.save_figure(image_grid(xs, ys, num_classes, f"MTT, ipc {cfg.ipc}"), "synthetic.png")
         info = {"method": "mtt", "ipc": cfg.ipc, "num_classes": num_classes, "arch": arch,
                 "synthetic_lr": float(syn_lr.item()), "iterations": cfg.iterations,

@@ -28,7 +28,7 @@ from pipelines.errors import bad_value
 from pipelines.stage import Dataset, Report, Resources, Stage
 from stages.distill.dd_common import (NetConfig, accuracy, check_ipc, image_grid,
                                       num_classes_of, pyplot, read_synthetic, real_init,
-                                      real_split, train_net)
+                                      real_split, task_gpus, train_net)
 
 
 def fresh_accuracy(arch, x, y, x_test, y_test, protocol: dict, seed: int) -> float:
@@ -77,8 +77,9 @@ class EvaluateSynthetic(Stage):
                     "augment": cfg.augment}
         syn_lr = float(synthetic.info.get("synthetic_lr", cfg.lr)) if cfg.use_learned_lr else cfg.lr
 
-        # 1. every network of every set is one Ray task (num_cpus=1, one torch thread)
-        task = ray.remote(num_cpus=1)(fresh_accuracy)
+        # 1. every network of every set is one Ray task (num_cpus=1, one torch thread, a
+        #    share of a GPU when Ray reports one)
+        task = ray.remote(num_cpus=1, num_gpus=task_gpus(ctx))(fresh_accuracy)
         test = [ray.put(a.numpy()) for a in (x_test, y_test)]
         refs = {"synthetic": [], "random": [], "full": []}
         for n in range(cfg.networks):

@@ -30,7 +30,8 @@ from pydantic import Field
 
 from pipelines.stage import Dataset, Resources, Stage
 from stages.distill.dd_common import (NetConfig, accuracy, check_experts, dataset_key,
-                                      flat_params, num_classes_of, real_split, train_net)
+                                      flat_params, num_classes_of, real_split, task_gpus,
+                                      train_net)
 
 PRECISIONS = {"float32": np.float32, "float16": np.float16}
 
@@ -46,7 +47,7 @@ def train_expert(arch: dict, x, y, x_test, y_test, cfg: dict, seed: int, expert:
     rows = []
     net = train_net(arch, x, y, cfg["epochs"], cfg["lr"], seed, momentum=cfg["momentum"],
                     weight_decay=0.0, batch_size=cfg["batch_size"], augment=cfg["augment"],
-                    on_epoch=lambda e, n: rows.append(flat_params(n).numpy()))
+                    on_epoch=lambda e, n: rows.append(flat_params(n).cpu().numpy()))
     acc = accuracy(net, x_test, y_test)
     params = np.stack(rows).astype(PRECISIONS[cfg["precision"]])
     table = pa.table({
@@ -114,7 +115,8 @@ class ExpertTrajectories(Stage):
         os.makedirs(shards, exist_ok=True)
         todo = [e for e in range(cfg.experts)
                 if not os.path.exists(os.path.join(shards, shard_name(e)))]
-        task = ray.remote(num_cpus=1, max_retries=1)(train_expert)
+        task = ray.remote(num_cpus=1, num_gpus=task_gpus(ctx),
+                          max_retries=1)(train_expert)
         refs = [ray.put(a.numpy()) for a in (x, y, x_test, y_test)]
         pending = {task.remote(arch, *refs, cfg.model_dump(), ctx.seed * 1000 + e, e,
                                os.path.join(shards, shard_name(e))): e for e in todo}

@@ -86,8 +86,9 @@ class FitCausalLM(Stage):
         # 1. tokenizer, 2. token ids padded to max_length
         tokenizer = train_bpe_tokenizer(texts, cfg.vocab_size)
         enc = tokenize(tokenizer, with_eos(texts), cfg.max_length)
-        ids = torch.tensor(enc["input_ids"], dtype=torch.int64)
-        mask = torch.tensor(enc["attention_mask"], dtype=torch.int64)
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # given by resources.num_gpus
+        ids = torch.tensor(enc["input_ids"], dtype=torch.int64, device=device)
+        mask = torch.tensor(enc["attention_mask"], dtype=torch.int64, device=device)
         gen = torch.Generator().manual_seed(ctx.seed)
         order = torch.randperm(len(ids), generator=gen)
         n_val = int(len(ids) * cfg.val_fraction)
@@ -97,7 +98,7 @@ class FitCausalLM(Stage):
         model = GPT2LMHeadModel(GPT2Config(
             vocab_size=len(tokenizer), n_positions=cfg.max_length, n_embd=cfg.n_embd,
             n_layer=cfg.n_layer, n_head=cfg.n_head, bos_token_id=tokenizer.eos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)).to(device)
         opt = cfg.optimizer(model)
 
         def loss_fn(model, idx):
@@ -114,7 +115,7 @@ class FitCausalLM(Stage):
             ctx.progress(epoch + 1, cfg.epochs, "epochs")
 
         out = ctx.output_dir("model")
-        model.save_pretrained(out)
+        model.cpu().save_pretrained(out)
         tokenizer.save_pretrained(out)
         info = {"use": "causal-lm", "model_type": "gpt2", "num_layers": cfg.n_layer,
                 "hidden_size": cfg.n_embd, "vocab_size": len(tokenizer),

@@ -43,8 +43,10 @@ class FitClassifier(Stage):
         n_val = int(len(y) * cfg.val_fraction)
         val, train = order[:n_val], order[n_val:]
 
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # given by resources.num_gpus
+        x, y = x.to(device), y.to(device)
         torch.manual_seed(ctx.seed)
-        model = cfg.build(x.shape[1:], num_classes, where)
+        model = cfg.build(x.shape[1:], num_classes, where).to(device)
         opt = cfg.optimizer(model)
 
         def loss_fn(model, idx):
@@ -56,11 +58,11 @@ class FitClassifier(Stage):
             metrics = train_epoch(model, perm.split(cfg.batch_size), opt, loss_fn, epoch)
             if n_val:
                 pred = predict_logits(model, x[val]).argmax(1)
-                metrics["val_accuracy"] = (pred == y[val]).float().mean().item()
+                metrics["val_accuracy"] = (pred == y[val].cpu()).float().mean().item()
             ctx.log_metrics(metrics, step=epoch)
             ctx.progress(epoch + 1, cfg.epochs, "epochs")
 
-        path = save_classifier(model, ctx.output_dir("model"))
+        path = save_classifier(model.cpu(), ctx.output_dir("model"))
         info = {"architecture": cfg.arch, "num_classes": num_classes,
                 "input_shape": list(x.shape[1:]), **{k: float(v) for k, v in metrics.items()}}
         return {"model": Model(path=path, info=info)}

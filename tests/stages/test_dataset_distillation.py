@@ -70,6 +70,13 @@ def test_experts_layout_and_resume(experts_run, digits):
     assert reader.rows_read == 2
 
 
+def test_network_tasks_ask_for_a_gpu_share_only_when_ray_has_one(tmp_path):
+    from stages.distill.dd_common import NETWORK_GPU_SHARE, task_gpus
+    assert task_gpus(StageContext.for_testing(tmp_path)) == 0.0
+    assert task_gpus(StageContext.for_testing(tmp_path, num_gpus_available=2)) == NETWORK_GPU_SHARE
+    assert 0 < NETWORK_GPU_SHARE <= 1
+
+
 def test_random_subset_and_bad_ipc(digits, tmp_path):
     out = run_stage(RandomSubset, {"ipc": 3}, tmp_path, "random", data=digits)[0]["synthetic"]
     cols = out.to_numpy()

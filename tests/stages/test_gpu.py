@@ -1,6 +1,7 @@
 """The GPU paths, run only where Ray reports a GPU: teacher-outputs and diffusion-trajectories
-with GPU actors, kd-student and the diffusion students with ``use_gpu`` Ray Train workers.
-On a CPU machine these are skipped."""
+with GPU actors, kd-student and the diffusion students with ``use_gpu`` Ray Train workers,
+the dataset-distillation networks as Ray tasks with a GPU share (and mtt/dm on the GPU of
+their process). On a CPU machine these are skipped."""
 
 import numpy as np
 import pytest
@@ -115,3 +116,56 @@ def test_diffusion_family_on_gpu(gpus, digits, tmp_path):
         gpu = load_diffusion(model.path, "test").to("cuda")
         x = sample_student(gpu, noise[:8], got["label"][order][:8], 1, torch.Generator())
         assert x.shape == (8, 1, 8, 8) and torch.isfinite(x).all()
+
+
+def test_dataset_distillation_on_gpu(gpus, digits, tmp_path):
+    """expert-trajectories and evaluate-synthetic run their networks as Ray tasks with a
+    GPU share; mtt and dm run on the GPU of their process, resume from a CPU checkpoint."""
+    from stages.distill.dm import DistributionMatching
+    from stages.distill.mtt import MatchTrajectories
+    from stages.evaluate.evaluate_synthetic import EvaluateSynthetic
+    from stages.teacher.expert_trajectories import ExpertReader, ExpertTrajectories
+
+    net = {"width": 16, "depth": 2}
+    ctx = StageContext.for_testing(tmp_path, name="experts", kind="expert-trajectories",
+                                   num_gpus_available=gpus)
+    experts = ExpertTrajectories({**net, "experts": 4, "epochs": 4, "lr": 0.05}).run(
+        ctx, data=digits)["experts"]
+    assert experts.info["expert_test_accuracy_mean"] > 0.5  # 4 epochs; chance is 0.1
+    reader = ExpertReader(experts, "test")
+    assert reader.load(3, 4).device.type == "cpu" and reader.load(3, 4).isfinite().all()
+
+    mtt = {**net, "ipc": 2, "syn_steps": 5, "expert_epochs": 1, "max_start_epoch": 3,
+           "checkpoint_every": 2}
+    ctx = StageContext.for_testing(tmp_path, name="mtt", kind="mtt")
+    MatchTrajectories({**mtt, "iterations": 2}).run(ctx, experts=experts, data=digits)
+    syn = MatchTrajectories({**mtt, "iterations": 4}).run(ctx, experts=experts,
+                                                          data=digits)["synthetic"]
+    assert syn.info["resumed_from"] == 2 and 0 < syn.info["synthetic_lr"] < 10
+    ctx = StageContext.for_testing(tmp_path, name="dm", kind="dm")
+    dm = DistributionMatching({**net, "ipc": 2, "iterations": 3, "batch_real": 64}).run(
+        ctx, data=digits)["synthetic"]
+    assert np.isfinite(dm.to_numpy()["x"]).all()
+
+    ctx = StageContext.for_testing(tmp_path, name="eval", kind="evaluate-synthetic",
+                                   num_gpus_available=gpus)
+    report = EvaluateSynthetic({**net, "networks": 5, "epochs": 50, "lr": 0.05,
+                                "full_networks": 1, "full_epochs": 5}).run(
+        ctx, synthetic=syn, data=digits)["report"]
+    m = report.metrics()
+    assert 0.2 < m["accuracy_mean"] <= 1 and m["full_accuracy_mean"] > 0.8
+
+
+def test_teachers_train_on_the_gpu_of_their_process(gpus, digits, corpus, tmp_path):
+    """fit-classifier and fit-causal-lm use the GPU their stage was given and save CPU
+    folders that load anywhere."""
+    from stages.teacher.fit_causal_lm import FitCausalLM
+    from stages.teacher.fit_classifier import FitClassifier
+    from tests.stages.conftest import TINY_LM, run_stage
+    clf = run_stage(FitClassifier, {"epochs": 3}, tmp_path, "clf", data=digits)[0]["model"]
+    assert clf.info["val_accuracy"] > 0.8
+    load_classifier(clf.path, "test")  # on the CPU
+    lm = run_stage(FitCausalLM, {**TINY_LM, "epochs": 2}, tmp_path, "lm", data=corpus)[0]["model"]
+    assert np.isfinite(lm.info["val_perplexity"])
+    from transformers import AutoModelForCausalLM
+    assert AutoModelForCausalLM.from_pretrained(lm.path).device.type == "cpu"
