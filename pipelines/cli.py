@@ -7,6 +7,8 @@
     distill show ARTIFACT_OR_RUN [--store URI]
     distill lineage ARTIFACT [--store URI]
     distill gc [--store URI] [--unreferenced] [--dry-run]
+    distill submit CONFIG --address http://HEAD:8265 [--store URI] [--set ...]
+                   [--force STAGE] [--working-dir DIR] [--follow]
     distill tune CONFIG --space SPACE.yaml --metric STAGE.METRIC --mode max|min
                  [--samples N] [--scheduler asha|fifo] [--search random|optuna|hyperopt]
                  [--max-concurrent K] [--store URI] [--set ...] [--address ADDR] [--json]
@@ -68,6 +70,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--unreferenced", action="store_true",
                     help="also remove committed artifacts no pipeline's last run uses")
     sp.add_argument("--dry-run", action="store_true")
+    sp = sub.add_parser("submit", help="run a pipeline as a Ray Job on a cluster")
+    sp.add_argument("config", help="pipeline YAML file, inside --working-dir")
+    sp.add_argument("--address", default=None,
+                    help="the head's Ray dashboard, e.g. http://HEAD:8265 (default RAY_ADDRESS)")
+    sp.add_argument("--store", default=DEFAULT_STORE,
+                    help="artifact store as the cluster sees it (a path every node shares)")
+    sp.add_argument("--set", dest="overrides", action="append", default=[],
+                    metavar="STAGE.FIELD=VALUE", help="override a stage config field")
+    sp.add_argument("--force", action="append", default=[], metavar="STAGE",
+                    help="re-run this stage even if cached")
+    sp.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for the job")
+    sp.add_argument("--working-dir", default=".",
+                    help="directory uploaded with the job (default: the current one)")
+    sp.add_argument("--follow", action="store_true",
+                    help="stream the job's logs and exit with its status")
     tune_args(sub.add_parser("tune", help="Ray Tune sweep over stage config fields"))
     return p
 
@@ -268,8 +285,14 @@ def cmd_tune(args, argv) -> int:
     return 0
 
 
+def cmd_submit(args, argv) -> int:
+    from ._internal.submit import submit
+    return submit(args.config, args.address, args.store, args.overrides, args.force,
+                  args.tracking_uri, args.working_dir, args.follow, sys.stdout)
+
+
 COMMANDS = {"run": cmd_run, "plan": cmd_plan, "ls": cmd_ls, "show": cmd_show,
-            "lineage": cmd_lineage, "gc": cmd_gc, "tune": cmd_tune}
+            "lineage": cmd_lineage, "gc": cmd_gc, "tune": cmd_tune, "submit": cmd_submit}
 
 
 if __name__ == "__main__":
