@@ -6,13 +6,14 @@ user sees them: the whole ``distill`` process, interpreter start-up included. Th
 is the ratio cached / cold, its median over the repetitions and its spread.
 """
 
-import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+from benchmarks.common import json_document
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PIPELINE = os.path.join(ROOT, "examples", "quickstart.yaml")
@@ -26,7 +27,7 @@ def timed_run(store: str) -> tuple[float, dict]:
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"distill run failed:\n{proc.stderr}")
-    return seconds, json.loads(proc.stdout)
+    return seconds, json_document(proc.stdout)
 
 
 def run(repetitions: int = 3) -> dict:

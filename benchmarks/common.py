@@ -37,6 +37,17 @@ def size(name: str, default: int, tiny_default: int) -> int:
     return tiny_default if tiny() else default
 
 
+def json_document(stdout: str) -> dict:
+    """The one JSON document ``distill ... --json`` prints, even when the raylet wrote a
+    warning line onto the same stdout before or after it (the document starts at a line
+    that is exactly ``{``; anything after its closing brace is ignored)."""
+    import json
+    start = 0 if stdout.startswith("{") else stdout.find("\n{\n") + 1
+    if start == 0 and not stdout.startswith("{"):
+        raise ValueError(f"no JSON document in: {stdout[:500]!r}")
+    return json.JSONDecoder().raw_decode(stdout[start:])[0]
+
+
 def summary(values: list[float], digits: int = 4) -> tuple[float, list[float]]:
     """Median and spread [min, max]."""
     return (round(statistics.median(values), digits),

@@ -21,6 +21,8 @@ import sys
 import tempfile
 import time
 
+from benchmarks.common import json_document
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PIPELINE = os.path.join(ROOT, "examples", "quickstart.yaml")
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -38,7 +40,7 @@ def _result(proc, what: str) -> dict:
     out, err = proc.communicate()
     if proc.returncode != 0:
         raise RuntimeError(f"distill {what} failed:\n{err[-4000:]}")
-    return json.loads(out)
+    return json_document(out)
 
 
 def distill(*args) -> dict:
