@@ -197,7 +197,7 @@ def load_checkpoint(work_dir: str, name: str) -> dict | None:
     path = os.path.join(work_dir, name)
     if not os.path.exists(path):
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 # -- training a fresh network --------------------------------------------------------
