@@ -101,6 +101,7 @@ def same_rows(trajectories, store: str, gpus: float) -> bool:
     from pipelines.context import StageContext
     from stages.teacher.diffusion_trajectories import DiffusionTrajectories
     cfg = {**trajectories["cfg"], "rows": CHECK_ROWS, "actors": 1}
+    shutil.rmtree(os.path.join(store, "trajectories_1actor"), ignore_errors=True)  # no old rows
     ctx = StageContext.for_testing(store, name="trajectories_1actor", seed=trajectories["seed"],
                                    num_gpus_available=gpus, key="bench-check")
     one = DiffusionTrajectories(cfg).run(ctx, teacher=trajectories["teacher"])

@@ -13,9 +13,12 @@ real images split in two random halves A and B; generated sets have |B| images (
 - Precision / recall (Kynkaanniemi et al. 2019, eq. 1-2): k-nearest-neighbour balls
   (k = ``pr_k``) around real (resp. generated) features.
 - class_accuracy: the classifier's accuracy on class-conditional samples (label = i mod C).
-- ms_per_image: wall time to generate the whole set / its size, same batch size and torch
-  threads for every model; ``speedup/<student>/<steps>`` = ms of the teacher at its best
-  step count / ms of the student.
+- ms_per_image: measured side by side after the quality runs, on one latency batch
+  (``latency_batch_size`` of the same noise, the same torch threads for every model): in
+  each of ``latency_repeats`` rounds every (model, steps) generates that batch once, in an
+  order rotated from round to round, so a slow moment of the machine hits every model
+  alike; the median over the rounds, per image. ``speedup/<student>/<steps>`` = ms of the
+  teacher at its best step count / ms of the student.
 
 Metric names: ``<metric>/<model>/<steps>`` with model ``teacher`` or the student input's
 name (``consistency``, ``progressive``, ``reflow``); ``fid/real/floor``; ``fid/teacher/best``,
@@ -99,7 +102,7 @@ class Features:
 
 class EvaluateGeneration(Stage):
     kind = "evaluate-generation"
-    version = "1"
+    version = "2"  # 2: latency measured side by side in rounds (was one timed pass each)
 
     class Config(StageConfig):
         teacher_steps: list[PositiveInt] = [100, 50, 20, 10, 4, 2, 1]
@@ -111,6 +114,8 @@ class EvaluateGeneration(Stage):
         kid_subsets: int = Field(50, ge=1)
         kid_subset_size: int = Field(500, ge=2)
         pr_k: int = Field(3, ge=1)
+        latency_batch_size: int = Field(256, ge=1)
+        latency_repeats: int = Field(5, ge=1)
 
     inputs = {"teacher": Model, "classifier": Model, "data": Dataset,
               **{name: Model for name in STUDENTS}}
@@ -158,8 +163,7 @@ class EvaluateGeneration(Stage):
         try:
             for i, (name, steps) in enumerate(runs):                          # 4. sample
                 model = models[name].to(device)
-                images, ms = _generate(model, noise, labels, steps, cfg, ctx.seed,
-                                       w(name), device)
+                images = _generate(model, noise, labels, steps, cfg, ctx.seed, w(name))
                 feat, pred = features(((images + 1) / 2).clamp(0, 1))
                 key = f"{name}/{steps}"
                 metrics[f"fid/{key}"] = fid(feat_a, feat)                    # 5. score
@@ -169,13 +173,16 @@ class EvaluateGeneration(Stage):
                 metrics[f"precision/{key}"], metrics[f"recall/{key}"] = p, r
                 if num_classes:
                     metrics[f"class_accuracy/{key}"] = float((pred == labels).mean())
-                metrics[f"ms_per_image/{key}"] = ms
                 grids.setdefault(name, []).append((steps, images[: max(num_classes or 10, 1)]))
                 ctx.progress(i + 1, len(runs), "model x steps")
+            ms = _latency(models, runs, noise[:cfg.latency_batch_size],              # 6. speed
+                          labels[:cfg.latency_batch_size], cfg, ctx.seed, w, device)
+            for (name, steps), value in ms.items():
+                metrics[f"ms_per_image/{name}/{steps}"] = value
         finally:
             torch.set_num_threads(threads)
 
-        best = min(cfg.teacher_steps, key=lambda s: metrics[f"fid/teacher/{s}"])  # 6. best
+        best = min(cfg.teacher_steps, key=lambda s: metrics[f"fid/teacher/{s}"])  # 7. best
         metrics["steps/teacher/best"] = best
         for m in ("fid", "kid", "precision", "recall", "class_accuracy", "ms_per_image"):
             if f"{m}/teacher/{best}" in metrics:
@@ -188,27 +195,40 @@ class EvaluateGeneration(Stage):
                    for name, rows in grids.items()}
         figures["fid_vs_steps.png"] = _fid_plot(metrics, cfg, best)
         info = {"num_samples": n, "real_images": len(real), "threads": cfg.threads,
-                "device": device, "batch_size": cfg.batch_size, "teacher_best_steps": best}
+                "device": device, "batch_size": cfg.batch_size, "teacher_best_steps": best,
+                "latency_batch": min(n, cfg.latency_batch_size),
+                "latency_repeats": cfg.latency_repeats}
         report = ctx.write_report("report", metrics, figures=figures, info=info)
         for fig in figures.values():
             _pyplot().close(fig)
         return {"report": report}
 
 
-def _generate(model, noise, labels, steps, cfg, seed, where, device):
-    """All samples in batches; returns (images in [-1, 1] on CPU, ms per image)."""
+def _generate(model, noise, labels, steps, cfg, seed, where):
+    """All samples in batches of ``batch_size``: images in [-1, 1] on the CPU."""
     out = []
     gen = torch.Generator().manual_seed(seed + 1)  # re-noising of consistency sampling
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
     for i in range(0, len(noise), cfg.batch_size):
         out.append(sample_any(model, noise[i:i + cfg.batch_size],
                               labels[i:i + cfg.batch_size], steps, cfg.sampler, gen, where))
-    if device == "cuda":
-        torch.cuda.synchronize()
-    ms = (time.perf_counter() - start) * 1e3 / len(noise)
-    return torch.cat(out).float(), ms
+    return torch.cat(out).float()
+
+
+def _latency(models, runs, noise, labels, cfg, seed, w, device) -> dict:
+    """ms per image of every (model, steps) on one batch: the median of
+    ``latency_repeats`` rounds, each timing every run once in a rotated order."""
+    times = {run: [] for run in runs}
+    for r in range(cfg.latency_repeats):
+        for name, steps in runs[r % len(runs):] + runs[:r % len(runs)]:
+            gen = torch.Generator().manual_seed(seed + 1)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            sample_any(models[name], noise, labels, steps, cfg.sampler, gen, w(name))
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[(name, steps)].append((time.perf_counter() - start) * 1e3 / len(noise))
+    return {run: float(np.median(t)) for run, t in times.items()}
 
 
 def _pyplot():

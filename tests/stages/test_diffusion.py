@@ -142,7 +142,8 @@ def test_students_train_resume_and_sample(students, dteacher):
 def test_evaluate_generation_names_and_plots(tmp_path, students, dteacher, teacher, digits):
     out, _ = run_stage(EvaluateGeneration,
                        {"teacher_steps": [4, 1], "student_steps": [1, 2], "num_samples": 40,
-                        "kid_subsets": 3, "kid_subset_size": 20, "batch_size": 16},
+                        "kid_subsets": 3, "kid_subset_size": 20, "batch_size": 16,
+                        "latency_batch_size": 16, "latency_repeats": 3},
                        tmp_path, "eval", teacher=dteacher, classifier=teacher, data=digits,
                        **{n: students[n] for n in STUDENTS})
     m = out["report"].metrics()
@@ -154,6 +155,8 @@ def test_evaluate_generation_names_and_plots(tmp_path, students, dteacher, teach
     assert m["fid/teacher/best"] == min(m["fid/teacher/4"], m["fid/teacher/1"])
     assert 0 < m["fid/real/floor"] < m["fid/teacher/best"]  # a 1-epoch teacher is poor
     assert m["speedup/reflow/1"] > 0
+    assert m["ms_per_image/teacher/4"] > m["ms_per_image/teacher/1"]  # 4 UNet calls vs 1
+    assert out["report"].info["latency_repeats"] == 3
     files = os.listdir(out["report"].path)
     assert {"fid_vs_steps.png", "samples_teacher.png", "samples_reflow.png"} <= set(files)
 
