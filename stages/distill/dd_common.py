@@ -13,7 +13,8 @@
 
 Every tensor computation runs on ``device()``: the GPU when the process was given one (a
 stage with ``resources: {num_gpus: ...}``, or a network task launched with a GPU share
-because Ray reports a GPU), else the CPU; artifacts and checkpoints are always CPU tensors.
+because Ray reports a GPU), else the CPU; artifacts are CPU arrays, and checkpoints load
+onto the CPU (``map_location``) whatever device saved them.
 """
 
 from __future__ import annotations
