@@ -35,7 +35,7 @@ PROFILES = {
             "trajectories": {"rows": 6000}},
     "cpu": {"teacher": {"epochs": 2000, "max_minutes": 15.0, "threads": 1},
             "trajectories": {"rows": 1000, "keep_states": 9},
-            "consistency": {"epochs": 3}, "progressive": {"start_steps": 8, "epochs": 3},
+            "consistency": {"epochs": 6}, "progressive": {"start_steps": 8, "epochs": 3},
             "reflow": {"epochs": 15},
             "eval": {"teacher_steps": [50, 20, 10, 4, 2, 1], "threads": 1}},
 }
@@ -137,6 +137,10 @@ def acceptance(m: dict, identical: bool) -> list[dict]:
     ]
 
 
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.3f}M"
+
+
 def write_markdown(result: dict, metrics: dict, path: str) -> None:
     models = [("teacher", sorted(int(k.split("/")[2]) for k in metrics
                                  if k.startswith("fid/teacher/") and k.split("/")[2].isdigit()))]
@@ -151,6 +155,11 @@ def write_markdown(result: dict, metrics: dict, path: str) -> None:
              f"Real-vs-real FID floor (classifier features, {result['num_samples']} samples): "
              f"{metrics['fid/real/floor']:.2f}; teacher best at "
              f"{int(metrics['steps/teacher/best'])} steps.", "",
+             "Parameters: teacher " + _millions(next(iter(result["students"].values()))
+                                                 ["teacher_params"]) + "; " + "; ".join(
+                 f"{n} {_millions(i['params'])} ({i['tensors_from_teacher']} of "
+                 f"{i['tensors']} tensors initialised from the teacher)"
+                 for n, i in result["students"].items()) + ".", "",
              "## Acceptance", "", "| check | measured | target | ok |", "|---|---|---|---|"]
     for row in result["acceptance"]:
         lines.append(f"| {row['check']} | {row['value']:.3f} | {row['target']} | "
@@ -212,6 +221,7 @@ def run(repetitions: int = 1) -> dict:
                      "reused": reused,
                      "total_s": round(time.perf_counter() - start, 1),
                      "teacher": outputs["teacher"]["model"].info,
+                     "students": {n: outputs[n]["model"].info for n in STUDENTS},
                      "num_samples": report.info["num_samples"]})
         print(f"  repetition {rep + 1}/{repetitions}: {reps[-1]['total_s']} s", flush=True)
 
@@ -228,7 +238,7 @@ def run(repetitions: int = 1) -> dict:
         "median_ratio": statistics.median(ratios), "spread": [min(ratios), max(ratios)],
         "target": "<= 3 (and the other rows of diffusion.md)",
         "acceptance": table, "all_ok": all(r["ok"] for r in table),
-        "metrics": last["metrics"], "teacher": last["teacher"],
+        "metrics": last["metrics"], "teacher": last["teacher"], "students": last["students"],
         "stage_seconds": last["seconds"], "total_s": last["total_s"],
         "reused_from_earlier_invocation": last["reused"],
         "num_samples": last["num_samples"],

@@ -374,10 +374,16 @@ def sample_any(model: Diffusion, noise, labels, steps: int, sampler: str = "ddim
 
 
 # -- students: Ray Train harness ---------------------------------------------------------
-class StudentConfig(UNetArch):
-    """Fields shared by the student stages (Ray Train, AdamW, EMA)."""
+class StudentConfig(StageConfig):
+    """Fields shared by the student stages (Ray Train, AdamW, EMA).
 
-    init: Literal["teacher", "scratch"] = "teacher"  # scratch: a new UNet of UNetArch fields
+    ``architecture`` None is the teacher's own UNet. A smaller one (fewer channels, no
+    attention blocks) with ``init: teacher`` starts from every teacher weight whose name and
+    shape it shares, the rest freshly initialised: block removal followed by distillation,
+    as BK-SDM does for Stable Diffusion (Kim et al. 2023, arXiv 2305.15798, Sec. 3.1)."""
+
+    init: Literal["teacher", "scratch"] = "teacher"
+    architecture: UNetArch | None = None
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(2e-4, gt=0)
@@ -389,10 +395,22 @@ class StudentConfig(UNetArch):
 
 
 def init_student(cfg: StudentConfig, teacher: Diffusion):
-    if cfg.init == "teacher":
-        return copy.deepcopy(teacher.unet).train().requires_grad_(True)
+    """The student UNet before training, and how many of its tensors came from the teacher."""
+    from diffusers import UNet2DModel
+    if cfg.architecture is None:
+        if cfg.init == "teacher":
+            student = copy.deepcopy(teacher.unet)
+            return student.train().requires_grad_(True), len(student.state_dict())
+        student = UNet2DModel.from_config(teacher.unet.config)
+        return student.train(), 0
     c, h, _ = teacher.shape
-    return cfg.build(h, c, teacher.num_classes).train()
+    student = cfg.architecture.build(h, c, teacher.num_classes).train()
+    if cfg.init == "scratch":
+        return student, 0
+    own, given = student.state_dict(), teacher.unet.state_dict()
+    shared = {k: v for k, v in given.items() if k in own and own[k].shape == v.shape}
+    student.load_state_dict(shared, strict=False)
+    return student, len(shared)
 
 
 def _load_state(checkpoint) -> dict | None:
@@ -415,7 +433,7 @@ def _train_loop(config: dict) -> None:
     teacher = load_diffusion(config["teacher_path"], "student").to(device)
     for p in teacher.unet.parameters():
         p.requires_grad_(False)
-    student = init_student(cfg, teacher).to(device)
+    student = init_student(cfg, teacher)[0].to(device)
     ema = copy.deepcopy(student).eval().requires_grad_(False)
     state, start = _load_state(ray.train.get_checkpoint()), 0
     if state:
@@ -514,11 +532,13 @@ def train_student(ctx, kind: str, cfg: StudentConfig, teacher_path: str, train_d
         raise
     state = _load_state(result.checkpoint)
     teacher = load_diffusion(teacher_path, where_of(ctx, kind, "teacher"))
-    student = init_student(cfg, teacher)
+    student, from_teacher = init_student(cfg, teacher)
     student.load_state_dict(state["student"])
     path = save_diffusion(student, scheduler_config, ctx.output_dir("model"), student_info)
     info = {"method": student_info["method"], "epochs": state["epoch"] + 1,
             "params": sum(p.numel() for p in student.parameters()),
+            "teacher_params": sum(p.numel() for p in teacher.unet.parameters()),
+            "tensors_from_teacher": from_teacher, "tensors": len(student.state_dict()),
             **{k: float(v) for k, v in (result.metrics or {}).items()}}
     return Model(path=path, info=info)
 

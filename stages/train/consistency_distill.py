@@ -21,8 +21,8 @@ c = 0.00054 sqrt(dim) when ``huber_c`` is left unset).
   (teacher samples as data) and fresh noise, x_{t_lo} by one teacher DDIM solver step
   (Algorithm 2's Phi), the teacher in the loop.
 
-The student (initialised from the teacher unless ``init: scratch``) is saved as a
-diffusers folder with ``student.json``: multistep consistency sampling (Algorithm 1) in
+The student (the teacher's UNet, or a smaller ``architecture`` started from the teacher
+weights it shares; fresh with ``init: scratch``) is saved as a diffusers folder with ``student.json``: multistep consistency sampling (Algorithm 1) in
 1..K-1 steps over the trajectory's timesteps.
 """
 

@@ -65,8 +65,9 @@ def students(ray_session, pairs, dteacher, tmp_path_factory):
     progressive = run_stage(ProgressiveDistill, {**STUDENT, "start_steps": 4},
                             tmp_path_factory.mktemp("pd"), "progressive",
                             pairs=pairs["reflow"], teacher=dteacher)[0]
-    reflow = run_stage(Reflow, STUDENT, tmp_path_factory.mktemp("rf"), "reflow",
-                       pairs=pairs["reflow"], teacher=dteacher)[0]
+    deeper = {**TINY, "layers_per_block": 2}  # a student architecture of its own
+    reflow = run_stage(Reflow, {**STUDENT, "architecture": deeper}, tmp_path_factory.mktemp("rf"),
+                       "reflow", pairs=pairs["reflow"], teacher=dteacher)[0]
     return {"first": first["model"], "consistency": second["model"],
             "progressive": progressive["model"], "reflow": reflow["model"]}
 
@@ -137,6 +138,37 @@ def test_students_train_resume_and_sample(students, dteacher):
             x = sample_student(model, noise, [0, 1, 2, 3], steps, torch.Generator())
             assert x.shape == (4, 1, 8, 8) and torch.isfinite(x).all()
     assert load_diffusion(students["progressive"].path, "t").student["covered_steps"] == [2, 1]
+    # the reflow student has its own architecture, partly initialised from the teacher
+    assert load_diffusion(students["reflow"].path, "t").unet.config.layers_per_block == 2
+    info = students["reflow"].info
+    assert 0 < info["tensors_from_teacher"] < info["tensors"]
+    assert info["params"] > info["teacher_params"]
+    assert students["consistency"].info["tensors_from_teacher"] == students["consistency"].info["tensors"]
+
+
+def test_block_removed_student_starts_from_the_teacher_weights():
+    """BK-SDM-style: a student without the attention blocks keeps every other teacher
+    tensor; with init scratch, or with other widths, it shares none of them."""
+    from diffusers import DDIMScheduler
+    from stages.models.diffusion import Diffusion, StudentConfig, UNetArch, init_student
+    torch.manual_seed(0)
+    unet = UNetArch(block_out_channels=[16, 32], attention=True).build(8, 1, 10)
+    teacher = Diffusion(unet, dict(DDIMScheduler(prediction_type="v_prediction").config))
+    given = unet.state_dict()
+    pruned = {"block_out_channels": [16, 32], "attention": False}
+    student, n = init_student(StudentConfig(architecture=pruned), teacher)
+    own = student.state_dict()
+    assert n == len(own) < len(given)
+    blocks = lambda sd: {k for k in sd if "attentions" in k and not k.startswith("mid_block")}  # noqa: E731
+    assert not blocks(own) and blocks(given)
+    assert all(torch.equal(v, given[k]) for k, v in own.items())
+    scratch, n = init_student(StudentConfig(architecture=pruned, init="scratch"), teacher)
+    assert n == 0 and not torch.equal(scratch.state_dict()["conv_in.weight"],
+                                      given["conv_in.weight"])
+    same, n = init_student(StudentConfig(), teacher)
+    assert n == len(given) and all(torch.equal(v, given[k]) for k, v in same.state_dict().items())
+    narrow, n = init_student(StudentConfig(architecture={"block_out_channels": [8, 16]}), teacher)
+    assert n <= 1 and sum(p.numel() for p in narrow.parameters()) < unet.num_parameters() / 3
 
 
 def test_evaluate_generation_names_and_plots(tmp_path, students, dteacher, teacher, digits):
