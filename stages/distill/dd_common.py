@@ -33,11 +33,7 @@ from pipelines.stage import Dataset, StageConfig
 from stages.data.tables import read_split
 from stages.models.classifiers import ConvNet, NormName
 from stages.train.loop import train_epoch
-
-
-def device() -> torch.device:
-    """The GPU Ray gave this process (``CUDA_VISIBLE_DEVICES``), else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+from stages.models.device import device  # noqa: F401  (re-exported to the family)
 
 
 NETWORK_GPU_SHARE = 0.25  # four of these small ConvNets train side by side on one GPU

@@ -41,6 +41,7 @@ from pipelines.stage import Dataset, Model, Report, Stage, StageConfig
 from stages.models.classifiers import load_classifier
 from stages.models.diffusion import (SAMPLERS, check_shape, check_student_steps,
                                      load_diffusion, sample_any, where_of)
+from stages.models.device import device as torch_device
 
 STUDENTS = ("consistency", "progressive", "reflow")
 
@@ -139,7 +140,7 @@ class EvaluateGeneration(Stage):
         real = data.to_numpy(["x"])["x"].astype(np.float32)
         check_shape(t_model, real.shape[1:], w("data"), "image")
         features = Features(net)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch_device()
 
         rng = np.random.default_rng(ctx.seed)                                # 2. real halves
         order = rng.permutation(len(real))
@@ -195,7 +196,7 @@ class EvaluateGeneration(Stage):
                    for name, rows in grids.items()}
         figures["fid_vs_steps.png"] = _fid_plot(metrics, cfg, best)
         info = {"num_samples": n, "real_images": len(real), "threads": cfg.threads,
-                "device": device, "batch_size": cfg.batch_size, "teacher_best_steps": best,
+                "device": str(device), "batch_size": cfg.batch_size, "teacher_best_steps": best,
                 "latency_batch": min(n, cfg.latency_batch_size),
                 "latency_repeats": cfg.latency_repeats}
         report = ctx.write_report("report", metrics, figures=figures, info=info)
@@ -221,11 +222,11 @@ def _latency(models, runs, noise, labels, cfg, seed, w, device) -> dict:
     for r in range(cfg.latency_repeats):
         for name, steps in runs[r % len(runs):] + runs[:r % len(runs)]:
             gen = torch.Generator().manual_seed(seed + 1)
-            if device == "cuda":
+            if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
             sample_any(models[name], noise, labels, steps, cfg.sampler, gen, w(name))
-            if device == "cuda":
+            if device.type == "cuda":
                 torch.cuda.synchronize()
             times[(name, steps)].append((time.perf_counter() - start) * 1e3 / len(noise))
     return {run: float(np.median(t)) for run, t in times.items()}

@@ -27,6 +27,7 @@ from pipelines.stage import Dataset, Model, Resources, Stage, StageConfig
 from stages.data.tables import parquet
 from stages.models.diffusion import (SAMPLERS, load_diffusion, make_scheduler, row_labels,
                                      row_noise, sample_teacher, where_of)
+from stages.models.device import device as torch_device
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -42,8 +43,8 @@ class TrajectoryActor:
     """Ray Data actor: one teacher in memory; maps shard ids to trajectory rows."""
 
     def __init__(self, model_path: str, cfg: dict, seed: int, threads: int, where: str):
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        if self.device == "cpu":
+        self.device = torch_device()
+        if self.device.type == "cpu":
             torch.set_num_threads(threads)  # same thread count, same arithmetic
         self.model = load_diffusion(model_path, where).to(self.device)
         self.cfg = DiffusionTrajectories.Config(**cfg)

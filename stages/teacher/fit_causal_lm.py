@@ -24,6 +24,7 @@ from pipelines.stage import Dataset, Model, Stage
 from stages.data.tables import read_split
 from stages.models.text import lm_loss, tokenize
 from stages.train.loop import OptimConfig, train_epoch
+from stages.models.device import device as torch_device
 
 EOS = "<|endoftext|>"
 
@@ -86,7 +87,7 @@ class FitCausalLM(Stage):
         # 1. tokenizer, 2. token ids padded to max_length
         tokenizer = train_bpe_tokenizer(texts, cfg.vocab_size)
         enc = tokenize(tokenizer, with_eos(texts), cfg.max_length)
-        device = "cuda" if torch.cuda.is_available() else "cpu"  # given by resources.num_gpus
+        device = torch_device()  # the GPU of resources.num_gpus
         ids = torch.tensor(enc["input_ids"], dtype=torch.int64, device=device)
         mask = torch.tensor(enc["attention_mask"], dtype=torch.int64, device=device)
         gen = torch.Generator().manual_seed(ctx.seed)

@@ -17,6 +17,7 @@ from pipelines.stage import Dataset, Model, Stage
 from stages.data.tables import read_split
 from stages.models.classifiers import ClassifierArch, predict_logits, save_classifier
 from stages.train.loop import OptimConfig, train_epoch
+from stages.models.device import device as torch_device
 
 
 class FitClassifier(Stage):
@@ -43,7 +44,7 @@ class FitClassifier(Stage):
         n_val = int(len(y) * cfg.val_fraction)
         val, train = order[:n_val], order[n_val:]
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"  # given by resources.num_gpus
+        device = torch_device()  # the GPU of resources.num_gpus
         x, y = x.to(device), y.to(device)
         torch.manual_seed(ctx.seed)
         model = cfg.build(x.shape[1:], num_classes, where).to(device)

@@ -30,6 +30,7 @@ from pydantic import Field
 from pipelines.stage import Dataset, Model, Stage
 from stages.data.tables import read_split
 from stages.models.diffusion import UNetArch, save_diffusion, to_images, where_of
+from stages.models.device import device as torch_device
 
 
 class FitDiffusionTeacher(Stage):
@@ -67,7 +68,7 @@ class FitDiffusionTeacher(Stage):
             x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=-1.0)
         y = torch.tensor(cols["label"], dtype=torch.long)
         num_classes = int(data.info.get("num_classes", int(y.max()) + 1))
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch_device()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
 

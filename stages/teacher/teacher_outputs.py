@@ -33,6 +33,7 @@ from stages.data.tables import parquet, require_columns
 from stages.models.classifiers import load_classifier
 from stages.models.text import is_transformers_folder, load_text_model
 from stages.teacher.text_teacher import DTYPES, TEXT_SIGNALS, TextTeacherActor
+from stages.models.device import device as torch_device
 
 CLASSIFIER_SIGNALS = ("logits", "probabilities")
 SIGNALS = (*CLASSIFIER_SIGNALS, *TEXT_SIGNALS)
@@ -45,7 +46,7 @@ class TeacherActor:
         import torch
         self.probabilities = probabilities
         self.torch = torch
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch_device()
         self.model = load_classifier(model_path, where).to(self.device).eval()
         self.dtype = DTYPES[precision]
 

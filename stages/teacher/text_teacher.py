@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from stages.models.text import load_text_model, mean_pool, tokenize
+from stages.models.device import device as torch_device
 
 # the text signals -> which kind of transformers model produces them
 TEXT_SIGNALS = {"topk_logprobs": "causal-lm", "hidden_states": "encoder",
@@ -33,7 +34,7 @@ class TextTeacherActor:
         import torch
         self.torch, self.signal, self.top_k, self.layers = torch, signal, top_k, layers
         self.max_length, self.text_column = max_length, text_column
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch_device()
         self.model, self.tokenizer = load_text_model(model_path, TEXT_SIGNALS[signal], where)
         self.model.to(self.device)
         self.dtype = DTYPES[precision]
