@@ -22,7 +22,8 @@ c = 0.00054 sqrt(dim) when ``huber_c`` is left unset).
   (Algorithm 2's Phi), the teacher in the loop.
 
 The student (the teacher's UNet, or a smaller ``architecture`` started from the teacher
-weights it shares; fresh with ``init: scratch``) is saved as a diffusers folder with ``student.json``: multistep consistency sampling (Algorithm 1) in
+weights it shares; fresh with ``init: scratch``) is saved as a diffusers folder with
+``student.json``: multistep consistency sampling (Algorithm 1) in
 1..K-1 steps over the trajectory's timesteps.
 """
 

@@ -148,7 +148,7 @@ def test_students_train_resume_and_sample(students, dteacher):
 
 def test_block_removed_student_starts_from_the_teacher_weights():
     """BK-SDM-style: a student without the attention blocks keeps every other teacher
-    tensor; with init scratch, or with other widths, it shares none of them."""
+    tensor; with init scratch it shares none, and with other widths at most one."""
     from diffusers import DDIMScheduler
     from stages.models.diffusion import Diffusion, StudentConfig, UNetArch, init_student
     torch.manual_seed(0)
