@@ -120,41 +120,46 @@ class Pipeline:
     def _wire(self, node: Node) -> None:
         cls = type(node.stage)
         where = f"stage '{node.name}' ({node.kind})"
+        allowed = {**cls.inputs, **cls.optional_inputs}
         for given in node.refs:
-            if given not in cls.inputs:
-                raise UserError(f"{where}: unknown input '{given}'{did_you_mean(given, cls.inputs)}; "
-                                f"allowed inputs: {allowed_list(cls.inputs)}")
-        for inp, want in cls.inputs.items():
-            if inp not in node.refs:
+            if given not in allowed:
+                raise UserError(f"{where}: unknown input '{given}'{did_you_mean(given, allowed)}; "
+                                f"allowed inputs: {allowed_list(allowed)}")
+        for inp, want in allowed.items():
+            if inp in node.refs:
+                node.inputs[inp] = self._resolve(where, inp, want, node.refs[inp], node.name)
+            elif inp in cls.inputs:
                 raise UserError(f"{where}: input '{inp}' ({want.type_name}) is not wired; "
                                 f"add inputs: {{{inp}: <stage> or <stage>.<output>}}")
-            ref = node.refs[inp]
-            if not isinstance(ref, str) or not ref:
-                raise UserError(f"{where}: input '{inp}' is {ref!r}; allowed: 'stage' or "
-                                f"'stage.output'")
-            up_name, _, out = ref.partition(".")
-            if up_name not in self.nodes:
-                others = [n for n in self.nodes if n != node.name]
-                raise UserError(f"{where}: input '{inp}' names stage '{up_name}', which does not "
-                                f"exist{did_you_mean(up_name, others)}; stages: {allowed_list(others)}")
-            up_outputs = type(self.nodes[up_name].stage).outputs
-            if not out:
-                if len(up_outputs) == 1:
-                    out = next(iter(up_outputs))
-                elif inp in up_outputs:
-                    out = inp
-                else:
-                    raise UserError(f"{where}: input '{inp}': stage '{up_name}' has several outputs; "
-                                    f"name one as '{up_name}.<output>'; outputs: "
-                                    f"{allowed_list(up_outputs)}")
-            if out not in up_outputs:
-                raise UserError(f"{where}: input '{inp}': stage '{up_name}' has no output '{out}'"
-                                f"{did_you_mean(out, up_outputs)}; outputs: {allowed_list(up_outputs)}")
-            have = up_outputs[out]
-            if not issubclass(have, want):
-                raise UserError(f"{where}: input '{inp}' needs a {want.type_name}, but "
-                                f"'{up_name}.{out}' is a {have.type_name}")
-            node.inputs[inp] = (up_name, out)
+
+    def _resolve(self, where: str, inp: str, want: type, ref, name: str) -> tuple[str, str]:
+        """``stage`` or ``stage.output`` -> (stage, output), checked against the graph."""
+        if not isinstance(ref, str) or not ref:
+            raise UserError(f"{where}: input '{inp}' is {ref!r}; allowed: 'stage' or "
+                            f"'stage.output'")
+        up_name, _, out = ref.partition(".")
+        if up_name not in self.nodes:
+            others = [n for n in self.nodes if n != name]
+            raise UserError(f"{where}: input '{inp}' names stage '{up_name}', which does not "
+                            f"exist{did_you_mean(up_name, others)}; stages: {allowed_list(others)}")
+        up_outputs = type(self.nodes[up_name].stage).outputs
+        if not out:
+            if len(up_outputs) == 1:
+                out = next(iter(up_outputs))
+            elif inp in up_outputs:
+                out = inp
+            else:
+                raise UserError(f"{where}: input '{inp}': stage '{up_name}' has several outputs; "
+                                f"name one as '{up_name}.<output>'; outputs: "
+                                f"{allowed_list(up_outputs)}")
+        if out not in up_outputs:
+            raise UserError(f"{where}: input '{inp}': stage '{up_name}' has no output '{out}'"
+                            f"{did_you_mean(out, up_outputs)}; outputs: {allowed_list(up_outputs)}")
+        have = up_outputs[out]
+        if not issubclass(have, want):
+            raise UserError(f"{where}: input '{inp}' needs a {want.type_name}, but "
+                            f"'{up_name}.{out}' is a {have.type_name}")
+        return up_name, out
 
     def order(self) -> list[str]:
         """Stage names in a topological order (stable: ties keep insertion order)."""

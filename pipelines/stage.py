@@ -2,7 +2,8 @@
 
 A stage is a class with a registered ``kind`` (its name in YAML), a ``version`` (bump it
 when behaviour changes: it is part of the cache key), a typed ``Config`` (pydantic, unknown
-keys rejected), declared ``inputs`` / ``outputs`` (name -> artifact type) and the
+keys rejected), declared ``inputs`` / ``outputs`` (name -> artifact type; ``optional_inputs`` may be left
+unwired) and the
 ``resources`` of its coordinator Ray task::
 
     class Square(Stage):
@@ -63,6 +64,9 @@ class Stage:
     version: ClassVar[str]
     Config: ClassVar[type[StageConfig]] = StageConfig
     inputs: ClassVar[dict[str, type[Artifact]]] = {}
+    # inputs a pipeline may leave unwired: ``run`` then gets no such argument (give it a
+    # default) and the cache key has no such input
+    optional_inputs: ClassVar[dict[str, type[Artifact]]] = {}
     outputs: ClassVar[dict[str, type[Artifact]]] = {}
     resources: ClassVar[Resources] = Resources()
     # names of the metrics ``run`` logs (``ctx.log_metrics`` / ``ctx.write_report``);
@@ -104,12 +108,15 @@ def _check_declaration(cls: type[Stage]) -> None:
             raise TypeError(f"{where}: '{attr}' must be a non-empty string")
     if not (isinstance(cls.Config, type) and issubclass(cls.Config, StageConfig)):
         raise TypeError(f"{where}: Config must subclass pipelines.StageConfig")
-    for side in ("inputs", "outputs"):
+    for side in ("inputs", "optional_inputs", "outputs"):
         for name, typ in getattr(cls, side).items():
             if not (isinstance(typ, type) and issubclass(typ, Artifact)):
                 raise TypeError(f"{where}: {side}[{name!r}] must be an Artifact type, got {typ!r}")
     if not cls.outputs:
         raise TypeError(f"{where}: a stage declares at least one output")
+    both = sorted(set(cls.inputs) & set(cls.optional_inputs))
+    if both:
+        raise TypeError(f"{where}: {both} declared both in inputs and in optional_inputs")
 
 
 def register(cls: type[Stage]) -> type[Stage]:

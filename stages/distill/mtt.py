@@ -10,6 +10,11 @@ log space so that it stays positive and its step is scale-free):
 
     theta_{n+1} = theta_n - alpha * grad_theta L_CE(A(x_syn), y_syn; theta_n)
 
+The synthetic set starts from ``ipc`` random real images per class, as in the paper, or,
+when the optional input ``init`` is wired, from another synthetic set of the same IPC (a
+``dm`` or ``herding`` output): MTT then refines it. On digits at IPC 1 that start matters
+more than any setting of MTT's own (benchmarks/results/gpu_check.md).
+
 The images and alpha minimise the normalised parameter-matching loss (eq. 2):
 
     L = ||theta_N - theta*_{t+M}||^2 / ||theta*_t - theta*_{t+M}||^2
@@ -36,7 +41,8 @@ from pipelines.errors import bad_value
 from pipelines.stage import Dataset, Stage
 from stages.distill.dd_common import (NetConfig, build_net, dataset_key, device, dsa,
                                       functional_forward, image_grid, load_checkpoint,
-                                      real_init, save_checkpoint, train_set, write_synthetic)
+                                      read_synthetic, real_init, save_checkpoint, train_set,
+                                      write_synthetic)
 from stages.teacher.expert_trajectories import ExpertReader
 
 CHECKPOINT = "mtt_checkpoint.pt"
@@ -44,7 +50,7 @@ CHECKPOINT = "mtt_checkpoint.pt"
 
 class MatchTrajectories(Stage):
     kind = "mtt"
-    version = "1"
+    version = "1"  # unchanged by input ``init``: without it the stage computes what it did
 
     class Config(NetConfig):
         ipc: int = Field(1, ge=1)                    # images per class
@@ -62,9 +68,10 @@ class MatchTrajectories(Stage):
         checkpoint_every: int = Field(25, ge=1)
 
     inputs = {"experts": Dataset, "data": Dataset}
+    optional_inputs = {"init": Dataset}   # a synthetic set to start from (dm, herding)
     outputs = {"synthetic": Dataset}
 
-    def run(self, ctx, experts, data):
+    def run(self, ctx, experts, data, init=None):
         cfg = self.config
         where = f"stage '{ctx.name}' ({self.kind})"
         torch.set_num_threads(1)
@@ -75,9 +82,13 @@ class MatchTrajectories(Stage):
                             cfg.max_start_epoch + cfg.expert_epochs,
                             f"at most the {reader.epochs} epochs recorded by input 'experts'")
 
-        # 1. synthetic images (from real ones), alpha, optimisers; or the last checkpoint
+        # 1. synthetic images (real ones, or input 'init'), alpha, optimisers; or the last
+        #    checkpoint
         dev = device()  # the GPU when the stage was given one (resources.num_gpus)
-        xs, ys = real_init(x, y, cfg.ipc, num_classes, ctx.seed)
+        if init is None:
+            xs, ys = real_init(x, y, cfg.ipc, num_classes, ctx.seed)
+        else:
+            xs, ys = self._start_from(init, x, num_classes, f"{where} input 'init'")
         xs, ys = xs.to(dev).requires_grad_(True), ys.to(dev)
         log_lr = torch.tensor(math.log(cfg.lr_init), device=dev, requires_grad=True)
         opt_img = torch.optim.SGD([xs], lr=cfg.lr_img, momentum=cfg.momentum)
@@ -142,8 +153,24 @@ class MatchTrajectories(Stage):
         ctx.save_figure(image_grid(xs, ys, num_classes, f"MTT, ipc {cfg.ipc}"), "synthetic.png")
         info = {"method": "mtt", "ipc": cfg.ipc, "num_classes": num_classes, "arch": arch,
                 "synthetic_lr": float(syn_lr.item()), "iterations": cfg.iterations,
-                "resumed_from": start, "expert_rows_read": reader.rows_read}
+                "resumed_from": start, "expert_rows_read": reader.rows_read,
+                "init": "real" if init is None else init.info.get("method", "synthetic")}
         return {"synthetic": write_synthetic(ctx, xs, ys, info)}
+
+    def _start_from(self, init: Dataset, x: torch.Tensor, num_classes: int, where: str):
+        """The images and labels of a synthetic set with this stage's IPC, classes and
+        image shape, in class order."""
+        xs, ys = read_synthetic(init, where)
+        if tuple(xs.shape[1:]) != tuple(x.shape[1:]):
+            raise bad_value(where, "image shape", list(xs.shape[1:]),
+                            f"{list(x.shape[1:])}, the shape of input 'data'")
+        counts = torch.bincount(ys, minlength=num_classes).tolist()
+        if len(counts) != num_classes or set(counts) != {self.config.ipc}:
+            raise bad_value(where, "images per class", counts,
+                            f"{self.config.ipc} for each of the {num_classes} classes "
+                            f"(this stage's ipc)")
+        order = torch.argsort(ys, stable=True)
+        return xs[order].clone(), ys[order].clone()
 
     def _diverged(self, ctx, where, it, what, syn_lr):
         raise FloatingPointError(

@@ -81,6 +81,44 @@ def test_unknown_output_and_wrong_artifact_type():
         unregister("test-takes-report")
 
 
+def test_optional_input_may_be_left_unwired_and_is_checked_when_wired():
+    from pipelines._internal.planner import stage_states
+
+    class Refine(Stage):
+        kind = "test-refine"
+        version = "1"
+        inputs = {"numbers": Dataset}
+        optional_inputs = {"init": Dataset}
+        outputs = {"out": Dataset}
+
+    try:
+        p = build(spec(nums=NUMS, r={"kind": "test-refine", "inputs": {"numbers": "nums"}},
+                       r2={"kind": "test-refine", "inputs": {"numbers": "nums", "init": "r"}}))
+        assert p.nodes["r"].inputs == {"numbers": ("nums", "numbers")}
+        assert p.nodes["r2"].inputs == {"numbers": ("nums", "numbers"), "init": ("r", "out")}
+        assert p.order().index("r") < p.order().index("r2")
+        keys = stage_states(p)
+        assert set(keys["r"].inputs) == {"numbers"} and set(keys["r2"].inputs) == {"numbers", "init"}
+        assert keys["r"].key != keys["r2"].key  # the wired optional input is in the key
+        msg = error(spec(nums=NUMS, r={"kind": "test-refine",
+                                       "inputs": {"numbers": "nums", "int": "nums"}}))
+        assert "unknown input 'int'" in msg and "did you mean 'init'" in msg
+        assert "allowed inputs: numbers, init" in msg or "allowed inputs: init, numbers" in msg
+        assert "names stage 'numz'" in error(spec(nums=NUMS, r={
+            "kind": "test-refine", "inputs": {"numbers": "nums", "init": "numz"}}))
+        assert "input 'numbers' (dataset) is not wired" in error(spec(
+            nums=NUMS, r={"kind": "test-refine", "inputs": {"init": "nums"}}))
+    finally:
+        unregister("test-refine")
+    with pytest.raises(TypeError, match="both in inputs and in optional_inputs"):
+        class Twice(Stage):  # noqa: F841
+            kind = "test-twice"
+            version = "1"
+            inputs = {"a": Dataset}
+            optional_inputs = {"a": Dataset}
+            outputs = {"out": Dataset}
+
+
 def test_cycle_is_reported_with_its_path():
     msg = error(spec(a={"kind": "test-scale", "inputs": {"numbers": "b"}},
                      b={"kind": "test-scale", "inputs": {"numbers": "a"}}))

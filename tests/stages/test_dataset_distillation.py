@@ -126,6 +126,26 @@ def test_mtt_resumes_streams_and_reports_divergence(experts, digits, tmp_path):
                   "mtt_lr", experts=experts, data=digits)
 
 
+def test_mtt_refines_the_synthetic_set_wired_as_init(experts, digits, tmp_path):
+    # a synthetic set drawn with another seed than mtt's own real init
+    start = run_stage(RandomSubset, {"ipc": 1}, tmp_path, "start", seed=5,
+                      data=digits)[0]["synthetic"]
+    cols = start.to_numpy()
+    out = run_stage(MatchTrajectories, {**MTT, "iterations": 1, "lr_img": 1e-6}, tmp_path,
+                    "refine", experts=experts, data=digits, init=start)[0]["synthetic"]
+    got = out.to_numpy()
+    order = np.argsort(cols["label"], kind="stable")
+    assert got["label"].tolist() == list(range(10)) and out.info["init"] == "random"
+    np.testing.assert_allclose(got["x"], cols["x"][order], atol=1e-4)  # a tiny step from it
+    plain = run_stage(MatchTrajectories, {**MTT, "iterations": 1, "lr_img": 1e-6}, tmp_path,
+                      "plain", experts=experts, data=digits)[0]["synthetic"]
+    assert plain.info["init"] == "real" and not np.allclose(plain.to_numpy()["x"], got["x"])
+    two = run_stage(RandomSubset, {"ipc": 2}, tmp_path, "two", data=digits)[0]["synthetic"]
+    with pytest.raises(UserError, match=r"input 'init'.*images per class.*\[2, 2"):
+        run_stage(MatchTrajectories, {**MTT, "iterations": 1}, tmp_path, "bad",
+                  experts=experts, data=digits, init=two)
+
+
 def test_experts_from_another_architecture_or_dataset(experts, digits, tmp_path):
     with pytest.raises(UserError, match="architecture"):
         run_stage(MatchTrajectories, {**MTT, "width": 16, "iterations": 1}, tmp_path, "a",
