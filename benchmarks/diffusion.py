@@ -55,7 +55,7 @@ def run_example(store: str, overrides: dict, gpus: float) -> tuple[dict, dict, d
     import hashlib
     import pickle
 
-    import stages  # noqa: F401  registers the catalog
+    import stages.catalog  # noqa: F401  registers the catalog
     from pipelines.context import StageContext
     from pipelines.stage import get_stage_class
 

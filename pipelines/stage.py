@@ -152,5 +152,5 @@ def get_stage_class(kind: str, where: str = "pipeline") -> type[Stage]:
 
 
 def _load_catalog() -> None:
-    """Import the built-in catalog (``stages``) so its kinds are registered."""
-    import stages  # noqa: F401
+    """Import the built-in catalog (``stages.catalog``) so its kinds are registered."""
+    import stages.catalog  # noqa: F401

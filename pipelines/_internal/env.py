@@ -9,6 +9,9 @@ DEFAULTS = {
     "RAY_TRAIN_V2_ENABLED": "1",
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "HF_HUB_OFFLINE": "1",                # models load from local folders only
+    # Ray Train's controller polls its workers this often (Ray's default 2 s): every
+    # ``ray.train.report`` and the end of a run wait for a poll, seconds per run at 2 s
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
 }
 
 

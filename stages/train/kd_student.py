@@ -50,7 +50,8 @@ from stages.data.tables import parquet, require_columns
 from stages.models.classifiers import ArchName, ClassifierArch
 from stages.models.text import TextStudentArch
 from stages.train.kd_tasks import TASKS, ClassifierTask, hinton_kd_loss  # noqa: F401
-from stages.train.loop import OptimConfig, train_epoch
+from stages.train.loop import (OptimConfig, hold_in_memory, hold_tables, permuted_batches,
+                               train_epoch)
 from stages.train.taid import TAIDSchedule
 
 STATE_FILE, CONFIG_FILE = "state.pt", "config.json"
@@ -85,10 +86,14 @@ def train_loop(config: dict) -> None:
     opt = cfg.optimizer(model)
     if state:
         opt.load_state_dict(state["optimizer"])  # moves its tensors to the params' device
-    shard = ray.train.get_dataset_shard("train")
+    if config["shards"] is not None:  # this worker's rows, read once into memory
+        held = hold_tables(ray.get(config["shards"][rank]), task.columns)
+    else:  # streamed from the object store every epoch
+        held, shard = None, ray.train.get_dataset_shard("train")
+    device = ray.train.torch.get_device()
 
     taid = _taid_schedule(cfg, state)
-    if taid:  # same number of steps on every worker: DataConfig splits the rows equally
+    if taid:  # same number of steps on every worker: the rows are split equally
         world = ray.train.get_context().get_world_size()
         total_steps = cfg.epochs * -(-(config["num_train"] // world) // cfg.batch_size)
 
@@ -99,9 +104,12 @@ def train_loop(config: dict) -> None:
         return loss, logits, labels
 
     for epoch in range(start, cfg.epochs):
-        batches = shard.iter_torch_batches(
-            batch_size=cfg.batch_size, local_shuffle_buffer_size=cfg.shuffle_buffer,
-            local_shuffle_seed=ctx.seed + epoch, dtypes=task.columns)
+        if held is not None:  # a fresh permutation of the held rows, as a torch loop does
+            batches = permuted_batches(held, cfg.batch_size, ctx.seed + epoch, device)
+        else:  # streamed from the object store, shuffled within a buffer
+            batches = shard.iter_torch_batches(
+                batch_size=cfg.batch_size, local_shuffle_buffer_size=cfg.shuffle_buffer,
+                local_shuffle_seed=ctx.seed + epoch, dtypes=task.columns)
         metrics = {**train_epoch(model, batches, opt, loss_fn, epoch), "start_epoch": start}
         if taid:
             metrics["taid_t"] = taid.t
@@ -145,7 +153,7 @@ def _mean_over_workers(value: torch.Tensor) -> float:
 
 class KDStudent(Stage):
     kind = "kd-student"
-    version = "3"  # 2: ``loss: taid``; 3: text signals, probabilities
+    version = "4"  # 2: ``loss: taid``; 3: text signals, probabilities; 4: shards in memory
 
     class Config(ClassifierArch, TextStudentArch, OptimConfig):
         # classifier students: ClassifierArch's fields; text students: TextStudentArch's
@@ -161,7 +169,11 @@ class KDStudent(Stage):
         taid_t_end: float = Field(1.0, ge=0, le=1)
         taid_alpha: float = Field(5e-4, ge=0, le=1)     # adaptive step size
         taid_beta: float = Field(0.99, ge=0, lt=1)      # momentum of the loss improvement
-        shuffle_buffer: int = Field(1024, ge=1)
+        shuffle_buffer: int = Field(1024, ge=1)   # streamed shards only
+        # a worker whose shard is at most this large reads it once into memory and draws a
+        # fresh permutation every epoch (what a torch loop does, without Ray Data's
+        # per-batch cost); larger shards stream every epoch; 0: always stream
+        in_memory_mib: int = Field(2048, ge=0)
         num_workers: int = Field(1, ge=1)
         use_gpu: bool = True       # used only when the cluster has GPUs
         max_failures: int = Field(0, ge=-1)
@@ -201,9 +213,16 @@ class KDStudent(Stage):
         columns = list(task.columns)
         train = signal.read(columns=columns + ["split"]).filter(
             expr=col("split") == "train").select_columns(columns)
+        in_memory, datasets, extra = False, {"train": train}, {"shards": None}
         if cfg.cache:
-            train = train.materialize()
-        extra = {}
+            train = train.materialize()  # its size is then known without reading
+            in_memory = hold_in_memory(train.size_bytes() // cfg.num_workers, cfg.in_memory_mib)
+            datasets = {"train": train}
+        if in_memory:  # worker i gets the blocks of share i as object refs: no split
+            # coordinator and no streaming executor on the workers
+            parts = train.split(cfg.num_workers, equal=True) if cfg.num_workers > 1 else [train]
+            extra["shards"] = [part.to_arrow_refs() for part in parts]
+            datasets = {}
         if cfg.loss == "taid":  # the schedule's length in steps needs the row count
             extra["num_train"] = parquet(signal).count_rows(filter=pc.field("split") == "train")
         trainer = TorchTrainer(
@@ -217,8 +236,8 @@ class KDStudent(Stage):
                 storage_path=os.path.abspath(os.path.join(ctx.work_dir, "ray_train")),
                 failure_config=FailureConfig(max_failures=cfg.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
-            datasets={"train": train},
-            dataset_config=DataConfig(datasets_to_split=["train"]))
+            datasets=datasets or None,
+            dataset_config=DataConfig(datasets_to_split=list(datasets)))
         try:
             result = trainer.fit()
         except TrainingFailedError as e:
@@ -229,7 +248,8 @@ class KDStudent(Stage):
         model.load_state_dict(state["model"])
         out = ctx.output_dir("model")
         info = {**task.save(model, out), "signal": meta["signal"], "loss": cfg.loss,
-                "epochs": state["epoch"] + 1, **(result.metrics or {})}
+                "epochs": state["epoch"] + 1, "shard_in_memory": in_memory,
+                **(result.metrics or {})}
         return {"model": Model(path=out, info=info)}
 
     def _check_signal(self, ctx, signal) -> dict:

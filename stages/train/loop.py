@@ -1,5 +1,6 @@
 """The training loop shared by every stage that fits a classifier (in-process or on a Ray
-Train worker): one epoch of minibatch steps with a non-finite-loss check."""
+Train worker): one epoch of minibatch steps with a non-finite-loss check; and a Ray Train
+worker's shard held in memory, fully shuffled every epoch."""
 
 from __future__ import annotations
 
@@ -48,3 +49,32 @@ def train_epoch(model: torch.nn.Module, batches: Iterable, opt: torch.optim.Opti
     if scored or not seen:
         metrics["train_accuracy"] = correct / max(seen, 1)
     return metrics
+
+
+def hold_tables(tables: list, columns: dict) -> dict[str, torch.Tensor]:
+    """Arrow tables (a worker's blocks) as one CPU tensor per column, of ``columns``' dtypes."""
+    import numpy as np
+    import pyarrow as pa
+    from pipelines.artifacts import column_to_numpy
+    table = pa.concat_tables(tables)
+    out = {}
+    for k, dtype in columns.items():
+        a = column_to_numpy(table.column(k))
+        if a.dtype == object:  # a list column: one array per row
+            a = np.stack([np.asarray(r) for r in a])
+        out[k] = torch.as_tensor(a, dtype=dtype)
+    return out
+
+
+def permuted_batches(held: dict, batch_size: int, seed: int, device):
+    """Minibatches of a fresh permutation of ``held`` (seeded), moved to ``device``."""
+    n = len(next(iter(held.values())))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    for idx in order.split(batch_size):
+        yield {k: v[idx].to(device, non_blocking=True) for k, v in held.items()}
+
+
+def hold_in_memory(shard_bytes: int, limit_mib: int) -> bool:
+    """Whether each Ray Train worker holds its shard in memory (read once, fully shuffled
+    every epoch) rather than streaming it from the object store every epoch."""
+    return limit_mib > 0 and shard_bytes <= limit_mib * 2**20

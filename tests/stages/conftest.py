@@ -44,10 +44,12 @@ KD_CONFIG = {"temperature": 4.0, "alpha": 0.9}
 @pytest.fixture(scope="session")
 def kd_runs(ray_session, signal, tmp_path_factory):
     """kd-student run twice on the same work dir and key, as a retried attempt would be:
-    first for 2 epochs, then for 5; the second run must resume after epoch 1."""
+    first for 2 epochs, streaming the rows from the object store (``in_memory_mib: 0``),
+    then for 5 with the rows held in memory; the second run must resume after epoch 1."""
     from stages.train.kd_student import KDStudent
     ctx = StageContext.for_testing(tmp_path_factory.mktemp("kd"), name="kd", kind="kd-student")
-    first = KDStudent({**KD_CONFIG, "epochs": 2}).run(ctx, signal=signal)["model"]
+    first = KDStudent({**KD_CONFIG, "epochs": 2, "in_memory_mib": 0}).run(
+        ctx, signal=signal)["model"]
     second = KDStudent({**KD_CONFIG, "epochs": 5}).run(ctx, signal=signal)["model"]
     return {"first": first, "second": second, "ctx": ctx}
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from pipelines.errors import UserError
 from stages.models.classifiers import MLP, load_classifier, predict_logits
 from stages.train.kd_student import KDStudent, hinton_kd_loss
+from stages.train.loop import hold_in_memory, hold_tables, permuted_batches
 from tests.stages.conftest import KD_CONFIG, run_stage
 
 
@@ -24,6 +25,25 @@ def test_hinton_loss():
     torch.testing.assert_close(hinton_kd_loss(z_s, z_t, y, 2.0, 1.0), 4 * kl.sum(1).mean())
 
 
+def test_held_rows_decision_and_permuted_batches():
+    import pyarrow as pa
+    assert hold_in_memory(2**20, 1) and not hold_in_memory(2**20 + 1, 1)
+    assert not hold_in_memory(0, 0)  # 0: always stream
+    tables = [pa.table({"x": [[1.0, 2.0], [3.0, 4.0]], "label": [0, 1]}),
+              pa.table({"x": [[5.0, 6.0]], "label": [2]})]
+    held = hold_tables(tables, {"x": torch.float32, "label": torch.int64})
+    assert held["x"].shape == (3, 2) and held["x"].dtype == torch.float32
+    assert held["label"].tolist() == [0, 1, 2] and held["label"].dtype == torch.int64
+    epochs = [list(permuted_batches(held, 2, seed, "cpu")) for seed in (0, 0, 1, 2, 3)]
+    for batches in epochs:  # every row once per epoch, rows kept whole, batches of 2
+        assert [len(b["label"]) for b in batches] == [2, 1]
+        rows = torch.cat([b["label"] for b in batches])
+        assert sorted(rows.tolist()) == [0, 1, 2]
+        assert torch.equal(torch.cat([b["x"] for b in batches]), held["x"][rows])
+    orders = [torch.cat([b["label"] for b in e]).tolist() for e in epochs]
+    assert orders[0] == orders[1] and len({tuple(o) for o in orders}) > 1  # seeded, reshuffled
+
+
 def test_student_learns_from_the_teacher(student, signal):
     model = load_classifier(student.path)
     assert isinstance(model, MLP)
@@ -36,6 +56,7 @@ def test_student_learns_from_the_teacher(student, signal):
 def test_second_run_resumes_from_the_last_checkpoint(kd_runs):
     first, second = kd_runs["first"], kd_runs["second"]
     assert first.info["start_epoch"] == 0 and first.info["epochs"] == 2
+    assert first.info["shard_in_memory"] is False and second.info["shard_in_memory"] is True
     assert second.info["start_epoch"] == 2 and second.info["epochs"] == 5
     assert second.info["train_loss"] < first.info["train_loss"]
     # every checkpoint carries the resolved config; two are kept
