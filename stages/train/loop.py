@@ -52,18 +52,19 @@ def train_epoch(model: torch.nn.Module, batches: Iterable, opt: torch.optim.Opti
 
 
 def hold_tables(tables: list, columns: dict) -> dict[str, torch.Tensor]:
-    """Arrow tables (a worker's blocks) as one CPU tensor per column, of ``columns``' dtypes."""
+    """Arrow tables (a worker's blocks) as one CPU tensor per column, of ``columns``' dtypes.
+    Blocks may differ in how they store a tensor column (Ray's tensor extension v1 or v2,
+    lists), so each is converted on its own."""
     import numpy as np
-    import pyarrow as pa
     from pipelines.artifacts import column_to_numpy
-    table = pa.concat_tables(tables)
-    out = {}
-    for k, dtype in columns.items():
+
+    def array(table, k):
         a = column_to_numpy(table.column(k))
-        if a.dtype == object:  # a list column: one array per row
-            a = np.stack([np.asarray(r) for r in a])
-        out[k] = torch.as_tensor(a, dtype=dtype)
-    return out
+        return np.stack([np.asarray(r) for r in a]) if a.dtype == object else a  # lists
+
+    tables = [t for t in tables if t.num_rows]
+    return {k: torch.as_tensor(np.concatenate([array(t, k) for t in tables]), dtype=dtype)
+            for k, dtype in columns.items()}
 
 
 def permuted_batches(held: dict, batch_size: int, seed: int, device):

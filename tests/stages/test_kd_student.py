@@ -29,8 +29,13 @@ def test_held_rows_decision_and_permuted_batches():
     import pyarrow as pa
     assert hold_in_memory(2**20, 1) and not hold_in_memory(2**20 + 1, 1)
     assert not hold_in_memory(0, 0)  # 0: always stream
-    tables = [pa.table({"x": [[1.0, 2.0], [3.0, 4.0]], "label": [0, 1]}),
-              pa.table({"x": [[5.0, 6.0]], "label": [2]})]
+    from ray.data.extensions import ArrowTensorArray
+    import numpy as np
+    tables = [pa.table({"x": [[1.0, 2.0], [3.0, 4.0]], "label": [0, 1]}),  # lists
+              pa.table({"x": ArrowTensorArray.from_numpy(np.array([[5.0, 6.0]])),
+                        "label": [2]}),                                   # Ray's tensors
+              pa.table({"x": pa.array([], pa.list_(pa.float64())),
+                        "label": pa.array([], pa.int64())})]              # an empty block
     held = hold_tables(tables, {"x": torch.float32, "label": torch.int64})
     assert held["x"].shape == (3, 2) and held["x"].dtype == torch.float32
     assert held["label"].tolist() == [0, 1, 2] and held["label"].dtype == torch.int64
