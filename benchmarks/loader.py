@@ -5,17 +5,21 @@ cache keys: MNIST-1D rows with a ConvNet1D teacher's logits, as the stage wrote 
 
 - the stage's loader, exactly as ``kd-student`` builds it: ``signal.read(columns)``,
   ``filter(split == "train")``, ``select_columns``, ``materialize()`` (the stage's
-  ``cache: true``), then what a Ray Train worker does with its shard: a
+  ``cache: true``), then what a Ray Train worker does with its share when it fits
+  ``in_memory_mib`` (``held``): ``to_arrow_refs()``, ``ray.get``, the stage's own
+  ``hold_tables`` and ``permuted_batches`` (batches of 64); or, for a larger share
+  (``streamed``, the stage's path before stop 14 and still its path above the limit): a
   ``streaming_split(1, equal=True)`` iterator, ``iter_torch_batches(batch_size=64,
-  local_shuffle_buffer_size=1024, dtypes=...)``, every batch consumed (no training). Run in
+  local_shuffle_buffer_size=1024, dtypes=...)``; every batch consumed (no training). Run in
   this process with the runner's embedded Ray already started;
 - bare: ``pyarrow.parquet.read_table`` of the same files (same columns, same filter) into
   numpy arrays, then batches of 64 rows of a random permutation as torch tensors.
 
 Figures (each side alternately in every repetition, order swapped every other one):
 ``median_ratio``: rows/s of one training pass including the read (loader / bare);
-``cached_epoch`` (README row): rows/s of a second pass, the rows already in memory (Ray's
-object store / the numpy arrays); ``example`` (README row): the first figure on the
+``cached_epoch`` (README row): rows/s of a second pass, the rows already in memory (the
+held tensors / the numpy arrays); ``streamed_ratio`` (README row): the first figure for
+the streamed path; ``example`` (README row): the first figure on the
 example's 5000-row signal. Sizes: the signal of ``BENCH_ROWS`` rows (default 300000, 80%
 train); reading it is well under a minute of bare work: a parquet read is too fast to
 reach a minute without tens of GB on disk. ``BENCH_TINY=1``: 2000 rows.
@@ -34,22 +38,29 @@ BATCH_SIZE, SHUFFLE_BUFFER = 64, 1024  # kd-student's defaults
 COLUMNS = ["x", "label", "logits"]
 
 
-def stage_loader(signal) -> dict:
+def stage_loader(signal, held: bool = True) -> dict:
+    import ray
     import torch
     from ray.data.expressions import col
+    from stages.train.loop import hold_tables, permuted_batches
     dtypes = {"x": torch.float32, "label": torch.int64, "logits": torch.float32}
     t0 = time.perf_counter()
     train = signal.read(columns=COLUMNS + ["split"]).filter(
         expr=col("split") == "train").select_columns(COLUMNS).materialize()
+    if held:
+        rows_in_memory = hold_tables(ray.get(train.to_arrow_refs()), dtypes)
+    else:
+        shard = train.streaming_split(1, equal=True)[0]
     read_s = time.perf_counter() - t0
-    shard = train.streaming_split(1, equal=True)[0]
     passes = []
     for epoch in range(2):
         t = time.perf_counter()
         rows = 0
-        for batch in shard.iter_torch_batches(batch_size=BATCH_SIZE,
-                                              local_shuffle_buffer_size=SHUFFLE_BUFFER,
-                                              local_shuffle_seed=epoch, dtypes=dtypes):
+        batches = (permuted_batches(rows_in_memory, BATCH_SIZE, epoch, "cpu") if held else
+                   shard.iter_torch_batches(batch_size=BATCH_SIZE, dtypes=dtypes,
+                                            local_shuffle_buffer_size=SHUFFLE_BUFFER,
+                                            local_shuffle_seed=epoch))
+        for batch in batches:
             rows += len(batch["label"])
         passes.append(time.perf_counter() - t)
     return {"rows": rows, "read_s": read_s, "first_s": read_s + passes[0],
@@ -90,15 +101,18 @@ def run(repetitions: int = 5) -> dict:
         reps = {label: [] for label in signals}
         for i in range(repetitions):
             for label, signal in signals.items():
-                sides = [("bare", bare_loader), ("loader", stage_loader)]
-                out = {n: f(signal) for n, f in (sides if i % 2 == 0 else sides[::-1])}
-                b, r = out["bare"], out["loader"]
-                assert b["rows"] == r["rows"], (b["rows"], r["rows"])
+                sides = [("bare", bare_loader), ("loader", stage_loader),
+                         ("streamed", lambda s: stage_loader(s, held=False))]
+                k = i % len(sides)
+                out = {n: f(signal) for n, f in sides[k:] + sides[:k]}
+                b, r, st = out["bare"], out["loader"], out["streamed"]
+                assert b["rows"] == r["rows"] == st["rows"], (b["rows"], r["rows"], st["rows"])
                 rep = {"rows": b["rows"],
                        **{f"{side}_{k}": round(v, 3) for side, o in out.items()
                           for k, v in o.items() if k != "rows"},
                        "ratio": round(b["first_s"] / r["first_s"], 4),
-                       "cached_ratio": round(b["cached_s"] / r["cached_s"], 4)}
+                       "cached_ratio": round(b["cached_s"] / r["cached_s"], 4),
+                       "streamed_ratio": round(b["first_s"] / st["first_s"], 4)}
                 reps[label].append(rep)
                 print(f"  {label} {i + 1}/{repetitions}: first pass bare {b['first_s']:.2f}s, "
                       f"loader {r['first_s']:.2f}s (read {r['read_s']:.2f}s), ratio "
@@ -110,26 +124,33 @@ def run(repetitions: int = 5) -> dict:
     for label, r in reps.items():
         median, spread = common.summary([x["ratio"] for x in r])
         cached, cached_spread = common.summary([x["cached_ratio"] for x in r])
+        streamed, streamed_spread = common.summary([x["streamed_ratio"] for x in r])
         n = r[0]["rows"]
         figures[label] = {
             "rows": n, "repetitions": r, "median_ratio": median, "spread": spread,
             "cached_ratio": cached, "cached_spread": cached_spread,
+            "streamed_ratio": streamed, "streamed_spread": streamed_spread,
             "median_loader_rows_s": round(n / common.summary([x["loader_first_s"] for x in r])[0]),
             "median_bare_rows_s": round(n / common.summary([x["bare_first_s"] for x in r])[0])}
     main, example = figures["main"], figures["example"]
     command = f"python -m benchmarks --only loader --repetitions {repetitions}"
     return {
         "name": "loader",
-        "what": f"kd-student's loader (Ray Data read, filter, materialize, streaming split, "
-                f"iter_torch_batches 64) vs pyarrow read_table into numpy + batches: rows/s of "
-                f"one pass with the read; teacher signal, {main['rows']} train rows",
+        "what": f"kd-student's loader (Ray Data read, filter, materialize; the rows held in "
+                f"memory, permuted batches of 64) vs pyarrow read_table into numpy + batches: "
+                f"rows/s of one pass with the read; teacher signal, {main['rows']} train rows",
         "command": command, "median_ratio": main["median_ratio"], "spread": main["spread"],
         "target": "-", "ray_start_s": round(ray_start, 2), "batch_size": BATCH_SIZE,
         "main": main, "example": example,
         "more_rows": [
+            {"name": "loader (streamed)",
+             "what": "the first row for a share above in_memory_mib: streaming_split + "
+                     "iter_torch_batches 64 (shuffle buffer 1024) every epoch",
+             "median_ratio": main["streamed_ratio"], "spread": main["streamed_spread"],
+             "target": "-", "command": command},
             {"name": "loader (cached pass)",
-             "what": "a second pass over the same rows in memory: iter_torch_batches over "
-                     "Ray's object store / batches of the numpy arrays, rows/s ratio",
+             "what": "a second pass over the same rows in memory: permuted batches of the "
+                     "held tensors / of the numpy arrays, rows/s ratio",
              "median_ratio": main["cached_ratio"], "spread": main["cached_spread"],
              "target": "-", "command": command},
             {"name": "loader (example size)",
