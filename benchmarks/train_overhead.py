@@ -8,8 +8,9 @@ generates it once), Hinton KD (T=4, alpha=0.9), AdamW, the stage's default batch
 - pipeline: ``pipelines.run(..., force=[student])`` in this process, the embedded Ray
   already started: the stage reads the train rows with Ray Data (cached in the object
   store), starts a ``TorchTrainer`` with ``num_workers`` workers (1 CPU each), every worker
-  iterates its shard with ``iter_torch_batches`` and rank 0 writes a checkpoint every
-  epoch; then the model is saved and the run committed and tracked. Timed: the whole
+  holds its share of the rows in memory (batches of a fresh permutation every epoch) and
+  rank 0 writes a checkpoint every epoch; then the model is saved and the run committed
+  and tracked. Timed: the whole
   ``run()`` call (``run_s``; ``stage_s`` is the runner's own figure);
 - bare loop: one process, ``pyarrow.parquet.read_table`` of the train rows into memory,
   the same student (``ClassifierTask.build``), optimiser (``cfg.optimizer``), loss
