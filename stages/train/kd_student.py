@@ -51,7 +51,7 @@ from stages.models.classifiers import ArchName, ClassifierArch
 from stages.models.text import TextStudentArch
 from stages.train.kd_tasks import TASKS, ClassifierTask, hinton_kd_loss  # noqa: F401
 from stages.train.loop import (OptimConfig, hold_in_memory, hold_tables, permuted_batches,
-                               train_epoch)
+                               read_share, train_epoch, train_share_bytes)
 from stages.train.taid import TAIDSchedule
 
 STATE_FILE, CONFIG_FILE = "state.pt", "config.json"
@@ -86,8 +86,10 @@ def train_loop(config: dict) -> None:
     opt = cfg.optimizer(model)
     if state:
         opt.load_state_dict(state["optimizer"])  # moves its tensors to the params' device
-    if config["shards"] is not None:  # this worker's rows, read once into memory
-        held = hold_tables(ray.get(config["shards"][rank]), task.columns)
+    if config["files"] is not None:  # this worker's share of the rows, read once into memory
+        world = ray.train.get_context().get_world_size()
+        held = hold_tables(read_share(config["files"], list(task.columns), rank, world),
+                           task.columns)
     else:  # streamed from the object store every epoch
         held, shard = None, ray.train.get_dataset_shard("train")
     device = ray.train.torch.get_device()
@@ -153,7 +155,8 @@ def _mean_over_workers(value: torch.Tensor) -> float:
 
 class KDStudent(Stage):
     kind = "kd-student"
-    version = "4"  # 2: ``loss: taid``; 3: text signals, probabilities; 4: shards in memory
+    version = "5"  # 2: ``loss: taid``; 3: text signals, probabilities; 4: shards in memory;
+    # 5: a held share is read by its worker (pyarrow) rather than by Ray Data in the stage
 
     class Config(ClassifierArch, TextStudentArch, OptimConfig):
         # classifier students: ClassifierArch's fields; text students: TextStudentArch's
@@ -170,7 +173,8 @@ class KDStudent(Stage):
         taid_alpha: float = Field(5e-4, ge=0, le=1)     # adaptive step size
         taid_beta: float = Field(0.99, ge=0, lt=1)      # momentum of the loss improvement
         shuffle_buffer: int = Field(1024, ge=1)   # streamed shards only
-        # a worker whose shard is at most this large reads it once into memory and draws a
+        # a worker whose share of the rows is at most this large reads it (pyarrow, only its
+        # row groups) once into memory and draws a
         # fresh permutation every epoch (what a torch loop does, without Ray Data's
         # per-batch cost); larger shards stream every epoch; 0: always stream
         in_memory_mib: int = Field(2048, ge=0)
@@ -211,18 +215,13 @@ class KDStudent(Stage):
         task.build(where)  # a student that does not fit the signal fails before training
         use_gpu = ctx.num_gpus_available > 0 and cfg.use_gpu
         columns = list(task.columns)
-        train = signal.read(columns=columns + ["split"]).filter(
-            expr=col("split") == "train").select_columns(columns)
-        in_memory, datasets, extra = False, {"train": train}, {"shards": None}
-        if cfg.cache:
-            train = train.materialize()  # its size is then known without reading
-            in_memory = hold_in_memory(train.size_bytes() // cfg.num_workers, cfg.in_memory_mib)
-            datasets = {"train": train}
-        if in_memory:  # worker i gets the blocks of share i as object refs: no split
-            # coordinator and no streaming executor on the workers
-            parts = train.split(cfg.num_workers, equal=True) if cfg.num_workers > 1 else [train]
-            extra["shards"] = [part.to_arrow_refs() for part in parts]
-            datasets = {}
+        in_memory = cfg.cache and hold_in_memory(
+            train_share_bytes(signal.files(), columns, cfg.num_workers), cfg.in_memory_mib)
+        datasets, extra = {}, {"files": signal.files() if in_memory else None}
+        if not in_memory:  # streamed from Ray Data every epoch (cached in the object store)
+            train = signal.read(columns=columns + ["split"]).filter(
+                expr=col("split") == "train").select_columns(columns)
+            datasets = {"train": train.materialize() if cfg.cache else train}
         if cfg.loss == "taid":  # the schedule's length in steps needs the row count
             extra["num_train"] = parquet(signal).count_rows(filter=pc.field("split") == "train")
         trainer = TorchTrainer(

@@ -75,6 +75,50 @@ def permuted_batches(held: dict, batch_size: int, seed: int, device):
         yield {k: v[idx].to(device, non_blocking=True) for k, v in held.items()}
 
 
+def read_share(files: list[str], columns: list[str], rank: int, world: int) -> list:
+    """Worker ``rank``'s share of the train rows (``split == "train"``) of the parquet
+    ``files``, as Arrow tables: the train rows ``[rank * m, (rank + 1) * m)`` in file order,
+    ``m = train rows // world`` (equal shares, the remainder dropped, as Ray Data's
+    ``split(equal=True)``). Only the row groups holding the share are read, and of them only
+    ``columns``: the bare loop's own ``pyarrow`` read, in the worker that trains on it."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+    import ray.data  # noqa: F401  registers Ray's tensor extension types
+
+    train = pc.field("split") == "train"
+    groups = [g for f in pads.dataset(files, format="parquet").get_fragments()
+              for g in f.split_by_row_group()]
+    counts = [g.count_rows(filter=train) for g in groups]  # reads the split column only
+    m = sum(counts) // world
+    lo, hi, start, tables = rank * m, (rank + 1) * m, 0, []
+    for group, count in zip(groups, counts):
+        a, b = max(lo, start), min(hi, start + count)
+        if a < b:
+            tables.append(group.to_table(columns=columns, filter=train).slice(a - start, b - a))
+        start += count
+    return tables
+
+
+def train_share_bytes(files: list[str], columns: list[str], world: int) -> int:
+    """A worker's share of the train rows' ``columns``, in bytes, from the parquet footers
+    (uncompressed sizes, prorated by the train rows' fraction); nothing is read."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    total = 0
+    for f in files:
+        meta = pq.ParquetFile(f).metadata
+        for i in range(meta.num_row_groups):
+            group = meta.row_group(i)
+            total += sum(group.column(j).total_uncompressed_size for j in range(group.num_columns)
+                         if group.column(j).path_in_schema.split(".")[0] in columns)
+    dataset = pads.dataset(files, format="parquet")
+    rows = dataset.count_rows()
+    train = dataset.count_rows(filter=pc.field("split") == "train")
+    return total * train // max(rows, 1) // world
+
+
 def hold_in_memory(shard_bytes: int, limit_mib: int) -> bool:
     """Whether each Ray Train worker holds its shard in memory (read once, fully shuffled
     every epoch) rather than streaming it from the object store every epoch."""

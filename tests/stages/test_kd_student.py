@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from pipelines.errors import UserError
 from stages.models.classifiers import MLP, load_classifier, predict_logits
 from stages.train.kd_student import KDStudent, hinton_kd_loss
-from stages.train.loop import hold_in_memory, hold_tables, permuted_batches
+from stages.train.loop import (hold_in_memory, hold_tables, permuted_batches, read_share,
+                               train_share_bytes)
 from tests.stages.conftest import KD_CONFIG, run_stage
 
 
@@ -47,6 +48,40 @@ def test_held_rows_decision_and_permuted_batches():
         assert torch.equal(torch.cat([b["x"] for b in batches]), held["x"][rows])
     orders = [torch.cat([b["label"] for b in e]).tolist() for e in epochs]
     assert orders[0] == orders[1] and len({tuple(o) for o in orders}) > 1  # seeded, reshuffled
+
+
+def test_each_worker_reads_an_equal_share_of_the_train_rows(tmp_path):
+    """Shares are disjoint, equal, in file order, cover the train rows but the remainder,
+    read only their row groups; the size estimate comes from the footers."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    files, ids = [], np.arange(23)
+    split = np.where(ids % 4 == 3, "test", "train")          # 17 train rows
+    for i, part in enumerate(np.array_split(ids, 3)):         # 3 files, row groups of 3
+        path = str(tmp_path / f"part-{i}.parquet")
+        pq.write_table(pa.table({"id": part, "x": ids[part].astype(np.float32) * 10,
+                                 "split": split[part]}), path, row_group_size=3)
+        files.append(path)
+    train = ids[split == "train"]
+    for world in (1, 2, 3, 5):
+        shares = [pa.concat_tables(read_share(files, ["id", "x"], r, world)).to_pydict()
+                  for r in range(world)]
+        m = len(train) // world
+        assert [s["id"] for s in shares] == [train[r * m:(r + 1) * m].tolist()
+                                             for r in range(world)]
+        assert shares[0]["x"] == [10.0 * i for i in shares[0]["id"]]
+        assert set(shares[0]) == {"id", "x"}
+    # the last worker of 5 (train rows 12-14: ids 16-18) reads one row group of the 8
+    assert [t.num_rows for t in read_share(files, ["id"], 4, 5)] == [3]
+    big = str(tmp_path / "big.parquet")
+    rng = np.random.default_rng(0)
+    pq.write_table(pa.table({"id": np.arange(4000), "x": rng.random(4000, np.float32),
+                             "split": np.where(np.arange(4000) < 3000, "train", "test")}), big)
+    per_row = train_share_bytes([big], ["id", "x"], 1) / 3000
+    assert 10 <= per_row <= 30, per_row  # an int64 and a float32 a row, parquet's overhead
+    assert train_share_bytes([big], ["id", "x"], 2) == train_share_bytes([big], ["id", "x"], 1) // 2
+    assert train_share_bytes([big], ["id"], 1) < train_share_bytes([big], ["id", "x"], 1)
 
 
 def test_student_learns_from_the_teacher(student, signal):
