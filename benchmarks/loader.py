@@ -137,16 +137,18 @@ def run(repetitions: int = 5) -> dict:
     command = f"python -m benchmarks --only loader --repetitions {repetitions}"
     return {
         "name": "loader",
-        "what": f"kd-student's loader (Ray Data read, filter, materialize; the rows held in "
-                f"memory, permuted batches of 64) vs pyarrow read_table into numpy + batches: "
+        "what": f"kd-student's held-rows loader (its worker's read_share: pyarrow, only its "
+                f"row groups; hold_tables; permuted batches of 64) vs pyarrow read_table into "
+                f"numpy + batches: "
                 f"rows/s of one pass with the read; teacher signal, {main['rows']} train rows",
         "command": command, "median_ratio": main["median_ratio"], "spread": main["spread"],
         "target": "-", "ray_start_s": round(ray_start, 2), "batch_size": BATCH_SIZE,
         "main": main, "example": example,
         "more_rows": [
             {"name": "loader (streamed)",
-             "what": "the first row for a share above in_memory_mib: streaming_split + "
-                     "iter_torch_batches 64 (shuffle buffer 1024) every epoch",
+             "what": "the first row for a share above in_memory_mib: Ray Data read, filter, "
+                     "materialize, streaming_split + iter_torch_batches 64 (shuffle buffer "
+                     "1024) every epoch",
              "median_ratio": main["streamed_ratio"], "spread": main["streamed_spread"],
              "target": "-", "command": command},
             {"name": "loader (cached pass)",

@@ -70,6 +70,11 @@ class RayBoard:
 
 
 def start_board_actor():
+    """The run's board, on the driver's own node: it shares the driver's fate, so a worker
+    node that dies mid-run (taking its stages' work with it, to be retried) never takes the
+    board, and with it the run, down too."""
     import ray
-    Actor = ray.remote(num_cpus=0, max_concurrency=4)(LocalBoard)
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    Actor = ray.remote(num_cpus=0, max_concurrency=4, scheduling_strategy=here)(LocalBoard)
     return Actor.remote()

@@ -86,8 +86,10 @@ def read_share(files: list[str], columns: list[str], rank: int, world: int) -> l
     import ray.data  # noqa: F401  registers Ray's tensor extension types
 
     train = pc.field("split") == "train"
-    groups = [g for f in pads.dataset(files, format="parquet").get_fragments()
-              for g in f.split_by_row_group()]
+    dataset = pads.dataset(files, format="parquet")
+    if world == 1:  # every train row: one multi-threaded scan
+        return [dataset.to_table(columns=columns, filter=train)]
+    groups = [g for f in dataset.get_fragments() for g in f.split_by_row_group()]
     counts = [g.count_rows(filter=train) for g in groups]  # reads the split column only
     m = sum(counts) // world
     lo, hi, start, tables = rank * m, (rank + 1) * m, 0, []
