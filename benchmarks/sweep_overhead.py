@@ -14,6 +14,15 @@ repetition, with a fresh store for each side, times as the user sees them (the w
   ``cold_s``) plus N - 1 further students at the time that student took in that run
   (``student_s``, the runner's figure): ideal = cold_s + (N - 1) * student_s.
 
+Profile and fix (stop 15; ``BEFORE``: the same command at commit 871e176, 1.30): timed
+inside the trials, a sweep spent about 5 s starting Tune, then 4.4 s between every two
+trials: Tune (Ray 2.60 defaults to ``reuse_actors=False``) ended each trial's actor and
+started a fresh one, which imported Ray Tune, torch and the pipeline again. The sweep now
+asks Tune to reuse the trial actor (``reuse_actors=True``): 0.05 s between trials. What
+is left: Tune's start and end (about 10 s a sweep) and the first trial's stage worker (a
+fresh process: Tune gives trial actors a runtime environment of their own, so their tasks
+cannot reuse the driver's workers).
+
 The figure is sweep seconds / ideal seconds (target <= 1.2), both sides run alternately
 (order swapped every other repetition), median and spread. The quickstart is the example
 size; the default N = ``BENCH_TRIALS`` = 6 makes the ideal about two minutes on 2 cores.
@@ -34,6 +43,9 @@ import yaml
 from benchmarks import common
 
 PIPELINE = os.path.join(common.ROOT, "examples", "quickstart.yaml")
+# the same command at commit 871e176: a fresh Tune trial actor for every trial
+BEFORE = {"commit": "871e176", "median_ratio": 1.3025, "spread": [1.2677, 1.4371],
+          "median_sweep_s": 193.6, "median_ideal_s": 146.15}
 SPACE = "student.temperature: {uniform: [1, 8]}\nstudent.lr: {loguniform: [1.0e-3, 3.0e-2]}\n"
 METRIC = "student.train_accuracy"
 
@@ -104,14 +116,26 @@ def run(repetitions: int = 5) -> dict:
                   f"{ideal_s:.1f}s (cold run {out['cold_s']:.1f}s + {trials - 1} x student "
                   f"{out['student_s']:.1f}s), ratio {out['sweep_s'] / ideal_s:.3f}", flush=True)
     median, spread = common.summary([r["ratio"] for r in rows])
+    command = f"python -m benchmarks --only sweep_overhead --repetitions {repetitions}"
     return {
         "name": "sweep_overhead",
         "what": f"distill tune of the quickstart (no evaluate), {trials} FIFO trials one at a "
                 f"time / (cold distill run + {trials - 1} x its student stage time)",
-        "command": f"python -m benchmarks --only sweep_overhead --repetitions {repetitions}",
+        "command": command,
         "median_ratio": median, "spread": spread, "target": "ratio <= 1.2",
         "met": median <= 1.2, "trials": trials, "space": SPACE, "metric": METRIC,
         "overrides": overrides()[1::2], "repetitions": rows,
         "median_sweep_s": common.summary([r["sweep_s"] for r in rows], 2)[0],
         "median_ideal_s": common.summary([r["ideal_s"] for r in rows], 2)[0],
+        "before": BEFORE,
+        "more_rows": [before_row(command)],
     }
+
+
+def before_row(command: str) -> dict:
+    return {"name": "sweep_overhead before the fix",
+            "what": f"the first row at commit {BEFORE['commit']}: Tune started a fresh trial actor "
+                    f"for every trial (sweep {BEFORE['median_sweep_s']:.0f} s, ideal "
+                    f"{BEFORE['median_ideal_s']:.0f} s)",
+            "median_ratio": BEFORE["median_ratio"], "spread": BEFORE["spread"],
+            "target": "ratio <= 1.2", "command": command}
