@@ -16,6 +16,13 @@ from tests.pipelines import toy_stages  # noqa: F401
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAUNCH = "import sys; import tests.pipelines.toy_stages; from pipelines.cli import main; sys.exit(main())"
 
+
+def json_document(stdout: str) -> dict:
+    """The ``--json`` document of a ``distill`` run; Ray may print warnings of its own (the
+    raylet's "many Python workers started") on the same stream, before or after it."""
+    start = 0 if stdout.startswith("{") else stdout.index("\n{") + 1
+    return json.JSONDecoder().raw_decode(stdout[start:])[0]
+
 GOOD = """
 name: cli
 seed: 0

@@ -13,7 +13,7 @@ from pipelines._internal.gc import garbage
 from pipelines._internal.store import Store
 from pipelines._internal.tracking import default_tracking_uri
 from tests.pipelines import toy_stages  # noqa: F401
-from tests.pipelines.test_cli import LAUNCH, ROOT
+from tests.pipelines.test_cli import LAUNCH, ROOT, json_document
 
 SPEC = """
 name: twice
@@ -37,7 +37,7 @@ def test_two_runs_of_one_pipeline_at_the_same_time(ray_session, tmp_path):
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
-    docs = [json.loads(out[out.index("{"):]) for out, _ in outs]
+    docs = [json_document(out) for out, _ in outs]
     stages = [{s["name"]: s for s in d["stages"]} for d in docs]
     # both runs started before either committed 'nums' (it sleeps 8 s): both ran it
     assert stages[0]["nums"]["status"] == stages[1]["nums"]["status"] == "ran"

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines._internal.store import Store
-from tests.pipelines.test_cli import ROOT
+from tests.pipelines.test_cli import ROOT, json_document
 
 SPEC = """
 name: nodefail
@@ -112,7 +112,7 @@ def test_worker_node_killed_during_teacher_generation(tmp_path):
     assert res["killed_mid_pass"], "the pass ended before the node could be killed"
     assert res["returncode"] == 0, res["stderr"]
     out = res["stdout"]
-    stages = {s["name"]: s for s in json.loads(out[out.index("{"):])["stages"]}
+    stages = {s["name"]: s for s in json_document(out)["stages"]}
     assert stages["teacher_outputs"]["status"] == "ran"
     corpus = pq.read_table(os.path.join(stages["corpus"]["uri"], "data"), columns=["id"])
     corpus_ids = corpus.column("id").to_pylist()
