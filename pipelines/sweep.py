@@ -265,7 +265,8 @@ def _tune(pipeline, params, st, trial_stages, metric, mode, samples, scheduler, 
         {"cpu": 0.01})
     tuner = tune.Tuner(
         trainable, param_space={p.key: p.tune_domain() for p in params},
-        tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=samples, reuse_actors=True,
+        tune_config=tune.TuneConfig(metric=metric, mode=mode, num_samples=samples,
+                                    reuse_actors=True,  # Ray 2.60's default is False
                                     scheduler=sched, search_alg=searcher,
                                     max_concurrent_trials=(None if search == "random"
                                                            else max_concurrent)),

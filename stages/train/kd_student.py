@@ -174,9 +174,9 @@ class KDStudent(Stage):
         taid_beta: float = Field(0.99, ge=0, lt=1)      # momentum of the loss improvement
         shuffle_buffer: int = Field(1024, ge=1)   # streamed shards only
         # a worker whose share of the rows is at most this large reads it (pyarrow, only its
-        # row groups) once into memory and draws a
-        # fresh permutation every epoch (what a torch loop does, without Ray Data's
-        # per-batch cost); larger shards stream every epoch; 0: always stream
+        # row groups) once into memory and draws a fresh permutation every epoch (what a
+        # torch loop does, without Ray Data's per-batch cost); larger shares stream through
+        # Ray Data every epoch; 0: always stream
         in_memory_mib: int = Field(2048, ge=0)
         num_workers: int = Field(1, ge=1)
         use_gpu: bool = True       # used only when the cluster has GPUs
@@ -215,9 +215,10 @@ class KDStudent(Stage):
         task.build(where)  # a student that does not fit the signal fails before training
         use_gpu = ctx.num_gpus_available > 0 and cfg.use_gpu
         columns = list(task.columns)
+        files = signal.files()
         in_memory = cfg.cache and hold_in_memory(
-            train_share_bytes(signal.files(), columns, cfg.num_workers), cfg.in_memory_mib)
-        datasets, extra = {}, {"files": signal.files() if in_memory else None}
+            train_share_bytes(files, columns, cfg.num_workers), cfg.in_memory_mib)
+        datasets, extra = {}, {"files": files if in_memory else None}
         if not in_memory:  # streamed from Ray Data every epoch (cached in the object store)
             train = signal.read(columns=columns + ["split"]).filter(
                 expr=col("split") == "train").select_columns(columns)

@@ -103,7 +103,8 @@ def read_share(files: list[str], columns: list[str], rank: int, world: int) -> l
 
 def train_share_bytes(files: list[str], columns: list[str], world: int) -> int:
     """A worker's share of the train rows' ``columns``, in bytes, from the parquet footers
-    (uncompressed sizes, prorated by the train rows' fraction); nothing is read."""
+    (uncompressed sizes, prorated by the train rows' fraction); of the data, only the
+    ``split`` column is read (to count the train rows)."""
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
     import pyarrow.parquet as pq
