@@ -9,6 +9,12 @@ An artifact is an immutable directory on the store. Its type says how to read it
 
 ``info`` carries what a downstream stage must know to use the artifact (for example the
 top-k and precision of a teacher signal); it is recorded in the manifest.
+
+On a remote store (``s3://``) ``uri`` is where the artifact lives on the store. A model or
+report is downloaded into a cache on the node that runs the stage, each file checked
+against its manifest's sha256, and ``path`` is that copy. A dataset is read where it
+lives (``read``, ``files``, ``to_arrow``), so Ray Data's read tasks on any node of a
+cluster, and a Ray Train worker reading its share, find it without a copy.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import Any
 class Artifact:
     path: str
     info: dict[str, Any] = field(default_factory=dict)
+    uri: str | None = None
 
     type_name = "artifact"
 
@@ -48,22 +55,27 @@ class Dataset(Artifact):
         context = ray.data.DataContext.get_current()
         v2, context.use_datasource_v2 = context.use_datasource_v2, False
         try:
-            ds = ray.data.read_parquet(self.path, **kwargs)
+            ds = ray.data.read_parquet(self.uri or self.path, **kwargs)
         finally:
             context.use_datasource_v2 = v2
         return ds.select_columns(columns) if columns else ds
 
     def files(self) -> list[str]:
+        """The parquet files: local paths, or the store's URIs for a dataset on a remote
+        store (``pyarrow.parquet.ParquetFile`` and ``parquet_dataset`` read both)."""
+        if self.uri:
+            import pyarrow.fs
+            fs, base = pyarrow.fs.FileSystem.from_uri(self.uri)
+            scheme = self.uri.split("://", 1)[0]
+            infos = fs.get_file_info(pyarrow.fs.FileSelector(base, recursive=True))
+            return sorted(f"{scheme}://{i.path}" for i in infos if i.path.endswith(".parquet"))
         return sorted(os.path.join(self.path, f) for f in os.listdir(self.path)
                       if f.endswith(".parquet"))
 
     def to_arrow(self, columns: list[str] | None = None, filter=None):
         """The whole dataset as one pyarrow Table (for data that fits in memory).
         Ray Data tensor columns come back as Ray's tensor extension type."""
-        import pyarrow.dataset as pads
-        import ray.data  # noqa: F401  registers Ray's Arrow tensor extension types
-        return pads.dataset(self.files(), format="parquet").to_table(columns=columns,
-                                                                     filter=filter)
+        return parquet_dataset(self.files()).to_table(columns=columns, filter=filter)
 
     def to_numpy(self, columns: list[str] | None = None, filter=None) -> dict:
         """Columns as numpy arrays (tensor columns as stacked ndarrays)."""
@@ -98,3 +110,16 @@ def column_to_numpy(column):
         return column.to_numpy(zero_copy_only=False)
     except TypeError:
         return np.asarray(column.to_pylist())
+
+
+def parquet_dataset(files: list[str]):
+    """A ``pyarrow.dataset.Dataset`` over parquet files: local paths, or URIs of one
+    object store (``Dataset.files()`` of a remote dataset)."""
+    import pyarrow.dataset as pads
+    import ray.data  # noqa: F401  registers Ray's Arrow tensor extension types
+    if files and "://" in files[0]:
+        import pyarrow.fs
+        fs = pyarrow.fs.FileSystem.from_uri(files[0])[0]
+        return pads.dataset([f.split("://", 1)[1] for f in files], filesystem=fs,
+                            format="parquet")
+    return pads.dataset(files, format="parquet")

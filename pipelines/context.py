@@ -27,6 +27,8 @@ class StageContext:
     work_dir: str             # survives failed attempts: checkpoints, resumable shards
     board: Board = field(default_factory=LocalBoard)
     num_gpus_available: float = 0.0  # GPUs Ray reports in the cluster
+    train_storage: str = ""   # Ray Train's storage_path for checkpoints ("": in work_dir)
+    remote_dir: str | None = None  # remote stores: where Ray Data writes the datasets
     _last_progress: float = field(default=0.0, repr=False)
 
     @classmethod
@@ -42,6 +44,10 @@ class StageContext:
                    work_dir=os.path.join(root, name, "work"),
                    board=board or LocalBoard(), num_gpus_available=num_gpus_available)
 
+    def __post_init__(self):
+        if not self.train_storage:
+            self.train_storage = os.path.abspath(os.path.join(self.work_dir, "ray_train"))
+
     # -- where outputs go ---------------------------------------------------------
     def output_dir(self, name: str) -> str:
         path = os.path.join(self.staging_dir, name)
@@ -52,7 +58,12 @@ class StageContext:
         """Write ``data`` (a ``ray.data.Dataset``, a ``pyarrow.Table`` or a dict of
         numpy arrays) as the parquet output ``name``."""
         path = self.output_dir(name)
-        if hasattr(data, "write_parquet"):  # ray.data.Dataset
+        if hasattr(data, "write_parquet") and self.remote_dir:  # ray.data.Dataset
+            # on a remote store its write tasks, on whichever nodes, put the files there
+            uri = f"{self.remote_dir}/{name}"
+            data.write_parquet(uri)
+            return Dataset(path=path, info=dict(info or {}), uri=uri)
+        if hasattr(data, "write_parquet"):
             data.write_parquet(path)
         else:
             import pyarrow.parquet as pq

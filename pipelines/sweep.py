@@ -271,7 +271,7 @@ def _tune(pipeline, params, st, trial_stages, metric, mode, samples, scheduler, 
                                     max_concurrent_trials=(None if search == "random"
                                                            else max_concurrent)),
         run_config=tune.RunConfig(name=sweep_id, verbose=0, callbacks=[_callback(log)],
-                                  storage_path=os.path.join(st.root, "_work", "_sweeps")))
+                                  storage_path=st.sweep_storage()))
     # Ctrl-C interrupts the sweep (KeyboardInterrupt: the sweep run is KILLED), rather than
     # Tune ending the experiment quietly with its running trials looking stopped
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")

@@ -10,10 +10,10 @@ import socket
 import time
 import traceback
 
-from ..artifacts import Artifact
 from ..context import StageContext
 from ..errors import UserError
-from .store import Store, describe_output
+from .store import Store
+from .tracking import redact
 
 LIBRARIES = ("distillery", "ray", "torch", "pyarrow", "numpy", "transformers", "diffusers",
              "mlflow")
@@ -39,12 +39,14 @@ def classify(exc: BaseException) -> str:
     return "error"
 
 
-def execute_stage(stage, state: dict, store_root: str, inputs: dict[str, Artifact], board,
-                  num_gpus_available: float, mlflow_run_id: str | None, pipeline: str,
+def execute_stage(stage, state: dict, store_root: str, inputs: dict[str, tuple[dict, str]],
+                  board, num_gpus_available: float, mlflow_run_id: str | None, pipeline: str,
                   replace: bool, clear_work: bool = False) -> dict:
-    """Returns ``{"ok": True, "manifest": ...}`` or ``{"ok": False, "kind", "message",
+    """``inputs``: per input, the committed manifest and the output name it reads, opened
+    here, on the node that runs the stage (a remote store downloads them into its cache).
+    Returns ``{"ok": True, "manifest": ...}`` or ``{"ok": False, "kind", "message",
     "traceback"}``; never leaves a half-written artifact looking committed."""
-    store = Store(store_root)
+    store = Store.open(store_root, create=False)
     kind, key, name = state["kind"], state["key"], state["name"]
     staging = store.new_staging_dir(kind, key)
     work = store.work_dir(kind, key)
@@ -52,23 +54,25 @@ def execute_stage(stage, state: dict, store_root: str, inputs: dict[str, Artifac
         shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work, exist_ok=True)
     ctx = StageContext(name=name, kind=kind, key=key, seed=state["seed"], staging_dir=staging,
-                       work_dir=work, board=board, num_gpus_available=num_gpus_available)
+                       work_dir=work, board=board, num_gpus_available=num_gpus_available,
+                       train_storage=store.train_storage(kind, key),
+                       remote_dir=store.remote_staging(kind, key, staging))
     started = time.time()
     try:
-        outputs = stage.run(ctx, **inputs)
+        artifacts = {inp: store.open_input(m, out) for inp, (m, out) in inputs.items()}
+        outputs = stage.run(ctx, **artifacts)
         check_outputs(type(stage), name, outputs, staging)
-        described = {out: describe_output(a.path, type(a).type_name, staging, a.info)
-                     for out, a in outputs.items()}
+        described = store.describe(kind, key, staging, outputs)
         plots = [os.path.relpath(os.path.join(dp, f), staging)
                  for dp, _, fs in os.walk(staging) for f in fs if f.endswith((".png", ".svg"))]
     except BaseException as e:  # noqa: BLE001 - reported to the driver, never half-committed
-        shutil.rmtree(staging, ignore_errors=True)
+        store.abandon(kind, key, staging)
         return {"ok": False, "kind": classify(e), "message": f"{type(e).__name__}: {e}"
                 if not isinstance(e, UserError) else str(e),
                 "traceback": traceback.format_exc()}
     manifest = {
         "key": key, "kind": kind, "version": state["version"], "code_hash": type(stage).code_hash(),
-        "stage": name, "pipeline": pipeline, "config": state["config"], "seed": state["seed"],
+        "stage": name, "pipeline": pipeline, "config": redact(state["config"]), "seed": state["seed"],
         "inputs": state["inputs"], "outputs": described, "plots": sorted(plots),
         "metrics": ctx.metrics, "seconds": round(time.time() - started, 3),
         "created": time.time(), "libraries": library_versions(), "host": socket.gethostname(),

@@ -8,14 +8,13 @@ import shlex
 import time
 from dataclasses import asdict, dataclass, field
 
-from ..artifacts import ARTIFACT_TYPES, Artifact
 from ..errors import StageFailed, UserError
 from .execute import execute_stage
 from .plan import should_retry
 from .planner import Plan, make_plan
 from .progress import Display
 from .store import Store
-from .tracking import Tracker, resolve_tracking_uri
+from .tracking import Tracker, redact, resolve_tracking_uri
 
 
 @dataclass
@@ -84,15 +83,11 @@ def check_feasible(pipeline, names: list[str], available: dict) -> None:
                                 f"allowed: 0 to {have:g}")
 
 
-def input_artifacts(pipeline, name: str, manifests: dict, store: Store) -> dict[str, Artifact]:
-    node = pipeline.nodes[name]
-    out = {}
-    for inp, (up, output) in node.inputs.items():
-        m = manifests[up]
-        entry = m["outputs"][output]
-        cls = ARTIFACT_TYPES[entry["type"]]
-        out[inp] = cls.from_manifest(store.artifact_dir(m["kind"], m["key"]), entry)
-    return out
+def input_refs(pipeline, name: str, manifests: dict) -> dict[str, tuple[dict, str]]:
+    """Per input of stage ``name``: the committed manifest it reads and which output; the
+    stage's task opens them on its node (``execute_stage``)."""
+    return {inp: (manifests[up], output)
+            for inp, (up, output) in pipeline.nodes[name].inputs.items()}
 
 
 def run_plan(plan: Plan, address: str | None = None, tracking_uri: str | None = None,
@@ -109,7 +104,7 @@ def run_plan(plan: Plan, address: str | None = None, tracking_uri: str | None = 
     results: dict[str, StageResult] = {}
     manifests: dict[str, dict] = {}
     record = {"run_id": run_id, "pipeline": pipeline.name, "started": time.time(),
-              "store": store.root, "pipeline_spec": pipeline.to_dict(),
+              "store": store.root, "pipeline_spec": redact(pipeline.to_dict()),
               "states": {n: s.to_record() for n, s in plan.states.items()}, "stages": {},
               "ok": None}  # None while running: gc keeps the keys of a run in progress
     store.write_run(record)
@@ -188,7 +183,7 @@ def _run_stages(plan, manifests, results, tracker, run_id, display, address):
         ref = remote.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_retries=0,
                              name=f"stage:{name}").remote(
             node.stage, state.to_record(), store.root,
-            input_artifacts(pipeline, name, manifests, store), board, gpus,
+            input_refs(pipeline, name, manifests), board, gpus,
             stage_runs[name][0], pipeline.name, decision.forced, decision.forced and first)
         pending[ref] = name
 
@@ -253,8 +248,7 @@ def _track_stage(tracker: Tracker, rid: str, store: Store, manifest: dict, histo
         history = [(k, v, None) for k, v in manifest.get("metrics", {}).items()]
     tracker.log_metrics(rid, history)
     if plots:
-        root = store.artifact_dir(manifest["kind"], manifest["key"])
-        tracker.log_artifacts(rid, [os.path.join(root, p) for p in manifest.get("plots", [])])
+        tracker.log_artifacts(rid, store.local_files(manifest, manifest.get("plots", [])))
     tracker.set_tag(rid, "distillery.status", status)
     tracker.end(rid, "FINISHED")
 

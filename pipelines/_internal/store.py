@@ -29,13 +29,16 @@ class Store:
 
     @classmethod
     def open(cls, uri: str | os.PathLike, create: bool = True) -> "Store":
+        """A local store at a path (or ``file://`` URI), or a remote one at an object-store
+        URI (``remote_store.SCHEMES``)."""
         uri = str(uri)
         if uri.startswith("file://"):
             uri = uri[len("file://"):]
         if "://" in uri:
-            scheme = uri.split("://", 1)[0]
-            raise UserError(f"--store: store URI {uri!r} uses scheme '{scheme}://', which this "
-                            f"version does not support; allowed: a local or mounted path")
+            from .remote_store import RemoteStore
+            store = RemoteStore(uri)
+            store.check(create)
+            return store
         root = os.path.abspath(os.path.expanduser(uri))
         if create:
             check_writable(root)
@@ -47,6 +50,20 @@ class Store:
 
     def work_dir(self, kind: str, key: str) -> str:
         return os.path.join(self.root, "_work", kind, key)
+
+    def train_storage(self, kind: str, key: str) -> str:
+        """Ray Train's ``storage_path`` for the checkpoints of a stage."""
+        return os.path.join(self.work_dir(kind, key), "ray_train")
+
+    def sweep_storage(self) -> str:
+        return os.path.join(self.root, "_work", "_sweeps")
+
+    def remote_staging(self, kind: str, key: str, staging: str) -> str | None:
+        return None  # datasets are written into the staging directory itself
+
+    def abandon(self, kind: str, key: str, staging: str) -> None:
+        """Remove what a failed attempt staged."""
+        shutil.rmtree(staging, ignore_errors=True)
 
     def new_staging_dir(self, kind: str, key: str) -> str:
         tag = f"{key}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
@@ -90,6 +107,22 @@ class Store:
 
     def find(self, key_prefix: str) -> list[dict]:
         return [m for m in self.manifests() if m["key"].startswith(key_prefix)]
+
+    def open_input(self, manifest: dict, output: str):
+        """Output ``output`` of a committed artifact, as the artifact type it was written."""
+        from ..artifacts import ARTIFACT_TYPES
+        entry = manifest["outputs"][output]
+        return ARTIFACT_TYPES[entry["type"]].from_manifest(
+            self.artifact_dir(manifest["kind"], manifest["key"]), entry)
+
+    def local_files(self, manifest: dict, rels: list[str]) -> list[str]:
+        root = self.artifact_dir(manifest["kind"], manifest["key"])
+        return [os.path.join(root, rel) for rel in rels]
+
+    def describe(self, kind: str, key: str, staging: str, outputs: dict) -> dict:
+        """The manifest entries of a stage's outputs, all in ``staging``."""
+        return {out: describe_output(a.path, type(a).type_name, staging, a.info)
+                for out, a in outputs.items()}
 
     # -- committing ------------------------------------------------------------------
     def commit(self, staging: str, manifest: dict, replace: bool = False) -> dict:
@@ -173,26 +206,32 @@ def _write_json_atomic(path: str, obj) -> None:
 
 
 def describe_output(path: str, type_name: str, root: str, info: dict) -> dict:
-    """The manifest entry of one output: files with sizes and sha256, and for datasets
-    the schema and row count from the parquet footers."""
-    files, total = [], 0
-    digest = hashlib.sha256()
+    """The manifest entry of the output at ``path`` (a directory under ``root``)."""
+    import pyarrow.parquet as pq
+    files = []
     for dirpath, _, names in sorted(os.walk(path)):
         for name in sorted(names):
             full = os.path.join(dirpath, name)
-            rel = os.path.relpath(full, path)
-            h = _sha256(full)
-            size = os.path.getsize(full)
-            files.append({"path": rel, "bytes": size, "sha256": h})
-            digest.update(f"{rel}:{h}\n".encode())
-            total += size
-    entry = {"type": type_name, "path": os.path.relpath(path, root), "bytes": total,
-             "files": files, "checksum": digest.hexdigest(), "info": info}
+            files.append((os.path.relpath(full, path), os.path.getsize(full), _sha256(full)))
+    return output_entry(os.path.relpath(path, root), files, type_name, info,
+                        lambda rel: pq.ParquetFile(os.path.join(path, rel)))
+
+
+def output_entry(rel_dir: str, files: list[tuple[str, int, str]], type_name: str, info: dict,
+                 open_parquet) -> dict:
+    """The manifest entry of one output: its files (path, bytes, sha256) and a checksum
+    over them, and for datasets the schema and row count from the parquet footers
+    (``open_parquet(path)``: a ``pyarrow.parquet.ParquetFile``)."""
+    digest = hashlib.sha256()
+    for rel, _, sha in files:
+        digest.update(f"{rel}:{sha}\n".encode())
+    entry = {"type": type_name, "path": rel_dir, "bytes": sum(f[1] for f in files),
+             "files": [{"path": rel, "bytes": size, "sha256": sha} for rel, size, sha in files],
+             "checksum": digest.hexdigest(), "info": info}
     if type_name == "dataset":
-        import pyarrow.parquet as pq
-        parquet = [os.path.join(path, f["path"]) for f in files if f["path"].endswith(".parquet")]
-        entry["rows"] = sum(pq.ParquetFile(p).metadata.num_rows for p in parquet)
-        entry["schema"] = (str(pq.read_schema(parquet[0])).split("\n-- schema metadata")[0]
+        parquet = [open_parquet(rel) for rel, _, _ in files if rel.endswith(".parquet")]
+        entry["rows"] = sum(p.metadata.num_rows for p in parquet)
+        entry["schema"] = (str(parquet[0].schema_arrow).split("\n-- schema metadata")[0]
                            if parquet else "")
     return entry
 

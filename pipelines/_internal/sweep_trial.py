@@ -17,7 +17,7 @@ import time
 from .board import RayBoard
 from .execute import execute_stage
 from .planner import make_plan
-from .runner import input_artifacts
+from .runner import input_refs
 from .store import Store
 from .sweep_space import apply_params
 
@@ -55,7 +55,7 @@ def run_trial(config: dict, base=None, store_root: str = "", stages: tuple = (),
     prefix = f"{tune.get_context().get_trial_id()}/"
     metric_stage, metric_name = metric.split(".", 1)
     pipeline = apply_params(base, config)
-    store = Store(store_root)
+    store = Store.open(store_root, create=False)
     plan = make_plan(pipeline, store)
     manifests: dict[str, dict] = {}
     status: dict[str, str] = {}
@@ -91,7 +91,7 @@ def run_trial(config: dict, base=None, store_root: str = "", stages: tuple = (),
                                      max_retries=0, name=f"trial-stage:{name}",
                                      scheduling_strategy="DEFAULT").remote(  # not in Tune's PG
                     pipeline.nodes[name].stage, st.to_record(), store.root,
-                    input_artifacts(pipeline, name, manifests, store), trial_board, gpus,
+                    input_refs(pipeline, name, manifests), trial_board, gpus,
                     None, pipeline.name, False)
                 pending[ref] = name
             if not pending:

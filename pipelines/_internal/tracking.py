@@ -1,20 +1,63 @@
 """MLflow tracking: one parent run per pipeline run, one nested run per stage.
 
 Only the driver talks to MLflow. Default: a sqlite database inside the store (an absolute
-``sqlite:////...`` URI, since Ray changes working directories), artifacts next to it.
-``MLFLOW_TRACKING_URI`` (or ``tracking_uri=``) points runs at a server instead.
+``sqlite:////...`` URI, since Ray changes working directories), artifacts next to it. For
+a remote store (``s3://``) the database is in the driver's cache of that store and the
+artifacts on the store, under ``mlflow/artifacts``. ``MLFLOW_TRACKING_URI`` (or
+``tracking_uri=``) points runs at a server instead.
+
+Configs are logged with the values of secret-looking keys (``redact``) replaced.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
 
 from ..errors import UserError
 
+SECRET_ENDINGS = (("secret",), ("password",), ("passwd",), ("token",), ("credential",),
+                  ("credentials",), ("apikey",), ("api", "key"), ("access", "key"),
+                  ("secret", "key"), ("private", "key"))
+REDACTED = "***"
+
+
+def looks_secret(key: str) -> bool:
+    """Whether a config key names a secret: its words (split at '_', '-', '.' and case
+    changes) end with one of ``SECRET_ENDINGS`` ('HF_TOKEN', 'aws_secret_access_key',
+    'apiKey'; not 'tokenizer' or 'max_tokens')."""
+    words = tuple(w.lower() for w in re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+", key))
+    return any(words[-len(end):] == end for end in SECRET_ENDINGS)
+
+
+def redact(value):
+    """``value`` (nested dicts and lists) with every non-empty value under a key that
+    ``looks_secret`` replaced by ``REDACTED``: for what is logged or written to the store;
+    the cache key is computed from the real config."""
+    if isinstance(value, dict):
+        return {k: REDACTED if isinstance(k, str) and looks_secret(k) and v not in (None, "")
+                else redact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
+
+
+def _remote(store_root: str) -> bool:
+    return "://" in store_root and not store_root.startswith("file://")
+
 
 def default_tracking_uri(store_root: str) -> str:
+    if _remote(store_root):
+        from .remote_store import cache_root
+        return "sqlite:///" + os.path.join(cache_root(store_root), "mlflow", "mlflow.db")
     return "sqlite:///" + os.path.join(os.path.abspath(store_root), "mlflow", "mlflow.db")
+
+
+def artifact_location(store_root: str) -> str:
+    if _remote(store_root):
+        return f"{store_root}/mlflow/artifacts"
+    return "file://" + os.path.join(os.path.abspath(store_root), "mlflow", "artifacts")
 
 
 def resolve_tracking_uri(store_root: str, explicit: str | None = None) -> str:
@@ -105,7 +148,7 @@ class Tracker:
             return exp.experiment_id
         location = None
         if self.uri.startswith("sqlite:"):
-            location = "file://" + os.path.join(os.path.abspath(store_root), "mlflow", "artifacts")
+            location = artifact_location(store_root)
         try:
             return self.client.create_experiment(name, location)
         except Exception:  # created concurrently by another run
@@ -124,7 +167,7 @@ class Tracker:
             tags={"mlflow.parentRunId": parent_id, "distillery.type": "stage",
                   "distillery.stage": name, "distillery.kind": kind,
                   "distillery.key": key, "distillery.status": status})
-        self._params(run.info.run_id, flatten(config))
+        self._params(run.info.run_id, flatten(redact(config)))
         return run.info.run_id
 
     def log_metrics(self, run_id: str, history: list[tuple[str, float, int | None]]) -> None:

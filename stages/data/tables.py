@@ -25,9 +25,8 @@ def image_dataset(ctx, x, label, test_fraction: float, info: dict):
 
 def parquet(data):
     """A ``pyarrow.dataset.Dataset`` over the artifact's files (schema, counts, heads)."""
-    import pyarrow.dataset as pads
-    import ray.data  # noqa: F401  registers Ray's tensor extension types
-    return pads.dataset(data.files(), format="parquet")
+    from pipelines.artifacts import parquet_dataset
+    return parquet_dataset(data.files())
 
 
 def require_columns(data, columns: list[str], where: str):

@@ -519,7 +519,7 @@ def train_student(ctx, kind: str, cfg: StudentConfig, teacher_path: str, train_d
             resources_per_worker={"CPU": 1, **({"GPU": 1} if use_gpu else {})}),
         run_config=RunConfig(
             name=f"{kind}-{ctx.key[:16]}",
-            storage_path=os.path.abspath(os.path.join(ctx.work_dir, "ray_train")),
+            storage_path=ctx.train_storage,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2)),
         datasets={"train": train_ds}, dataset_config=DataConfig(datasets_to_split=["train"]))

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 import torch
 from pydantic import Field
 
+from pipelines.artifacts import parquet_dataset
 from pipelines.stage import StageConfig
 
 
@@ -82,11 +83,9 @@ def read_share(files: list[str], columns: list[str], rank: int, world: int) -> l
     ``split(equal=True)``). Only the row groups holding the share are read, and of them only
     ``columns``: the bare loop's own ``pyarrow`` read, in the worker that trains on it."""
     import pyarrow.compute as pc
-    import pyarrow.dataset as pads
-    import ray.data  # noqa: F401  registers Ray's tensor extension types
 
     train = pc.field("split") == "train"
-    dataset = pads.dataset(files, format="parquet")
+    dataset = parquet_dataset(files)
     if world == 1:  # every train row: one multi-threaded scan
         return [dataset.to_table(columns=columns, filter=train)]
     groups = [g for f in dataset.get_fragments() for g in f.split_by_row_group()]
@@ -106,7 +105,6 @@ def train_share_bytes(files: list[str], columns: list[str], world: int) -> int:
     (uncompressed sizes, prorated by the train rows' fraction); of the data, only the
     ``split`` column is read (to count the train rows)."""
     import pyarrow.compute as pc
-    import pyarrow.dataset as pads
     import pyarrow.parquet as pq
 
     total = 0
@@ -116,7 +114,7 @@ def train_share_bytes(files: list[str], columns: list[str], world: int) -> int:
             group = meta.row_group(i)
             total += sum(group.column(j).total_uncompressed_size for j in range(group.num_columns)
                          if group.column(j).path_in_schema.split(".")[0] in columns)
-    dataset = pads.dataset(files, format="parquet")
+    dataset = parquet_dataset(files)
     rows = dataset.count_rows()
     train = dataset.count_rows(filter=pc.field("split") == "train")
     return total * train // max(rows, 1) // world

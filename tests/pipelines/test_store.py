@@ -80,8 +80,11 @@ def test_unwritable_store_is_a_user_error(tmp_path):
     blocker.write_text("x")
     with pytest.raises(UserError, match="store path .* is not writable"):
         Store.open(blocker / "store")
-    with pytest.raises(UserError, match="scheme 's3://'"):
-        Store.open("s3://bucket/x")
+    with pytest.raises(UserError, match=r"scheme 'gs://'.*allowed: a local path, file://, "
+                                        r"s3://bucket/prefix"):
+        Store.open("gs://bucket/x")
+    with pytest.raises(UserError, match="carries credentials"):  # never logged with a run
+        Store.open("s3://AKIA:secret@bucket/x")
 
 
 def test_run_records_and_last_run(tmp_path):

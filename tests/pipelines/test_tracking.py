@@ -32,3 +32,17 @@ def test_an_existing_database_is_never_replaced(tmp_path, monkeypatch):
     assert seed_sqlite(str(db))
     assert db.read_bytes() == b"not replaced"
     assert [f for f in os.listdir(tmp_path) if f.endswith(".tmp")] == []
+
+
+def test_secret_looking_config_values_are_redacted():
+    from pipelines._internal.tracking import REDACTED, redact
+    config = {"lr": 0.1, "api_key": "sk-123", "hub": {"HF_TOKEN": "hf_x", "repo": "a/b"},
+              "aws_secret_access_key": "abc", "password": "", "layers": [{"token_ids": 3}],
+              "tokenizer": "gpt2"}
+    assert redact(config) == {"lr": 0.1, "api_key": REDACTED,
+                              "hub": {"HF_TOKEN": REDACTED, "repo": "a/b"},
+                              "aws_secret_access_key": REDACTED, "password": "",
+                              "layers": [{"token_ids": 3}], "tokenizer": "gpt2"}
+    assert config["api_key"] == "sk-123"  # the config itself is left as it is
+    assert redact({"apiKey": "k", "max_tokens": 5, "db": {"Password": "p"}}) == {
+        "apiKey": REDACTED, "max_tokens": 5, "db": {"Password": REDACTED}}
