@@ -28,6 +28,7 @@ class StageContext:
     board: Board = field(default_factory=LocalBoard)
     num_gpus_available: float = 0.0  # GPUs Ray reports in the cluster
     train_storage: str = ""   # Ray Train's storage_path for checkpoints ("": in work_dir)
+    work_uri: str = ""        # work_dir as every node reaches it (a URI on a remote store)
     remote_dir: str | None = None  # remote stores: where Ray Data writes the datasets
     _last_progress: float = field(default=0.0, repr=False)
 
@@ -47,6 +48,8 @@ class StageContext:
     def __post_init__(self):
         if not self.train_storage:
             self.train_storage = os.path.abspath(os.path.join(self.work_dir, "ray_train"))
+        if not self.work_uri:
+            self.work_uri = os.path.abspath(self.work_dir)
 
     # -- where outputs go ---------------------------------------------------------
     def output_dir(self, name: str) -> str:
@@ -70,6 +73,18 @@ class StageContext:
             table = data if hasattr(data, "schema") else numpy_to_arrow(data)
             pq.write_table(table, os.path.join(path, "part-00000.parquet"))
         return Dataset(path=path, info=dict(info or {}))
+
+    def resumable_write(self, name: str, id_column: str = "id"):
+        """A dataset output written in shards that survive a failed attempt, for a long
+        Ray Data pass over rows with a unique ``id_column``::
+
+            out = ctx.resumable_write("signal")
+            ds = expensive(out.remaining(data.read()))   # only the rows not written yet
+            return {"signal": out.write(ds, info)}
+
+        See ``pipelines._internal.shards``."""
+        from ._internal.shards import ResumableWrite
+        return ResumableWrite(self, name, id_column)
 
     def save_model(self, name: str, model, info: dict | None = None, **save_kwargs) -> Model:
         """Save ``model`` with its library's own ``save_pretrained`` as output ``name``."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-import shutil
 import socket
 import time
 import traceback
@@ -51,11 +50,12 @@ def execute_stage(stage, state: dict, store_root: str, inputs: dict[str, tuple[d
     staging = store.new_staging_dir(kind, key)
     work = store.work_dir(kind, key)
     if clear_work:  # --force: no resuming from the checkpoints of the replaced artifact
-        shutil.rmtree(work, ignore_errors=True)
+        store.clear_work(kind, key)
     os.makedirs(work, exist_ok=True)
     ctx = StageContext(name=name, kind=kind, key=key, seed=state["seed"], staging_dir=staging,
                        work_dir=work, board=board, num_gpus_available=num_gpus_available,
                        train_storage=store.train_storage(kind, key),
+                       work_uri=store.work_uri(kind, key),
                        remote_dir=store.remote_staging(kind, key, staging))
     started = time.time()
     try:

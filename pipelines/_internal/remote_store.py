@@ -113,8 +113,15 @@ class RemoteStore:
     def work_dir(self, kind: str, key: str) -> str:
         return os.path.join(self.cache, "_work", kind, key)
 
+    def work_uri(self, kind: str, key: str) -> str:
+        return f"{self.root}/_work/{kind}/{key}"
+
+    def clear_work(self, kind: str, key: str) -> None:
+        shutil.rmtree(self.work_dir(kind, key), ignore_errors=True)
+        self._delete_dir(self._path("_work", kind, key))
+
     def train_storage(self, kind: str, key: str) -> str:
-        return f"{self.root}/_work/{kind}/{key}/ray_train"
+        return f"{self.work_uri(kind, key)}/ray_train"
 
     def sweep_storage(self) -> str:
         return f"{self.root}/_work/_sweeps"

@@ -51,6 +51,13 @@ class Store:
     def work_dir(self, kind: str, key: str) -> str:
         return os.path.join(self.root, "_work", kind, key)
 
+    def work_uri(self, kind: str, key: str) -> str:
+        """The work directory as every node reaches it."""
+        return self.work_dir(kind, key)
+
+    def clear_work(self, kind: str, key: str) -> None:
+        shutil.rmtree(self.work_dir(kind, key), ignore_errors=True)
+
     def train_storage(self, kind: str, key: str) -> str:
         """Ray Train's ``storage_path`` for the checkpoints of a stage."""
         return os.path.join(self.work_dir(kind, key), "ray_train")

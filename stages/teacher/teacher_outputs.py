@@ -17,6 +17,11 @@ precision) and the teacher's vocabulary and widths go in the manifest's info, wh
 training stages check before using the signal. A pool of ``actors`` Ray actors each loads
 the teacher once with its real ``from_pretrained`` and runs on a GPU when the cluster has
 one. Rows keep the input's stable ``id``.
+
+Shard-level resume: the pass writes its parquet shards into the stage's work location as
+it goes (``ctx.resumable_write``). If it is cut short (the driver killed, retries spent),
+the next attempt of the same key keeps every complete shard and runs the teacher only on
+the rows whose ``id`` no shard holds (metric ``rows_resumed``).
 """
 
 from __future__ import annotations
@@ -87,28 +92,46 @@ def with_teacher_logits(ds, model_path: str, cfg: InferenceConfig, ctx, where: s
 
 
 def write_signal(ctx, ds, cfg: InferenceConfig, num_classes: int, data, signal="logits",
-                 **extra_info):
+                 shards=None, **extra_info):
     """Write the signal kd-student reads, with the info it checks; report its rows."""
     info = {"signal": signal, "precision": cfg.precision, "num_classes": num_classes,
             **extra_info}
     if "input_shape" in data.info:
         info["input_shape"] = data.info["input_shape"]
-    return write_rows(ctx, ds, info)
+    return write_rows(ctx, ds, info, shards)
 
 
-def write_rows(ctx, ds, info: dict):
-    signal = ctx.write_dataset("signal", ds, info=info)
+def resumable(ctx, data, shard_rows: int):
+    """``(rows, shards)``: the input rows still to run the teacher on, in blocks of at most
+    about ``shard_rows`` rows (each becomes a shard), and the signal's shards that outlive
+    a failed attempt (``ctx.resumable_write``); without an ``id`` column, every row and
+    None."""
+    table = parquet(data)
+    groups = sum(f.metadata.num_row_groups for f in table.get_fragments())
+    blocks = -(-table.count_rows() // shard_rows)
+    rows = data.read(override_num_blocks=blocks) if blocks > groups else data.read()
+    if "id" not in table.schema.names:
+        return rows, None
+    shards = ctx.resumable_write("signal", "id")
+    if shards.done_rows:
+        ctx.progress(shards.done_rows, None, "rows resumed from earlier shards", force=True)
+    return shards.remaining(rows), shards
+
+
+def write_rows(ctx, ds, info: dict, shards=None):
+    signal = shards.write(ds, info) if shards else ctx.write_dataset("signal", ds, info=info)
     rows = parquet(signal).count_rows()
     if not rows:
         raise bad_value(f"stage '{ctx.name}' ({ctx.kind}) input 'data'", "rows", 0,
                         "at least one row")
     ctx.progress(rows, rows, "rows", force=True)
+    ctx.log_metrics({"rows": rows, "rows_resumed": shards.done_rows if shards else 0})
     return signal
 
 
 class TeacherOutputs(Stage):
     kind = "teacher-outputs"
-    version = "2"  # 2: probabilities and the text signals
+    version = "3"  # 2: probabilities and the text signals; 3: shard-level resume
 
     class Config(InferenceConfig):
         signal: Literal[SIGNALS] = "logits"
@@ -116,9 +139,11 @@ class TeacherOutputs(Stage):
         layers: list[int] = [-1]         # hidden_states: indices into (embeddings, layer 1, ...)
         max_length: int = Field(64, ge=2)  # text signals: tokens per row (padded/truncated)
         text_column: str = "text"
+        shard_rows: int = Field(10_000, ge=1)  # rows per shard at most: the unit of resume
 
     inputs = {"model": Model, "data": Dataset}
     outputs = {"signal": Dataset}
+    metrics = ("rows", "rows_resumed")  # rows_resumed: kept from an earlier attempt's shards
     resources = Resources(num_cpus=0)  # only launches Ray Data work
 
     def run(self, ctx, model, data):
@@ -134,9 +159,11 @@ class TeacherOutputs(Stage):
             return {"signal": self._text_signal(ctx, model, data, where)}
         num_classes = load_classifier(model.path, f"{where} input 'model'").num_classes
         require_columns(data, ["x"], f"{where} input 'data'")  # fail before any work
-        ds = with_teacher_logits(data.read(), model.path, cfg, ctx, f"{where} input 'model'",
-                                 probabilities=cfg.signal == "probabilities")
-        return {"signal": write_signal(ctx, ds, cfg, num_classes, data, signal=cfg.signal)}
+        rows, shards = resumable(ctx, data, cfg.shard_rows)  # 1. keep earlier attempts' rows
+        ds = with_teacher_logits(rows, model.path, cfg, ctx, f"{where} input 'model'",
+                                 probabilities=cfg.signal == "probabilities")  # 2. the rest
+        return {"signal": write_signal(ctx, ds, cfg, num_classes, data, signal=cfg.signal,
+                                       shards=shards)}  # 3. earlier shards + new ones
 
     def _text_signal(self, ctx, model, data, where):
         cfg = self.config
@@ -154,7 +181,8 @@ class TeacherOutputs(Stage):
         kwargs = {"model_path": model.path, "signal": cfg.signal, "precision": cfg.precision,
                   "top_k": cfg.top_k, "layers": list(cfg.layers), "max_length": cfg.max_length,
                   "text_column": cfg.text_column, "where": f"{where} input 'model'"}
-        ds = with_teacher(data.read(), TextTeacherActor, kwargs, cfg, ctx)
+        rows, shards = resumable(ctx, data, cfg.shard_rows)
+        ds = with_teacher(rows, TextTeacherActor, kwargs, cfg, ctx)
         info = {"signal": cfg.signal, "precision": cfg.precision, "model_type": c.model_type,
                 "vocab_size": int(c.vocab_size), "hidden_size": int(c.hidden_size),
                 "num_layers": int(c.num_hidden_layers), "max_length": cfg.max_length,
@@ -164,4 +192,4 @@ class TeacherOutputs(Stage):
             info["top_k"] = cfg.top_k
         if cfg.signal == "hidden_states":
             info["layers"] = [i % n_states for i in cfg.layers]
-        return write_rows(ctx, ds, info)
+        return write_rows(ctx, ds, info, shards)

