@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import socket
+import time
 import uuid
 from functools import cached_property
 
@@ -38,6 +39,21 @@ from ..errors import UserError
 MANIFEST = "manifest.json"
 SCHEMES = ("s3",)
 _SPECIAL = ("_staging", "_work", "_runs", "_trash", "_probe", "mlflow")
+COMMIT_ATTEMPTS = 20
+
+
+def after_conditional_put(error_code: str | None, winner_readable: bool) -> str:
+    """What a commit does after its put of a manifest (``error_code``: None if the put
+    succeeded, else the code of S3's refusal of a conditional put): ``done``, ``adopt`` the
+    manifest another run committed, or ``retry`` the put. S3 answers 412
+    ``PreconditionFailed`` when the manifest exists, and 409 ``ConditionalRequestConflict``
+    while a concurrent write of the same key is in flight, which AWS says to retry: that
+    write may yet fail."""
+    if error_code is None:
+        return "done"
+    if error_code == "PreconditionFailed" and winner_readable:
+        return "adopt"
+    return "retry"  # a conflict in flight, or a manifest removed since (gc): put again
 
 
 def cache_root(uri: str) -> str:
@@ -303,30 +319,43 @@ class RemoteStore:
         """Put the manifest, naming the uploaded tag, if no manifest of the key exists
         (``replace``: whether or not one does). Returns the committed manifest: ours, or
         the one another run put first (our upload is then deleted)."""
-        from botocore.exceptions import ClientError
         kind, key, tag = manifest["kind"], manifest["key"], os.path.basename(staging)
         manifest = {**manifest, "data": tag}
         body = json.dumps(manifest, indent=2, default=str).encode()
         old = self.manifest(kind, key) if replace else None
-        try:
-            self.client.put_object(Bucket=self.bucket, Key=self._key(kind, key, MANIFEST),
-                                   Body=body, ContentType="application/json",
-                                   **({} if replace else {"IfNoneMatch": "*"}))
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") not in ("PreconditionFailed",
-                                                               "ConditionalRequestConflict"):
-                raise
-            winner = self.manifest(kind, key)
-            if winner is None:
-                raise OSError(f"cannot commit {kind}/{key}: another commit holds its "
-                              f"manifest, which cannot be read") from None
-            self._delete_dir(self._path(kind, key, tag))
-            shutil.rmtree(staging, ignore_errors=True)
-            return winner
+        for attempt in range(COMMIT_ATTEMPTS):
+            code = self._put_manifest(kind, key, body, conditional=not replace)
+            winner = self.manifest(kind, key) if code == "PreconditionFailed" else None
+            decision = after_conditional_put(code, winner is not None)
+            if decision == "done":
+                break
+            if decision == "adopt":
+                self._delete_dir(self._path(kind, key, tag))
+                shutil.rmtree(staging, ignore_errors=True)
+                return winner
+            time.sleep(min(0.1 * 2 ** attempt, 2.0))
+        else:
+            raise OSError(f"cannot commit {kind}/{key}: {COMMIT_ATTEMPTS} conditional puts of "
+                          f"its manifest conflicted with other writes of it")
         if old is not None and old.get("data") not in (None, tag):
             self._delete_dir(self._data(old))
         shutil.rmtree(staging, ignore_errors=True)
         return manifest
+
+    def _put_manifest(self, kind: str, key: str, body: bytes, conditional: bool) -> str | None:
+        """Put a manifest (``conditional``: only if none exists); None, or the error code of
+        a conditional put that S3 refused."""
+        from botocore.exceptions import ClientError
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(kind, key, MANIFEST),
+                                   Body=body, ContentType="application/json",
+                                   **({"IfNoneMatch": "*"} if conditional else {}))
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code")
+            if code not in ("PreconditionFailed", "ConditionalRequestConflict"):
+                raise
+            return code
+        return None
 
     def _delete_dir(self, path: str) -> None:
         try:

@@ -12,7 +12,7 @@ import pytest
 
 from pipelines import Dataset, Model
 from pipelines._internal.gc import collect, garbage
-from pipelines._internal.remote_store import RemoteStore
+from pipelines._internal.remote_store import RemoteStore, after_conditional_put
 from pipelines._internal.store import Store
 from pipelines.errors import UserError
 from tests.conftest import S3_BUCKET
@@ -63,6 +63,41 @@ def test_one_commit_wins_and_the_loser_adopts_it(s3_uri):
     assert not os.path.exists(a_staging) and not os.path.exists(b_staging)
     assert [m["key"] for m in store.manifests()] == ["k1"] and store.find("k")[0] == won
     assert garbage(store) == []
+
+
+def test_many_commits_of_one_key_at_once_leave_one_artifact(s3_uri):
+    """Eight committers of one key at the same moment, each with its own store client (as
+    eight drivers would be): one manifest, which every committer returns; only its upload
+    is left on the store."""
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+    stores = [Store.open(s3_uri) for _ in range(8)]
+    staged = []
+    for i, store in enumerate(stores):
+        staging, out = stage_outputs(store, "k9", f"writer {i}")
+        staged.append((staging, manifest_of("k9", store.describe("toy", "k9", staging, out))))
+    barrier = Barrier(len(stores))
+
+    def commit(i):
+        stores[i].client  # noqa: B018 - connect before the race
+        barrier.wait()
+        return stores[i].commit(*staged[i])
+
+    with ThreadPoolExecutor(len(stores)) as pool:
+        results = list(pool.map(commit, range(len(stores))))
+    committed = stores[0].manifest("toy", "k9")
+    assert all(r == committed for r in results)
+    assert committed["data"] in {os.path.basename(staging) for staging, _ in staged}
+    prefix = f"{stores[0].prefix}/toy/k9/"
+    assert {k[len(prefix):].split("/")[0] for k in objects(prefix)} == {
+        "manifest.json", committed["data"]}
+
+
+def test_what_a_commit_does_after_its_conditional_put():
+    assert after_conditional_put(None, False) == "done"
+    assert after_conditional_put("PreconditionFailed", True) == "adopt"
+    assert after_conditional_put("PreconditionFailed", False) == "retry"  # removed since
+    assert after_conditional_put("ConditionalRequestConflict", False) == "retry"  # AWS: 409
 
 
 def test_inputs_are_downloaded_checked_and_read_from_the_store(s3_uri, tmp_path, monkeypatch):

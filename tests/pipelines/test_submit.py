@@ -113,8 +113,8 @@ def head(tmp_path):
         pytest.fail(f"the head's Jobs server never answered: {last}")
     yield address, env
     os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
+    try:  # a clean stop takes Ray about 30 s; the SIGKILLs below need no more than a few
+        proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
         pass
     try:  # whatever the head left in its session
