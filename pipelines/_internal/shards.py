@@ -5,7 +5,8 @@ Ray Data writes the pass's parquet files into the stage's work location (``ctx.w
 the store's ``_work/<kind>/<key>/``, reachable by every node), a directory per attempt.
 A parquet file is complete once its footer is written (last), so at the start of an
 attempt every readable file of earlier attempts is a committed shard; the ids it holds
-are done. The attempt reads only the rest of its input, writes its own files, and its
+are done. A shard holding any id of a shard already kept (two attempts that ran at once,
+as two runs of one key do) is left out, so every id is in the output exactly once. The attempt reads only the rest of its input, writes its own files, and its
 output is the earlier shards plus its own files (hard links, or server-side copies on an
 object store), committed with the artifact as usual. Unreadable files (cut mid-write, or
 being written by a concurrent run of the same key) are ignored, never deleted: two runs
@@ -28,6 +29,12 @@ def _filesystem(location: str):
     return pyarrow.fs.LocalFileSystem(), os.path.abspath(location), ""
 
 
+def overlaps(ids, done) -> bool:
+    """Whether any of ``ids`` is in ``done`` (pyarrow arrays)."""
+    import pyarrow.compute as pc
+    return bool(pc.any(pc.is_in(ids, value_set=done)).as_py())
+
+
 @dataclass
 class ResumableWrite:
     """``remaining(ds)`` → the rows still to produce; ``write(ds)`` → the whole output."""
@@ -45,18 +52,21 @@ class ResumableWrite:
             f"{self.ctx.work_uri.rstrip('/')}/shards/{self.name}")
         infos = self.fs.get_file_info(pyarrow.fs.FileSelector(self.base, recursive=True,
                                                               allow_not_found=True))
-        ids = []
+        done = None
         for info in sorted(infos, key=lambda i: i.path):
             if info.type != pyarrow.fs.FileType.File or not info.path.endswith(".parquet"):
                 continue
             try:
                 with self.fs.open_input_file(info.path) as f:
-                    ids.append(pq.read_table(f, columns=[self.id_column])
-                               .column(self.id_column).combine_chunks())
+                    ids = pq.read_table(f, columns=[self.id_column]).column(
+                        self.id_column).combine_chunks()
             except (OSError, pa.ArrowInvalid, KeyError):
                 continue  # cut mid-write, or still being written by another run
+            if done is not None and overlaps(ids, done):
+                continue  # another attempt wrote these rows too (two runs of one key)
             self.shards.append(info.path)
-        self.done = pa.concat_arrays(ids) if ids else pa.array([], pa.int64())
+            done = ids if done is None else pa.concat_arrays([done, ids])
+        self.done = done if done is not None else pa.array([], pa.int64())
         self.attempt = f"{self.base}/{uuid.uuid4().hex[:12]}"
 
     @property

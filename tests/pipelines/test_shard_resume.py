@@ -79,3 +79,30 @@ def test_driver_killed_mid_teacher_generation_resumes_from_its_shards(ray_sessio
     expected = pq.read_table(corpus_dir, columns=["id"])["id"].to_pylist()
     assert len(ids) == len(set(ids)) == 300 and sorted(ids) == sorted(expected)
     assert [s.status for s in run(p, store=store, progress=False).stages] == ["cached"] * 3
+
+
+def test_shards_of_attempts_that_ran_at_once_are_used_once(tmp_path):
+    """Two earlier attempts that wrote some of the same rows (two runs of one key at once):
+    a shard holding a row already kept is left out, so every id is used exactly once; a
+    file cut mid-write is ignored."""
+    import pyarrow as pa
+
+    from pipelines import StageContext
+    from pipelines._internal.shards import ResumableWrite
+    ctx = StageContext.for_testing(tmp_path)
+    base = os.path.join(ctx.work_uri, "shards", "signal")
+    files = {"a1/p0": range(0, 50), "a1/p1": range(50, 100),  # the first attempt
+             "b2/p0": range(0, 75), "b2/p1": range(100, 120)}  # the second, at once
+    for name, ids in files.items():
+        os.makedirs(os.path.join(base, os.path.dirname(name)), exist_ok=True)
+        pq.write_table(pa.table({"id": list(ids), "x": [float(i) for i in ids]}),
+                       os.path.join(base, name + ".parquet"))
+    with open(os.path.join(base, "b2", "p2.parquet"), "wb") as f:
+        f.write(b"PAR1 cut")  # no footer
+    out = ResumableWrite(ctx, "signal")
+    assert [os.path.relpath(p, base) for p in out.shards] == [
+        "a1/p0.parquet", "a1/p1.parquet", "b2/p1.parquet"]
+    assert out.done_rows == 120
+    dataset = out.write(None)
+    ids = shard_ids(dataset.path)
+    assert sorted(ids) == list(range(120))
