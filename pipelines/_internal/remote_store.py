@@ -106,21 +106,31 @@ class RemoteStore:
         return f"{self.bucket}/{self._key(*parts)}".rstrip("/")
 
     def check(self, create: bool) -> None:
-        """A clear message when the bucket cannot be reached, read or (``create``) written."""
+        """A clear message when the bucket cannot be reached, read or (``create``) written,
+        or when its server ignores the conditional put that commits a manifest."""
+        from botocore.exceptions import BotoCoreError, ClientError
+        honoured = True
         try:
             if create:
                 probe = self._path("_probe", uuid.uuid4().hex)
                 with self.fs.open_output_stream(probe) as f:
                     f.write(b"ok")
+                # 2. a second put that must be refused: commits rely on it
+                honoured = self._put(probe.partition("/")[2], b"again", True) is not None
                 self.fs.delete_file(probe)
             else:
                 self.fs.get_file_info(self._path())
-        except OSError as e:
+        except (OSError, BotoCoreError, ClientError) as e:
             cause = str(e).splitlines()[0][:300]
             raise UserError(f"--store: store {self.root!r} cannot be "
                             f"{'written' if create else 'read'} ({cause}); allowed: "
                             f"s3://bucket/prefix of an existing bucket that the credentials "
                             f"in the environment may {'write' if create else 'read'}") from None
+        if not honoured:
+            raise UserError(f"--store: the S3 server of {self.root!r} ignores conditional "
+                            f"writes (a put with If-None-Match: * replaced an existing "
+                            f"object), so two runs could both commit one artifact; allowed: a "
+                            f"server that honours If-None-Match on PutObject (AWS S3 does)")
 
     # -- paths -------------------------------------------------------------------------
     def artifact_dir(self, kind: str, key: str) -> str:
@@ -324,7 +334,7 @@ class RemoteStore:
         body = json.dumps(manifest, indent=2, default=str).encode()
         old = self.manifest(kind, key) if replace else None
         for attempt in range(COMMIT_ATTEMPTS):
-            code = self._put_manifest(kind, key, body, conditional=not replace)
+            code = self._put(self._key(kind, key, MANIFEST), body, conditional=not replace)
             winner = self.manifest(kind, key) if code == "PreconditionFailed" else None
             decision = after_conditional_put(code, winner is not None)
             if decision == "done":
@@ -342,13 +352,12 @@ class RemoteStore:
         shutil.rmtree(staging, ignore_errors=True)
         return manifest
 
-    def _put_manifest(self, kind: str, key: str, body: bytes, conditional: bool) -> str | None:
-        """Put a manifest (``conditional``: only if none exists); None, or the error code of
-        a conditional put that S3 refused."""
+    def _put(self, key: str, body: bytes, conditional: bool) -> str | None:
+        """Put an object (``conditional``: only if none exists at ``key``); None, or the
+        error code of a conditional put that S3 refused."""
         from botocore.exceptions import ClientError
         try:
-            self.client.put_object(Bucket=self.bucket, Key=self._key(kind, key, MANIFEST),
-                                   Body=body, ContentType="application/json",
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=body,
                                    **({"IfNoneMatch": "*"} if conditional else {}))
         except ClientError as e:
             code = e.response.get("Error", {}).get("Code")

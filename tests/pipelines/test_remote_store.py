@@ -179,3 +179,4 @@ def test_pickled_store_reconnects(s3_uri):
     again = pickle.loads(pickle.dumps(store))
     assert again.root == store.root and again.manifests() == []
     shutil.rmtree(again.cache, ignore_errors=True)
+
