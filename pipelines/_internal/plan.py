@@ -12,6 +12,8 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
+from .tracking import redact
+
 
 def canonical(obj) -> str:
     """Canonical JSON: sorted keys, no whitespace, floats in repr form."""
@@ -75,7 +77,7 @@ def why_changed(state: StageState, previous: dict | None, upstream_running: set[
         reasons.append(f"kind changed: {previous.get('kind')} -> {state.kind}")
     if previous.get("version") != state.version:
         reasons.append(f"version changed: {previous.get('version')} -> {state.version}")
-    diff = config_diff(previous.get("config", {}), state.config)
+    diff = config_diff(previous.get("config", {}), redact(state.config))  # records: redacted
     if diff:
         reasons.append("config changed: " + ", ".join(diff))
     if previous.get("seed") != state.seed:
@@ -86,6 +88,8 @@ def why_changed(state: StageState, previous: dict | None, upstream_running: set[
         up = state.upstream.get(n, "?")
         how = "re-runs" if up in upstream_running else "changed"
         reasons.append(f"input changed: {n} (upstream '{up}' {how})")
+    if not reasons and previous.get("key") not in (None, state.key):
+        return "config changed: a value that is not shown (a secret-looking key)"
     if not reasons:
         return "artifact missing (deleted, or its run never committed)"
     return "; ".join(reasons)

@@ -178,3 +178,21 @@ def test_resources_the_cluster_cannot_give_are_a_user_error(ray_session, tmp_pat
         run(Pipeline.from_dict(spec), store=str(tmp_path), progress=False)
     rec = Store(str(tmp_path)).runs()[-1]
     assert rec["ok"] is False and rec["outcome"] == "failed"
+
+
+def test_secret_config_values_are_written_nowhere(ray_session, tmp_path):
+    """A secret-looking config value changes the cache key, but is in no file of the store
+    (manifests, run records, the MLflow database) and in no plan reason."""
+    spec = {"name": "secret", "seed": 0, "stages": {
+        "nums": {"kind": "test-numbers", "config": {"n": 5, "api_token": "sk-LEAK-1"}}}}
+    store = str(tmp_path / "store")
+    first = run(Pipeline.from_dict(spec), store=store, progress=False)
+    again = Pipeline.from_dict(spec, ["nums.api_token=sk-LEAK-2"])
+    assert plan(again, store=store).decisions["nums"].reason == (
+        "config changed: a value that is not shown (a secret-looking key)")
+    second = run(again, store=store, progress=False)
+    assert second["nums"].status == "ran" and second["nums"].key != first["nums"].key
+    files = [os.path.join(d, f) for d, _, fs in os.walk(store) for f in fs]
+    assert any(f.endswith("mlflow.db") for f in files) and any("_runs" in f for f in files)
+    leaked = [f for f in files if b"sk-LEAK" in open(f, "rb").read()]
+    assert leaked == []

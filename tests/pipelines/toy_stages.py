@@ -17,6 +17,7 @@ class MakeNumbers(Stage):
     class Config(StageConfig):
         n: int = 100
         sleep: float = 0.0
+        api_token: str = ""  # secret-looking: in the cache key, never written in clear
 
     outputs = {"numbers": Dataset}
     resources = Resources(num_cpus=0.5)
