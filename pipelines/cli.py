@@ -74,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("config", help="pipeline YAML file, inside --working-dir")
     sp.add_argument("--address", default=None,
                     help="the head's Ray dashboard, e.g. http://HEAD:8265 (default RAY_ADDRESS)")
-    sp.add_argument("--store", default=DEFAULT_STORE,
-                    help="artifact store as the cluster sees it (a path every node shares)")
+    sp.add_argument("--store", default=None, help="artifact store as the cluster sees it: "
+                    "an absolute path every node shares, or s3://bucket/prefix (required)")
     sp.add_argument("--set", dest="overrides", action="append", default=[],
                     metavar="STAGE.FIELD=VALUE", help="override a stage config field")
     sp.add_argument("--force", action="append", default=[], metavar="STAGE",
@@ -139,7 +139,10 @@ def _load(args):
 
 
 def _resume_command(argv: list[str]) -> str:
-    out, skip = [], False
+    """The command that resumes a run: ``argv`` without its ``--force``, and secret-looking
+    ``--set`` values shown as ``***``."""
+    from ._internal.tracking import redact_override
+    out, skip, after_set = [], False, False
     for a in argv:
         if skip:
             skip = False
@@ -149,6 +152,11 @@ def _resume_command(argv: list[str]) -> str:
             continue
         if a.startswith("--force="):
             continue
+        if after_set:
+            a = redact_override(a)
+        elif a.startswith("--set="):
+            a = "--set=" + redact_override(a[len("--set="):])
+        after_set = a == "--set"
         out.append(a)
     return "distill " + shlex.join(out)
 

@@ -15,6 +15,7 @@ import shlex
 import time
 
 from ..errors import UserError
+from .tracking import redact_override
 
 WHERE = "distill submit"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -29,6 +30,17 @@ def config_in_working_dir(config: str, working_dir: str) -> str:
                         f"{working_dir!r}; allowed: a file inside the directory that is "
                         f"uploaded with the job")
     return rel
+
+
+def cluster_store(store: str | None) -> str:
+    """The ``--store`` of a job: one that every node of the cluster reaches at the same
+    place (a relative path would land in the job's temporary working directory)."""
+    if store and ("://" in store and not store.startswith("file://") or
+                  os.path.isabs(store.removeprefix("file://"))):
+        return store
+    raise UserError(f"{WHERE}: --store {store!r} is not a store every node of the cluster "
+                    f"reaches; allowed: an absolute path on a filesystem every node shares "
+                    f"(e.g. /mnt/shared/distill), or s3://bucket/prefix")
 
 
 def job_entrypoint(config_rel: str, store: str, overrides: list[str], force: list[str],
@@ -78,10 +90,13 @@ def submit(config: str, address: str | None, store: str, overrides: list[str],
     if not os.path.isdir(working_dir):
         raise UserError(f"{WHERE}: --working-dir {working_dir!r} is not a directory")
     rel = config_in_working_dir(config, working_dir)
+    store = cluster_store(store)
     jobs = client(address)                  # 2. the cluster's Jobs server
     entry = job_entrypoint(rel, store, overrides, force, tracking_uri)
     job_id = submit_job(jobs, entry, os.path.abspath(working_dir))  # 3. upload + submit
-    print(f"submitted job {job_id}: {entry}", file=out, flush=True)
+    shown = job_entrypoint(rel, store, [redact_override(o) for o in overrides], force,
+                           tracking_uri)
+    print(f"submitted job {job_id}: {shown}", file=out, flush=True)
     if not follow:
         print(f"follow it with: ray job logs --address {jobs.get_address()} -f {job_id}",
               file=out)

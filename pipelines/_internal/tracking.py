@@ -43,6 +43,14 @@ def redact(value):
     return value
 
 
+def redact_override(item: str) -> str:
+    """A ``--set stage.field=value`` item as it may be shown: the value as ``REDACTED`` when
+    the field looks secret."""
+    field, sep, value = item.partition("=")
+    secret = sep and value and looks_secret(field.rsplit(".", 1)[-1])
+    return f"{field}={REDACTED}" if secret else item
+
+
 def _remote(store_root: str) -> bool:
     return "://" in store_root and not store_root.startswith("file://")
 

@@ -168,3 +168,12 @@ def test_failed_stage_exit_code_and_resume_command(cli_store, capsys, tmp_path):
     assert "finished (committed, will be reused): nums" in err
     assert (f"resume with: distill run {path} --store {store} --quiet --set double.fail=error "
             f"--json") in err
+
+
+def test_resume_command_hides_secret_looking_values():
+    from pipelines.cli import _resume_command
+    argv = ["run", "p.yaml", "--set", "hub.api_token=sk-1", "--set=hub.password=pw",
+            "--set", "student.lr=0.1", "--force", "student", "--set", "tokenizer=bpe"]
+    assert _resume_command(argv) == ("distill run p.yaml --set 'hub.api_token=***' "
+                                     "'--set=hub.password=***' --set student.lr=0.1 "
+                                     "--set tokenizer=bpe")

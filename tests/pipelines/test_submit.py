@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from pipelines._internal.submit import (config_in_working_dir, exit_code, job_entrypoint,
-                                        retry_submit)
+from pipelines._internal.submit import (cluster_store, config_in_working_dir, exit_code,
+                                        job_entrypoint, retry_submit)
 from pipelines.errors import UserError
 from tests.pipelines.test_cli import ROOT
 
@@ -46,6 +46,16 @@ def test_entrypoint_runs_the_pipeline_on_the_head():
     assert not retry_submit("Request failed with status code 400: bad runtime_env")
 
 
+def test_the_store_must_be_one_every_node_reaches():
+    assert cluster_store("/mnt/shared/distill") == "/mnt/shared/distill"
+    assert cluster_store("s3://bucket/distill") == "s3://bucket/distill"
+    assert cluster_store("file:///mnt/shared") == "file:///mnt/shared"
+    for bad in (None, ".distill", "store/x", "file://rel/x"):
+        with pytest.raises(UserError, match=r"--store .* is not a store every node .*allowed: "
+                                            r"an absolute path"):
+            cluster_store(bad)
+
+
 def test_config_must_travel_with_the_working_dir(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "p.yaml").write_text(PIPELINE)
@@ -59,10 +69,14 @@ def test_bad_submissions_get_one_message(tmp_path):
     cfg = tmp_path / "p.yaml"
     cfg.write_text(PIPELINE)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    r = cli("submit", str(cfg), "--working-dir", str(tmp_path), env=env)
-    assert r.returncode == 2 and "no --address" in r.stderr and "Traceback" not in r.stderr
     r = cli("submit", str(cfg), "--working-dir", str(tmp_path), "--address",
             "http://127.0.0.1:9", env=env)
+    assert r.returncode == 2 and "--store None is not a store every node" in r.stderr
+    store = ["--store", str(tmp_path / "store")]
+    r = cli("submit", str(cfg), "--working-dir", str(tmp_path), *store, env=env)
+    assert r.returncode == 2 and "no --address" in r.stderr and "Traceback" not in r.stderr
+    r = cli("submit", str(cfg), "--working-dir", str(tmp_path), "--address",
+            "http://127.0.0.1:9", *store, env=env)
     assert r.returncode == 2 and "cannot reach the Ray Jobs server" in r.stderr
     assert "'http://127.0.0.1:9'" in r.stderr and "Traceback" not in r.stderr
     bad = tmp_path / "bad.yaml"
