@@ -24,11 +24,11 @@ class StageContext:
     key: str                  # the cache key of the artifact being produced
     seed: int
     staging_dir: str          # outputs are written here, then committed by the core
-    work_dir: str             # survives failed attempts: checkpoints, resumable shards
+    work_dir: str             # this node's work directory (on a local store: work_uri)
     board: Board = field(default_factory=LocalBoard)
     num_gpus_available: float = 0.0  # GPUs Ray reports in the cluster
     train_storage: str = ""   # Ray Train's storage_path for checkpoints ("": in work_dir)
-    work_uri: str = ""        # work_dir as every node reaches it (a URI on a remote store)
+    work_uri: str = ""        # survives failed attempts, seen by every node: work_files, shards
     remote_dir: str | None = None  # remote stores: where Ray Data writes the datasets
     _last_progress: float = field(default=0.0, repr=False)
 
@@ -85,6 +85,15 @@ class StageContext:
         See ``pipelines._internal.shards``."""
         from ._internal.shards import ResumableWrite
         return ResumableWrite(self, name, id_column)
+
+    @property
+    def work_files(self):
+        """Files kept across attempts and nodes (checkpoints, finished pieces of work):
+        ``new_file(rel)`` to write, ``put(rel, path)``, ``exists(rel)``, ``get(rel)`` →
+        a local path or None. Picklable: hand it to the Ray tasks that produce them. See
+        ``pipelines._internal.workfiles``."""
+        from ._internal.workfiles import WorkFiles
+        return WorkFiles(self.work_uri, self.work_dir)
 
     def save_model(self, name: str, model, info: dict | None = None, **save_kwargs) -> Model:
         """Save ``model`` with its library's own ``save_pretrained`` as output ``name``."""

@@ -8,7 +8,7 @@
 - Differentiable Siamese Augmentation (DSA, Zhao & Bilen 2021): a random affine warp
   (scale, rotation, translation) and brightness/contrast jitter, differentiable in x;
 - the synthetic-set artifact (columns id, x, label, split) and its checks (IPC against the
-  smallest class), atomic checkpoints in ``ctx.work_dir``;
+  smallest class), atomic checkpoints in ``ctx.work_files``;
 - ``train_net``: plain SGD training of a fresh network (experts and evaluation).
 
 Every tensor computation runs on ``device()``: the GPU when the process was given one (a
@@ -181,18 +181,18 @@ def dsa(x: torch.Tensor, seed: int, per_sample: bool = True, scale: float = 1.2,
 
 
 # -- checkpoints ---------------------------------------------------------------------
-def save_checkpoint(work_dir: str, name: str, state: dict) -> str:
-    os.makedirs(work_dir, exist_ok=True)
-    path = os.path.join(work_dir, name)
-    state = {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)  # atomic: a crash never leaves half a checkpoint
-    return path
+def save_checkpoint(work, name: str, state: dict) -> None:
+    """``state`` as the work file ``name`` (``ctx.work_files``), put whole: a crash never
+    leaves half a checkpoint, and a retry on another node finds it."""
+    tmp = work.new_file(name)
+    torch.save({k: v.detach().cpu() if isinstance(v, torch.Tensor) else v
+                for k, v in state.items()}, tmp)
+    work.put(name, tmp)
 
 
-def load_checkpoint(work_dir: str, name: str) -> dict | None:
-    path = os.path.join(work_dir, name)
-    if not os.path.exists(path):
+def load_checkpoint(work, name: str) -> dict | None:
+    path = work.get(name)
+    if path is None:
         return None
     return torch.load(path, map_location="cpu", weights_only=True)
 

@@ -9,7 +9,7 @@ psi is the feature extractor of a freshly initialised ConvNet at every iteration
 trained), A a differentiable siamese augmentation with the same parameters omega for the
 real and synthetic batch of a class (DSA), T_c a random real batch of ``batch_real``
 images. S is initialised from real images and updated with SGD (lr ``lr_img``, momentum
-0.5 as in the paper). Checkpoints go to ``ctx.work_dir`` every ``checkpoint_every``
+0.5 as in the paper). Checkpoints go to ``ctx.work_files`` every ``checkpoint_every``
 iterations; a re-run resumes from the last one.
 """
 
@@ -56,7 +56,7 @@ class DistributionMatching(Stage):
         xs, ys = real_init(x, y, cfg.ipc, num_classes, ctx.seed)
         xs = xs.to(dev).requires_grad_(True)
         opt = torch.optim.SGD([xs], lr=cfg.lr_img, momentum=cfg.momentum)
-        start, state = 0, load_checkpoint(ctx.work_dir, CHECKPOINT)
+        start, state = 0, load_checkpoint(ctx.work_files, CHECKPOINT)
         if state is not None:
             with torch.no_grad():
                 xs.copy_(state["x"])
@@ -87,7 +87,7 @@ class DistributionMatching(Stage):
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(
                     f"{where}: the DM loss diverged ({loss.item()}) at iteration {it}; lower "
-                    f"lr_img ({cfg.lr_img}); the last checkpoint is kept in {ctx.work_dir}")
+                    f"lr_img ({cfg.lr_img}); the last checkpoint is kept in {ctx.work_uri}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -95,7 +95,7 @@ class DistributionMatching(Stage):
                 ctx.log_metrics({"dm_loss": loss.item()}, step=it)
             ctx.progress(it + 1, cfg.iterations, "iterations")
             if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
-                save_checkpoint(ctx.work_dir, CHECKPOINT,
+                save_checkpoint(ctx.work_files, CHECKPOINT,
                                 {"x": xs.detach(), "opt": opt.state_dict(), "iteration": it + 1})
 
         xs = xs.detach().cpu()

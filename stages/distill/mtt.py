@@ -23,7 +23,7 @@ differentiated through the whole unrolled student (``torch.func.functional_call`
 flat parameter vector), with SGD + momentum 0.5 on the images (``lr_img``) and on a = log alpha
 (``lr_lr``). The learned alpha is ``synthetic_lr`` in the manifest info.
 
-Checkpoints of the images, alpha and both optimisers go to ``ctx.work_dir`` every
+Checkpoints of the images, alpha and both optimisers go to ``ctx.work_files`` every
 ``checkpoint_every`` iterations; a re-run resumes there. A non-finite loss or a
 non-finite alpha (or one above ``max_lr``) stops the run with a ``FloatingPointError`` that names the
 iteration; the last good checkpoint is kept.
@@ -93,7 +93,7 @@ class MatchTrajectories(Stage):
         log_lr = torch.tensor(math.log(cfg.lr_init), device=dev, requires_grad=True)
         opt_img = torch.optim.SGD([xs], lr=cfg.lr_img, momentum=cfg.momentum)
         opt_lr = torch.optim.SGD([log_lr], lr=cfg.lr_lr, momentum=cfg.momentum)
-        start, state = 0, load_checkpoint(ctx.work_dir, CHECKPOINT)
+        start, state = 0, load_checkpoint(ctx.work_files, CHECKPOINT)
         if state is not None:
             with torch.no_grad():
                 xs.copy_(state["x"])
@@ -145,7 +145,7 @@ class MatchTrajectories(Stage):
                 ctx.log_metrics({"mtt_loss": loss.item(), "synthetic_lr": syn_lr.item()}, step=it)
             ctx.progress(it + 1, cfg.iterations, "iterations")
             if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
-                save_checkpoint(ctx.work_dir, CHECKPOINT, {
+                save_checkpoint(ctx.work_files, CHECKPOINT, {
                     "x": xs.detach(), "syn_lr": syn_lr, "iteration": it + 1,
                     "opt_img": opt_img.state_dict(), "opt_lr": opt_lr.state_dict()})
 
@@ -176,4 +176,4 @@ class MatchTrajectories(Stage):
         raise FloatingPointError(
             f"{where}: diverged at iteration {it}: {what} (synthetic lr {syn_lr.item():.4g}); "
             f"lower lr_init ({self.config.lr_init}), lr_lr ({self.config.lr_lr}) or lr_img "
-            f"({self.config.lr_img}); the last checkpoint is kept in {ctx.work_dir}")
+            f"({self.config.lr_img}); the last checkpoint is kept in {ctx.work_uri}")

@@ -504,7 +504,7 @@ class StudentMethod:
 def train_student(ctx, kind: str, cfg: StudentConfig, teacher_path: str, train_ds,
                   method: StudentMethod, student_info: dict, scheduler_config: dict) -> Model:
     """Fit a student with a ``TorchTrainer`` (run name from the artifact key, so a re-run
-    resumes from the last checkpoint in ``ctx.work_dir``) and save it as a model folder."""
+    resumes from the last checkpoint in ``ctx.train_storage``) and save it as a model folder."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train import DataConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer

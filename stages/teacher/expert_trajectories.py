@@ -12,8 +12,9 @@ fingerprint are in the manifest info: ``mtt`` and ``herding`` refuse experts of 
 architecture or dataset.
 
 The experts train as parallel Ray tasks (``num_cpus=1`` each, one torch thread). Each
-expert's file is committed to ``ctx.work_dir`` as soon as it finishes, so a re-run after an
-interruption trains only the missing experts.
+expert's file is put in the stage's work files (``ctx.work_files``: the store's work
+location, seen by every node) as soon as it finishes, so a re-run after an interruption,
+on any node, trains only the missing experts.
 """
 
 from __future__ import annotations
@@ -41,9 +42,10 @@ def shard_name(expert: int) -> str:
 
 
 def train_expert(arch: dict, x, y, x_test, y_test, cfg: dict, seed: int, expert: int,
-                 path: str) -> float:
-    """Train one expert and write its trajectory to ``path`` (atomically); returns its
-    final test accuracy (also stored in the file's metadata)."""
+                 work) -> float:
+    """Train one expert and put its trajectory in the work files ``work`` (whole, as
+    ``experts/expert-NNNNN.parquet``); returns its final test accuracy (also stored in the
+    file's metadata)."""
     rows = []
     net = train_net(arch, x, y, cfg["epochs"], cfg["lr"], seed, momentum=cfg["momentum"],
                     weight_decay=0.0, batch_size=cfg["batch_size"], augment=cfg["augment"],
@@ -56,8 +58,10 @@ def train_expert(arch: dict, x, y, x_test, y_test, cfg: dict, seed: int, expert:
         "params": pa.FixedSizeListArray.from_arrays(pa.array(params.reshape(-1)),
                                                     params.shape[1])})
     table = table.replace_schema_metadata({"test_accuracy": str(acc)})
-    pq.write_table(table, path + ".tmp", row_group_size=1)
-    os.replace(path + ".tmp", path)
+    rel = f"experts/{shard_name(expert)}"
+    tmp = work.new_file(rel)
+    pq.write_table(table, tmp, row_group_size=1)
+    work.put(rel, tmp)
     return acc
 
 
@@ -110,16 +114,14 @@ class ExpertTrajectories(Stage):
         arch = cfg.arch(x.shape[1:], num_classes_of(data, y))
         key = dataset_key(data, where)
 
-        # 1. launch the experts whose trajectory is not in the work dir yet
-        shards = os.path.join(ctx.work_dir, "experts")
-        os.makedirs(shards, exist_ok=True)
-        todo = [e for e in range(cfg.experts)
-                if not os.path.exists(os.path.join(shards, shard_name(e)))]
+        # 1. launch the experts whose trajectory is not in the work files yet
+        work = ctx.work_files
+        todo = [e for e in range(cfg.experts) if not work.exists(f"experts/{shard_name(e)}")]
         task = ray.remote(num_cpus=1, num_gpus=task_gpus(ctx),
                           max_retries=1)(train_expert)
         refs = [ray.put(a.numpy()) for a in (x, y, x_test, y_test)]
         pending = {task.remote(arch, *refs, cfg.model_dump(), ctx.seed * 1000 + e, e,
-                               os.path.join(shards, shard_name(e))): e for e in todo}
+                               work): e for e in todo}
         # 2. each expert's file is committed as it finishes (resume unit)
         done = cfg.experts - len(pending)
         while pending:
@@ -133,9 +135,9 @@ class ExpertTrajectories(Stage):
         out = ctx.output_dir("experts")
         accs = []
         for e in range(cfg.experts):
-            src = os.path.join(shards, shard_name(e))
-            shutil.copyfile(src, os.path.join(out, shard_name(e)))
-            accs.append(float(pq.read_schema(src).metadata[b"test_accuracy"]))
+            dst = os.path.join(out, shard_name(e))
+            shutil.copyfile(work.get(f"experts/{shard_name(e)}"), dst)
+            accs.append(float(pq.read_schema(dst).metadata[b"test_accuracy"]))
         num_params = pq.ParquetFile(os.path.join(out, shard_name(0))).schema_arrow.field(
             "params").type.list_size
         info = {"arch": arch, "dataset": key, "experts": cfg.experts, "epochs": cfg.epochs,

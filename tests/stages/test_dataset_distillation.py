@@ -214,3 +214,32 @@ def test_load_mnist(tmp_path):
     test = cols["split"] == "test"
     assert np.bincount(cols["label"][test]).tolist() == [100] * 10  # stratified
     assert out.info == {"num_classes": 10, "input_shape": [1, 28, 28]}
+
+
+def test_work_files_resume_on_another_node_of_an_s3_store(ray_session, digits, s3_uri,
+                                                          tmp_path):
+    """On an s3:// store the checkpoints and finished experts are in the store's work
+    location: an attempt on another node (another local work directory) resumes from them;
+    nothing is read from the first node's directory."""
+    import shutil
+
+    from pipelines._internal.store import Store
+    store = Store.open(s3_uri)
+
+    def node_ctx(node, kind):
+        return StageContext(name=kind, kind=kind, key="k", seed=0,
+                            staging_dir=str(tmp_path / node / kind / "staging"),
+                            work_dir=str(tmp_path / node / kind / "work"),
+                            work_uri=store.work_uri(kind, "k"))
+
+    cfg = {**NET, "ipc": 2, "batch_real": 32, "checkpoint_every": 2}
+    DistributionMatching({**cfg, "iterations": 2}).run(node_ctx("a", "dm"), data=digits)
+    ExpertTrajectories({**EXPERTS, "experts": 1}).run(node_ctx("a", "experts"), data=digits)
+    shutil.rmtree(tmp_path / "a")  # the first node is gone
+    dm = DistributionMatching({**cfg, "iterations": 3}).run(node_ctx("b", "dm"), data=digits)
+    assert dm["synthetic"].info["resumed_from"] == 2
+    ctx = node_ctx("b", "experts")
+    ex = ExpertTrajectories({**EXPERTS, "experts": 2}).run(ctx, data=digits)["experts"]
+    steps = [s for k, _, s in ctx.board.history_of("experts") if k == "expert_test_accuracy"]
+    assert steps == [1] and ex.info["experts"] == 2  # expert 0 came from the store
+    assert [pq.read_table(f).column("expert")[0].as_py() for f in ex.files()] == [0, 1]
