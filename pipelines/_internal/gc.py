@@ -24,6 +24,19 @@ def _size(path: str) -> int:
     return total
 
 
+def _newest_write(path: str) -> float:
+    """The time of the newest write under ``path`` (a directory's own mtime changes only
+    when an entry directly in it does)."""
+    newest = os.path.getmtime(path)
+    for dp, ds, fs in os.walk(path):
+        for name in ds + fs:
+            try:
+                newest = max(newest, os.path.getmtime(os.path.join(dp, name)))
+            except OSError:
+                pass
+    return newest
+
+
 def _listdir(path: str) -> list[str]:
     return sorted(os.listdir(path)) if os.path.isdir(path) else []
 
@@ -100,7 +113,7 @@ def _staging(staging: str) -> list[str]:
     out = []
     for kind in _listdir(staging):
         out += [os.path.join(staging, kind, tag) for tag in _listdir(os.path.join(staging, kind))
-                if not _owner_alive(tag, lambda: os.path.getmtime(
+                if not _owner_alive(tag, lambda: _newest_write(
                     os.path.join(staging, kind, tag)))]
     return out
 

@@ -3,6 +3,7 @@
 import json
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -132,3 +133,21 @@ def test_manifest_json_is_plain_json(tmp_path):
     store.commit(*staged(store))
     with open(os.path.join(store.artifact_dir("k", "abc"), MANIFEST)) as f:
         assert json.load(f)["kind"] == "k"
+
+
+def test_staging_of_another_host_is_kept_while_anything_in_it_is_written(tmp_path):
+    """Another node's staging directory is debris only once nothing under it was written
+    for a day: a write deep inside counts, though it leaves the top directory's mtime."""
+    store = Store.open(str(tmp_path))
+    tag = os.path.join(store.root, "_staging", "toy", "k1.another-node.4242.abcd1234")
+    deep = os.path.join(tag, "model", "shards")
+    os.makedirs(deep)
+    old = time.time() - 2 * 24 * 3600
+    for d in (tag, os.path.join(tag, "model"), deep):
+        os.utime(d, (old, old))
+    with open(os.path.join(deep, "part-0.parquet"), "w") as f:
+        f.write("being written")
+    os.utime(deep, (old, old))  # as if the directory's own entry were old
+    assert garbage(store) == []
+    os.utime(os.path.join(deep, "part-0.parquet"), (old, old))
+    assert garbage(store) == [tag]
