@@ -71,6 +71,10 @@ class RemoteStore:
             raise UserError(f"--store: scheme '{scheme}://' of {root!r} is not supported; "
                             f"allowed: a local path, file://, " +
                             ", ".join(f"{s}://bucket/prefix" for s in SCHEMES))
+        if "?" in rest or "#" in rest:
+            raise UserError(f"--store: {root!r} carries a query or fragment (options such as "
+                            f"an endpoint go in the environment); allowed: s3://bucket/prefix, "
+                            f"with AWS_ENDPOINT_URL and the credentials in the environment")
         bucket, _, prefix = rest.partition("/")
         if "@" in bucket or ":" in bucket:
             raise UserError("--store: the store URI carries credentials or a port, which would "

@@ -4,6 +4,7 @@ JSON-schema validation (what `ray up` runs before touching a cloud), offline."""
 import copy
 import os
 
+import jsonschema
 import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
@@ -39,5 +40,13 @@ def test_the_validation_can_fail():
     config = prepare_config(load(CONFIGS[0]))
     broken = copy.deepcopy(config)
     broken["available_node_types"]["gpu_worker"]["min_wrokers"] = 1  # a typo
-    with pytest.raises(Exception):
+    with pytest.raises(jsonschema.ValidationError, match="min_wrokers"):
         validate_config(broken)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_the_jobs_api_listens_on_the_heads_loopback_only(path):
+    """The Ray Jobs API runs any command it is sent, unauthenticated: users reach it
+    through `ray dashboard` (an SSH tunnel), never over the network."""
+    starts = [c for c in load(path)["head_start_ray_commands"] if c.startswith("ray start")]
+    assert len(starts) == 1 and "--dashboard-host=127.0.0.1" in starts[0].split()

