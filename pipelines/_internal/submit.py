@@ -120,16 +120,21 @@ def submit_job(jobs, entry: str, working_dir: str, wait: float = 120.0) -> str:
 
 
 def stream_logs(jobs, job_id: str, out, poll: float = 1.0) -> str:
-    """Print the job's new log lines as they come (polling, no event loop needed);
-    returns its final status."""
-    shown = 0
-    while True:
-        status = str(jobs.get_job_status(job_id).value)
-        logs = jobs.get_job_logs(job_id)
-        if len(logs) > shown:
-            out.write(logs[shown:])
+    """Print the job's log lines as they come (Ray's log tail, a websocket), then wait for
+    its final status and return it."""
+    import asyncio
+
+    async def tail():
+        async for lines in jobs.tail_job_logs(job_id):
+            out.write(lines)
             out.flush()
-            shown = len(logs)
-        if status in TERMINAL:
-            return status
+
+    try:
+        asyncio.run(tail())
+    except RuntimeError as e:  # the stream broke; the job goes on
+        print(f"{WHERE}: the log stream of job {job_id} stopped ({e}); waiting for the job "
+              f"to end (its logs: ray job logs --address {jobs.get_address()} {job_id})",
+              file=out, flush=True)
+    while (status := str(jobs.get_job_status(job_id).value)) not in TERMINAL:
         time.sleep(poll)
+    return status
