@@ -45,7 +45,7 @@ def test_unknown_kind_did_you_mean():
 def test_unknown_config_key_did_you_mean_lists_fields():
     msg = error(spec(nums={"kind": "test-numbers", "config": {"nn": 3}}))
     assert "stage 'nums' (test-numbers)" in msg and "unknown field 'nn'" in msg
-    assert "did you mean 'n'" in msg and "allowed fields: n, sleep" in msg
+    assert "did you mean 'n'" in msg and "allowed fields: api_token, n, sleep" in msg
 
 
 def test_mistyped_config_value():
