@@ -5,13 +5,14 @@ Ray Data writes the pass's parquet files into the stage's work location (``ctx.w
 the store's ``_work/<kind>/<key>/``, reachable by every node), a directory per attempt.
 A parquet file is complete once its footer is written (last), so at the start of an
 attempt every readable file of earlier attempts is a committed shard; the ids it holds
-are done. A shard holding any id of a shard already kept (two attempts that ran at once,
-as two runs of one key do) is left out, so every id is in the output exactly once. The attempt reads only the rest of its input, writes its own files, and its
-output is the earlier shards plus its own files (hard links, or server-side copies on an
-object store), committed with the artifact as usual. Unreadable files (cut mid-write, or
-being written by a concurrent run of the same key) are ignored, never deleted: two runs
-of one key each produce their rows once. ``gc`` removes the work location once the
-artifact is committed.
+are done. A shard holding any id of a shard of an earlier attempt already kept (two
+attempts that ran at once, as two runs of one key do) is left out, so every id is in the
+output exactly once; one attempt's own files never repeat a row. The attempt reads only
+the rest of its input, writes its own files, and its output is the earlier shards plus its
+own files (hard links, or server-side copies on an object store), committed with the
+artifact as usual. Unreadable files (cut mid-write, or being written by a concurrent run
+of the same key) are ignored, never deleted: two runs of one key each produce their rows
+once. ``gc`` removes the work location once the artifact is committed.
 """
 
 from __future__ import annotations
@@ -29,10 +30,19 @@ def _filesystem(location: str):
     return pyarrow.fs.LocalFileSystem(), os.path.abspath(location), ""
 
 
-def overlaps(ids, done) -> bool:
-    """Whether any of ``ids`` is in ``done`` (pyarrow arrays)."""
+def repeated(kept: list, files: list) -> list[bool]:
+    """For each id array in ``files`` (one attempt's), whether it holds an id of ``kept``
+    (the arrays of earlier attempts' shards); one hash of ``kept`` for the attempt."""
+    if not kept:
+        return [False] * len(files)
+    import pyarrow as pa
     import pyarrow.compute as pc
-    return bool(pc.any(pc.is_in(ids, value_set=done)).as_py())
+    hit = pc.is_in(pa.concat_arrays(files), value_set=pa.concat_arrays(kept))
+    out, start = [], 0
+    for ids in files:
+        out.append(bool(pc.any(hit.slice(start, len(ids))).as_py()))
+        start += len(ids)
+    return out
 
 
 @dataclass
@@ -52,7 +62,7 @@ class ResumableWrite:
             f"{self.ctx.work_uri.rstrip('/')}/shards/{self.name}")
         infos = self.fs.get_file_info(pyarrow.fs.FileSelector(self.base, recursive=True,
                                                               allow_not_found=True))
-        done = None
+        attempts: dict[str, list] = {}  # attempt -> [(path, ids)] of its complete files
         for info in sorted(infos, key=lambda i: i.path):
             if info.type != pyarrow.fs.FileType.File or not info.path.endswith(".parquet"):
                 continue
@@ -62,11 +72,16 @@ class ResumableWrite:
                         self.id_column).combine_chunks()
             except (OSError, pa.ArrowInvalid, KeyError):
                 continue  # cut mid-write, or still being written by another run
-            if done is not None and overlaps(ids, done):
-                continue  # another attempt wrote these rows too (two runs of one key)
-            self.shards.append(info.path)
-            done = ids if done is None else pa.concat_arrays([done, ids])
-        self.done = done if done is not None else pa.array([], pa.int64())
+            attempt = info.path[len(self.base) + 1:].split("/", 1)[0]
+            attempts.setdefault(attempt, []).append((info.path, ids))
+        kept = []
+        for files in attempts.values():
+            clash = repeated(kept, [ids for _, ids in files])
+            for (path, ids), rows_done_before in zip(files, clash):
+                if not rows_done_before:  # else another attempt wrote them too (two runs)
+                    self.shards.append(path)
+                    kept.append(ids)
+        self.done = pa.concat_arrays(kept) if kept else pa.array([], pa.int64())
         self.attempt = f"{self.base}/{uuid.uuid4().hex[:12]}"
 
     @property
