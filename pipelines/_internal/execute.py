@@ -12,7 +12,6 @@ import traceback
 from ..context import StageContext
 from ..errors import UserError
 from .store import Store
-from .tracking import redact
 
 LIBRARIES = ("distillery", "ray", "torch", "pyarrow", "numpy", "transformers", "diffusers",
              "mlflow")
@@ -41,7 +40,8 @@ def classify(exc: BaseException) -> str:
 def execute_stage(stage, state: dict, store_root: str, inputs: dict[str, tuple[dict, str]],
                   board, num_gpus_available: float, mlflow_run_id: str | None, pipeline: str,
                   replace: bool, clear_work: bool = False) -> dict:
-    """``inputs``: per input, the committed manifest and the output name it reads, opened
+    """``state``: ``StageState.to_record()`` (its config redacted, as manifests keep it).
+    ``inputs``: per input, the committed manifest and the output name it reads, opened
     here, on the node that runs the stage (a remote store downloads them into its cache).
     Returns ``{"ok": True, "manifest": ...}`` or ``{"ok": False, "kind", "message",
     "traceback"}``; never leaves a half-written artifact looking committed."""
@@ -72,7 +72,7 @@ def execute_stage(stage, state: dict, store_root: str, inputs: dict[str, tuple[d
                 "traceback": traceback.format_exc()}
     manifest = {
         "key": key, "kind": kind, "version": state["version"], "code_hash": type(stage).code_hash(),
-        "stage": name, "pipeline": pipeline, "config": redact(state["config"]), "seed": state["seed"],
+        "stage": name, "pipeline": pipeline, "config": state["config"], "seed": state["seed"],
         "inputs": state["inputs"], "outputs": described, "plots": sorted(plots),
         "metrics": ctx.metrics, "seconds": round(time.time() - started, 3),
         "created": time.time(), "libraries": library_versions(), "host": socket.gethostname(),

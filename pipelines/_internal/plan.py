@@ -44,7 +44,9 @@ class StageState:
         return cache_key(self.kind, self.version, self.config, self.seed, self.inputs)
 
     def to_record(self) -> dict:
-        return asdict(self) | {"key": self.key}
+        """What run records keep of the state, and what a stage's task is given: the config
+        with secret-looking values redacted (the key is computed from the real one)."""
+        return asdict(self) | {"config": redact(self.config), "key": self.key}
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ def why_changed(state: StageState, previous: dict | None, upstream_running: set[
         reasons.append(f"kind changed: {previous.get('kind')} -> {state.kind}")
     if previous.get("version") != state.version:
         reasons.append(f"version changed: {previous.get('version')} -> {state.version}")
-    diff = config_diff(previous.get("config", {}), redact(state.config))  # records: redacted
+    diff = config_diff(previous.get("config", {}), state.to_record()["config"])
     if diff:
         reasons.append("config changed: " + ", ".join(diff))
     if previous.get("seed") != state.seed:

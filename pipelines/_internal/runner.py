@@ -105,8 +105,7 @@ def run_plan(plan: Plan, address: str | None = None, tracking_uri: str | None = 
     manifests: dict[str, dict] = {}
     record = {"run_id": run_id, "pipeline": pipeline.name, "started": time.time(),
               "store": store.root, "pipeline_spec": redact(pipeline.to_dict()),
-              "states": redact({n: s.to_record() for n, s in plan.states.items()}),
-              "stages": {},
+              "states": {n: s.to_record() for n, s in plan.states.items()}, "stages": {},
               "ok": None}  # None while running: gc keeps the keys of a run in progress
     store.write_run(record)
     failure: tuple[str, dict] | None = None
