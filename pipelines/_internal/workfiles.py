@@ -16,6 +16,8 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 
+from .shards import _filesystem
+
 
 @dataclass(frozen=True)
 class WorkFiles:
@@ -26,42 +28,34 @@ class WorkFiles:
     def remote(self) -> bool:
         return "://" in self.uri
 
-    def _fs(self):
-        import pyarrow.fs
-        return pyarrow.fs.FileSystem.from_uri(self.uri)
-
-    def path(self, rel: str) -> str:
-        """Where ``rel`` lives in the work location (a path of its filesystem)."""
-        if not self.remote:
-            return os.path.join(self.uri, rel)
-        fs, base = self._fs()
-        return f"{base}/{rel}"
+    def _where(self, rel: str):
+        """The filesystem of the work location, and ``rel``'s path on it."""
+        fs, base, _ = _filesystem(self.uri)
+        return fs, f"{base}/{rel}"
 
     def exists(self, rel: str) -> bool:
-        if not self.remote:
-            return os.path.isfile(self.path(rel))
         import pyarrow.fs
-        fs, base = self._fs()
-        return fs.get_file_info(f"{base}/{rel}").type == pyarrow.fs.FileType.File
+        fs, path = self._where(rel)
+        return fs.get_file_info(path).type == pyarrow.fs.FileType.File
 
     def new_file(self, rel: str) -> str:
         """A fresh local path to write ``rel`` to, then hand to ``put``."""
         if self.remote:
             d = tempfile.mkdtemp(prefix="distill-work-")
         else:
-            d = os.path.dirname(self.path(rel))  # same filesystem: put is a rename
+            d = os.path.dirname(self._where(rel)[1])  # same filesystem: put is a rename
             os.makedirs(d, exist_ok=True)
         return os.path.join(d, f".{os.path.basename(rel)}.{uuid.uuid4().hex[:8]}.tmp")
 
     def put(self, rel: str, local: str) -> None:
         """Make the finished local file ``local`` the work file ``rel`` (``local`` is
         consumed)."""
+        fs, path = self._where(rel)
         if not self.remote:
-            os.replace(local, self.path(rel))
+            os.replace(local, path)
             return
-        fs, base = self._fs()
         try:
-            with open(local, "rb") as f, fs.open_output_stream(f"{base}/{rel}") as out:
+            with open(local, "rb") as f, fs.open_output_stream(path) as out:
                 shutil.copyfileobj(f, out, 1 << 22)
         finally:
             os.remove(local)
@@ -73,15 +67,14 @@ class WorkFiles:
     def get(self, rel: str) -> str | None:
         """A local path holding the work file ``rel``, or None if there is none. A remote
         file is downloaded every time (a cached copy could be of a replaced artifact)."""
+        fs, path = self._where(rel)
         if not self.remote:
-            path = self.path(rel)
             return path if os.path.isfile(path) else None
-        fs, base = self._fs()
         dst = os.path.join(self.local_dir, rel)
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         tmp = f"{dst}.{uuid.uuid4().hex[:8]}.part"
         try:
-            with fs.open_input_stream(f"{base}/{rel}") as f, open(tmp, "wb") as out:
+            with fs.open_input_stream(path) as f, open(tmp, "wb") as out:
                 shutil.copyfileobj(f, out, 1 << 22)
         except FileNotFoundError:
             return None
