@@ -116,11 +116,12 @@ class RemoteStore:
         honoured = True
         try:
             if create:
-                probe = self._path("_probe", uuid.uuid4().hex)
+                name = uuid.uuid4().hex
+                probe = self._path("_probe", name)
                 with self.fs.open_output_stream(probe) as f:
                     f.write(b"ok")
-                # 2. a second put that must be refused: commits rely on it
-                honoured = self._put(probe.partition("/")[2], b"again", True) is not None
+                # a second, conditional put that must be refused: commits rely on it
+                honoured = self._put(self._key("_probe", name), b"again", True) is not None
                 self.fs.delete_file(probe)
             else:
                 self.fs.get_file_info(self._path())
