@@ -43,7 +43,7 @@ COLUMNS = ["x", "label", "logits"]
 def stage_loader(signal, held: bool = True) -> dict:
     import torch
     from ray.data.expressions import col
-    from stages.train.loop import hold_tables, permuted_batches, read_share
+    from stages.train.rows import hold_tables, permuted_batches, read_share
     dtypes = {"x": torch.float32, "label": torch.int64, "logits": torch.float32}
     t0 = time.perf_counter()
     if held:

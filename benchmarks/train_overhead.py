@@ -14,7 +14,7 @@ generates it once), Hinton KD (T=4, alpha=0.9), AdamW, the stage's default batch
   ``run()`` call (``run_s``; ``stage_s`` is the runner's own figure);
 - bare loop: one process, ``pyarrow.parquet.read_table`` of the train rows into memory,
   the same student (``ClassifierTask.build``), optimiser (``cfg.optimizer``), loss
-  (``ClassifierTask.loss``) and epoch function (``stages.train.loop.train_epoch``), batches
+  (``ClassifierTask.loss``) and epoch (a plain loop: loss, backward, step), batches
   of a fresh permutation every epoch; torch set to the thread count of a 1-CPU Ray actor
   (``torch_threads``, probed; 1 with Ray's defaults), as a Ray Train worker has.
 
@@ -104,7 +104,6 @@ def bare_training(signal, config: dict, seed: int, threads: int) -> dict:
     import torch
     from stages.train.kd_student import KDStudent
     from stages.train.kd_tasks import ClassifierTask
-    from stages.train.loop import train_epoch
 
     cfg = KDStudent.Config(**config).model_copy(update={"loss": "hinton"})
     with common.torch_threads(threads):
@@ -115,7 +114,7 @@ def bare_training(signal, config: dict, seed: int, threads: int) -> dict:
         task = ClassifierTask(cfg, meta)
         torch.manual_seed(seed)
         model = task.build()
-        opt = cfg.optimizer(model)
+        opt = cfg.adamw(model)
         data = {k: torch.tensor(v, dtype=task.columns[k]) for k, v in cols.items()}  # a copy
         n = len(data["label"])
         gen = torch.Generator().manual_seed(seed)
@@ -124,7 +123,15 @@ def bare_training(signal, config: dict, seed: int, threads: int) -> dict:
             te = time.perf_counter()
             order = torch.randperm(n, generator=gen)
             batches = ({k: v[idx] for k, v in data.items()} for idx in order.split(cfg.batch_size))
-            metrics = train_epoch(model, batches, opt, lambda m, b: task.loss(m, b, None), epoch)
+            total, seen = 0.0, 0
+            model.train()
+            for batch in batches:  # the bare loop: loss, backward, step
+                loss = task.loss(model, batch, None)[0]
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total, seen = total + loss.item() * len(batch["label"]), seen + len(batch["label"])
+            metrics = {"train_loss": total / seen}
             epoch_s.append(round(time.perf_counter() - te, 3))
         seconds = time.perf_counter() - t0
     return {"seconds": seconds, "epoch_s": epoch_s, "rows": n, **metrics}

@@ -31,7 +31,6 @@ from pipelines.errors import UserError, bad_value
 from pipelines.stage import Dataset, StageConfig
 from stages.data.tables import read_split
 from stages.models.classifiers import ConvNet, NormName
-from stages.train.loop import train_epoch
 from stages.models.device import device  # noqa: F401  (re-exported to the family)
 
 
@@ -261,3 +260,29 @@ def image_grid(x: torch.Tensor, y: torch.Tensor, num_classes: int, title: str):
                 ax.set_title(str(c), fontsize=8)
     fig.suptitle(title, fontsize=9)
     return fig
+
+
+def train_epoch(model: torch.nn.Module, batches, opt: torch.optim.Optimizer,
+                loss_fn, epoch: int) -> dict[str, float]:
+    """One pass over ``batches``; ``loss_fn(model, batch) -> (loss, logits, labels)``.
+    Returns the mean loss and the training accuracy (no accuracy when ``logits`` is None;
+    ``labels`` then only counts the examples); a NaN/inf loss raises
+    ``FloatingPointError`` naming the epoch and the step within it."""
+    model.train()
+    total_loss, correct, seen, scored = 0.0, 0, 0, False
+    for step, batch in enumerate(batches):
+        loss, logits, labels = loss_fn(model, batch)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"training loss is {loss.item()} at epoch {epoch} "
+                                     f"step {step}; lower the learning rate")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total_loss += loss.item() * len(labels)
+        if logits is not None:
+            correct, scored = correct + (logits.argmax(1) == labels).sum().item(), True
+        seen += len(labels)
+    metrics = {"train_loss": total_loss / max(seen, 1)}
+    if scored or not seen:
+        metrics["train_accuracy"] = correct / max(seen, 1)
+    return metrics

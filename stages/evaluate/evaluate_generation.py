@@ -39,8 +39,8 @@ from pydantic import Field, PositiveInt
 from pipelines.errors import bad_value
 from pipelines.stage import Dataset, Model, Report, Stage, StageConfig
 from stages.models.classifiers import load_classifier
-from stages.models.diffusion import (SAMPLERS, check_shape, check_student_steps,
-                                     load_diffusion, sample_any, where_of)
+from stages.models.diffusion import check_shape, load_diffusion, where_of
+from stages.models.diffusion_sampling import SAMPLERS, check_student_steps, sample_any
 from stages.models.device import device as torch_device
 
 STUDENTS = ("consistency", "progressive", "reflow")

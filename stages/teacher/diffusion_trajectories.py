@@ -25,8 +25,8 @@ from pydantic import Field, model_validator
 from pipelines.errors import bad_value
 from pipelines.stage import Dataset, Model, Resources, Stage, StageConfig
 from stages.data.tables import parquet
-from stages.models.diffusion import (SAMPLERS, load_diffusion, make_scheduler, row_labels,
-                                     row_noise, sample_teacher, where_of)
+from stages.models.diffusion import load_diffusion, row_labels, row_noise, where_of
+from stages.models.diffusion_sampling import SAMPLERS, make_scheduler, sample_teacher
 from stages.models.device import device as torch_device
 
 DTYPES = {"float32": np.float32, "float16": np.float16}

@@ -1,10 +1,12 @@
 """``fit-classifier``: supervised training of a classifier (``ConvNet`` or ``MLP``) on the
-``split == "train"`` rows of a dataset, in the stage task itself: the teacher of a
-knowledge-distillation pipeline when no pretrained teacher exists.
+``split == "train"`` rows of a dataset, through the training harness
+(``stages.train.harness``; in the stage's own process by default, ``num_workers: 0``):
+the teacher of a knowledge-distillation pipeline when no pretrained teacher exists.
 
 Loss: cross-entropy, L = -log softmax(z)_y, minimised with AdamW (Loshchilov & Hutter
 2019). A fraction ``val_fraction`` of the training rows (drawn from the seed) is held out
-and scored every epoch as ``val_accuracy``; the test rows are never touched.
+and scored every epoch as ``val_accuracy``; the test rows are never touched. A killed run
+resumes from its last epoch's checkpoint.
 """
 
 from __future__ import annotations
@@ -16,17 +18,47 @@ from pydantic import Field
 from pipelines.stage import Dataset, Model, Stage
 from stages.data.tables import read_split
 from stages.models.classifiers import ClassifierArch, predict_logits, save_classifier
-from stages.train.loop import OptimConfig, train_epoch
-from stages.models.device import device as torch_device
+from stages.train.harness import AdamWConfig, Loss, TrainMethod, fit
+from stages.train.rows import Rows
+
+COLUMNS = {"x": torch.float32, "label": torch.int64}
+
+
+class CrossEntropy(TrainMethod):
+    """A classifier fitted to its labels; ``val_accuracy`` on the held-out rows."""
+
+    columns = COLUMNS
+
+    def __init__(self, cfg, in_shape, num_classes: int, x_val, y_val, where: str):
+        self.cfg, self.in_shape, self.num_classes = cfg, list(in_shape), num_classes
+        self.x_val, self.y_val, self.where = x_val, y_val, where
+
+    def setup(self, device):
+        return {"model": self.cfg.build(self.in_shape, self.num_classes, self.where).to(device)}
+
+    def optimizers(self, nets):
+        return {"model": self.cfg.adamw(nets["model"])}
+
+    def loss(self, nets, emas, batch, gen):
+        logits, y = nets["model"](batch["x"]), batch["label"]
+        correct = (logits.argmax(1) == y).sum().item()
+        return Loss({"model": F.cross_entropy(logits, y)}, len(y), {"accuracy": correct})
+
+    def epoch_metrics(self, nets):
+        if not len(self.y_val):
+            return {}
+        pred = predict_logits(nets["model"], self.x_val).argmax(1)
+        return {"val_accuracy": (pred == self.y_val).float().mean().item()}
 
 
 class FitClassifier(Stage):
     kind = "fit-classifier"
-    version = "1"
+    version = "2"  # 2: the training harness (one global permutation per epoch, resume)
 
-    class Config(ClassifierArch, OptimConfig):
+    class Config(ClassifierArch, AdamWConfig):
         epochs: int = Field(15, ge=1)
         val_fraction: float = Field(0.1, ge=0, lt=1)
+        num_workers: int = Field(0, ge=0)  # 0: in the stage's process; N: Ray Train workers
 
     inputs = {"data": Dataset}
     outputs = {"model": Model}
@@ -35,35 +67,23 @@ class FitClassifier(Stage):
     def run(self, ctx, data):
         cfg = self.config
         where = f"stage '{ctx.name}' ({self.kind}) input 'data'"
-        cols = read_split(data, "train", ["x", "label"], where)
+        cols = read_split(data, "train", ["x", "label"], where)                # 1. rows
         x = torch.tensor(cols["x"], dtype=torch.float32)
         y = torch.tensor(cols["label"], dtype=torch.int64)
         num_classes = int(data.info.get("num_classes", int(y.max()) + 1))
-        gen = torch.Generator().manual_seed(ctx.seed)
-        order = torch.randperm(len(y), generator=gen)
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(ctx.seed))
         n_val = int(len(y) * cfg.val_fraction)
         val, train = order[:n_val], order[n_val:]
+        cfg.build(x.shape[1:], num_classes, where)  # a bad architecture fails here, once
 
-        device = torch_device()  # the GPU of resources.num_gpus
-        x, y = x.to(device), y.to(device)
-        torch.manual_seed(ctx.seed)
-        model = cfg.build(x.shape[1:], num_classes, where).to(device)
-        opt = cfg.optimizer(model)
+        method = CrossEntropy(cfg, x.shape[1:], num_classes, x[val], y[val], where)  # 2.
+        trained = fit(ctx, method, Rows(COLUMNS, tensors={"x": x[train], "label": y[train]}),
+                      cfg)
 
-        def loss_fn(model, idx):
-            logits = model(x[idx])
-            return F.cross_entropy(logits, y[idx]), logits, y[idx]
-
-        for epoch in range(cfg.epochs):
-            perm = train[torch.randperm(len(train), generator=gen)]
-            metrics = train_epoch(model, perm.split(cfg.batch_size), opt, loss_fn, epoch)
-            if n_val:
-                pred = predict_logits(model, x[val]).argmax(1)
-                metrics["val_accuracy"] = (pred == y[val].cpu()).float().mean().item()
-            ctx.log_metrics(metrics, step=epoch)
-            ctx.progress(epoch + 1, cfg.epochs, "epochs")
-
-        path = save_classifier(model.cpu(), ctx.output_dir("model"))
+        model = cfg.build(x.shape[1:], num_classes, where)                   # 3. save
+        model.load_state_dict(trained.state["nets"]["model"])
+        path = save_classifier(model, ctx.output_dir("model"))
         info = {"architecture": cfg.arch, "num_classes": num_classes,
-                "input_shape": list(x.shape[1:]), **{k: float(v) for k, v in metrics.items()}}
+                "input_shape": list(x.shape[1:]), "epochs": trained.state["epoch"] + 1,
+                **{k: float(v) for k, v in trained.metrics.items()}}
         return {"model": Model(path=path, info=info)}

@@ -13,31 +13,73 @@ it stays well-posed at t = T - 1, where few-step samplers start. Class labels en
 the UNet's class embedding; with ``cond_drop`` > 0 nothing else changes (no guidance).
 The noise schedule is the cosine one (Nichol & Dhariwal 2021, eq. 17). An EMA of the
 weights (decay ``ema_decay``) is what gets saved. Images can be zero-padded to
-``pad_to`` pixels when a deeper UNet needs a larger input.
+``pad_to`` pixels when a deeper UNet needs a larger input. Trained through the training
+harness (``stages.train.harness``; in the stage's process by default): a killed run resumes
+from its last epoch, with the time it had used, so a ``max_minutes`` budget holds.
 """
 
 from __future__ import annotations
 
-import copy
 import math
-import time
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from pipelines.errors import bad_value
 from pipelines.stage import Dataset, Model, Stage
 from stages.data.tables import read_split
 from stages.models.diffusion import UNetArch, save_diffusion, to_images, where_of
-from stages.models.device import device as torch_device
+from stages.train.harness import Loss, TrainConfig, TrainMethod, fit
+from stages.train.rows import Rows
+
+COLUMNS = {"x": torch.float32, "label": torch.int64}
+
+
+class Denoising(TrainMethod):
+    """DDPM's denoising loss on a UNet2DModel (epsilon or v target); EMA kept."""
+
+    columns = COLUMNS
+
+    def __init__(self, cfg, shape, num_classes: int | None, scheduler_config: dict):
+        self.cfg, self.shape, self.num_classes = cfg, list(shape), num_classes
+        self.scheduler_config = scheduler_config
+        self.ema = {"unet": cfg.ema_decay}
+
+    def setup(self, device):
+        from diffusers import DDIMScheduler
+        scheduler = DDIMScheduler.from_config(self.scheduler_config)
+        self.ab = scheduler.alphas_cumprod.float().to(device)
+        c, h = self.shape[0], self.shape[1]
+        return {"unet": self.cfg.build(h, c, self.num_classes).to(device)}
+
+    def optimizers(self, nets):
+        return {"unet": torch.optim.AdamW(nets["unet"].parameters(), lr=self.cfg.lr)}
+
+    def lr_factor(self, progress: float) -> float:
+        """5% linear warm-up, then cosine to zero over the run (steps or max_minutes)."""
+        if progress < 0.05:
+            return max(progress / 0.05, 0.01)
+        return 0.5 * (1 + math.cos(math.pi * (progress - 0.05) / 0.95))
+
+    def loss(self, nets, emas, batch, gen):
+        x0, labels = batch["x"], batch["label"]
+        t = torch.randint(0, len(self.ab), (len(x0),), generator=gen).to(x0.device)
+        z = torch.randn(x0.shape, generator=gen).to(x0.device)
+        a = self.ab[t].sqrt().view(-1, 1, 1, 1)
+        s = (1 - self.ab[t]).sqrt().view(-1, 1, 1, 1)
+        xt = a * x0 + s * z
+        target = z if self.cfg.prediction_type == "epsilon" else a * z - s * x0
+        kwargs = {"class_labels": labels} if self.num_classes else {}
+        return Loss({"unet": F.mse_loss(nets["unet"](xt, t, **kwargs).sample, target)}, len(x0))
 
 
 class FitDiffusionTeacher(Stage):
     kind = "fit-diffusion-teacher"
-    version = "1"
+    version = "2"  # 2: the training harness (per-row noise from its generator, resume)
 
-    class Config(UNetArch):
+    class Config(UNetArch, TrainConfig):
         prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
         beta_schedule: Literal["squaredcos_cap_v2", "linear"] = "squaredcos_cap_v2"
         num_train_timesteps: int = Field(1000, ge=2)
@@ -47,11 +89,14 @@ class FitDiffusionTeacher(Stage):
         batch_size: int = Field(128, ge=1)
         lr: float = Field(1e-3, gt=0)
         ema_decay: float = Field(0.999, ge=0, lt=1)
+        grad_clip: float = Field(1.0, gt=0)
         pad_to: int | None = Field(None, ge=1)
         threads: int | None = Field(None, ge=1)  # torch CPU threads; None: torch's default
+        num_workers: int = Field(0, ge=0)  # 0: in the stage's process; N: Ray Train workers
 
     inputs = {"data": Dataset}
     outputs = {"model": Model}
+    metrics = ("train_loss",)  # per epoch
 
     def run(self, ctx, data):
         from diffusers import DDIMScheduler
@@ -61,14 +106,12 @@ class FitDiffusionTeacher(Stage):
         cols = read_split(data, "train", ["x", "label"], where)
         x = to_images(cols["x"])                                              # 1. data
         if x.ndim != 4:
-            from pipelines.errors import bad_value
             raise bad_value(where, "x shape", list(x.shape[1:]), "(channels, height, width)")
         if cfg.pad_to:
             ph, pw = max(cfg.pad_to - x.shape[2], 0), max(cfg.pad_to - x.shape[3], 0)
             x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=-1.0)
         y = torch.tensor(cols["label"], dtype=torch.long)
         num_classes = int(data.info.get("num_classes", int(y.max()) + 1))
-        device = torch_device()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
 
@@ -76,65 +119,17 @@ class FitDiffusionTeacher(Stage):
                                   beta_schedule=cfg.beta_schedule,
                                   prediction_type=cfg.prediction_type,
                                   timestep_spacing="trailing", clip_sample=True)
-        ab = scheduler.alphas_cumprod.float().to(device)
-        torch.manual_seed(ctx.seed)
-        unet = cfg.build(x.shape[2], x.shape[1], num_classes if cfg.conditional else None)
-        unet.to(device).train()
-        ema = copy.deepcopy(unet).eval().requires_grad_(False)
-        opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr)
-        total_steps, step = cfg.epochs * math.ceil(len(x) / cfg.batch_size), 0
-        x, y = x.to(device), y.to(device)
-        gen = torch.Generator(device=device).manual_seed(ctx.seed)
-        start, epoch = time.monotonic(), 0
+        classes = num_classes if cfg.conditional else None
+        method = Denoising(cfg, x.shape[1:], classes, dict(scheduler.config))
+        trained = fit(ctx, method, Rows(COLUMNS, tensors={"x": x, "label": y}), cfg,  # 3.
+                      max_minutes=cfg.max_minutes)
 
-        for epoch in range(cfg.epochs):                                      # 3. train
-            perm = torch.randperm(len(x), generator=gen, device=device)
-            total = 0.0
-            for idx in perm.split(cfg.batch_size):
-                x0, labels = x[idx], y[idx]
-                t = torch.randint(0, cfg.num_train_timesteps, (len(idx),), generator=gen,
-                                  device=device)
-                z = torch.randn(x0.shape, generator=gen, device=device)
-                a = ab[t].sqrt().view(-1, 1, 1, 1)
-                s = (1 - ab[t]).sqrt().view(-1, 1, 1, 1)
-                xt = a * x0 + s * z
-                target = z if cfg.prediction_type == "epsilon" else a * z - s * x0
-                kwargs = {"class_labels": labels} if cfg.conditional else {}
-                loss = F.mse_loss(unet(xt, t, **kwargs).sample, target)
-                if not math.isfinite(loss.item()):
-                    raise FloatingPointError(f"training loss is {loss.item()} at epoch "
-                                             f"{epoch}; lower the learning rate")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-                for group in opt.param_groups:  # warm-up, then cosine decay over the
-                    group["lr"] = cfg.lr * _lr_factor(step / total_steps, start, cfg)  # budget
-                opt.step()
-                step += 1
-                with torch.no_grad():                                        # 4. EMA
-                    for pe, p in zip(ema.parameters(), unet.parameters()):
-                        pe.lerp_(p, 1 - cfg.ema_decay)
-                total += loss.item() * len(idx)
-            ctx.log_metrics({"train_loss": total / len(x)}, step=epoch)
-            ctx.progress(epoch + 1, cfg.epochs, "epochs")
-            if cfg.max_minutes and time.monotonic() - start > 60 * cfg.max_minutes:
-                break
-
-        path = save_diffusion(ema.cpu(), dict(scheduler.config), ctx.output_dir("model"))
-        info = {"num_classes": num_classes if cfg.conditional else None,     # 5. save
-                "shape": list(x.shape[1:]), "epochs": epoch + 1,
+        unet = cfg.build(x.shape[2], x.shape[1], classes)                      # 4. save EMA
+        unet.load_state_dict(trained.state["emas"]["unet"])
+        path = save_diffusion(unet, dict(scheduler.config), ctx.output_dir("model"))
+        info = {"num_classes": classes, "shape": list(x.shape[1:]),
+                "epochs": trained.state["epoch"] + 1,
                 "params": sum(p.numel() for p in unet.parameters()),
-                "train_seconds": round(time.monotonic() - start, 1),
+                "train_seconds": round(trained.state["elapsed"], 1),
                 "prediction_type": cfg.prediction_type}
         return {"model": Model(path=path, info=info)}
-
-
-def _lr_factor(done: float, start: float, cfg) -> float:
-    """5% linear warm-up, then cosine to zero; progress is the larger of the step fraction
-    and the fraction of ``max_minutes`` used."""
-    if cfg.max_minutes:
-        done = max(done, (time.monotonic() - start) / (60 * cfg.max_minutes))
-    done = min(done, 1.0)
-    if done < 0.05:
-        return max(done / 0.05, 0.01)
-    return 0.5 * (1 + math.cos(math.pi * (done - 0.05) / 0.95))

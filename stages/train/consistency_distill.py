@@ -1,7 +1,7 @@
 """``consistency-distill``: consistency distillation of a diffusers teacher into a 1-4 step
 student (Song et al. 2023, "Consistency Models", Sec. 4, eq. 7 and Algorithm 2; the
 discrete-time epsilon/v-prediction form of Luo et al. 2023, "Latent Consistency Models",
-eq. 9), trained with Ray Train (``TorchTrainer``).
+eq. 9), trained through the training harness (Ray Train workers by default).
 
 Consistency function f_theta(x, t) = c_skip(t) x + c_out(t) x0_theta(x, t), with the LCM
 boundary scalings c_skip = s_d^2 / ((10 t)^2 + s_d^2), c_out = 10 t / sqrt((10 t)^2 + s_d^2),
@@ -35,15 +35,17 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from stages.models.diffusion import (StudentConfig, StudentMethod, StudentStage,
-                                     consistency_fn, ddim_step, pairs_dataset, train_student)
+from stages.models.diffusion_sampling import consistency_fn, ddim_step
+from stages.train.diffusion_student import StudentConfig, StudentMethod, StudentStage
 
 
 class ConsistencyLoss(StudentMethod):
-    def __init__(self, distance: str, huber_c: float | None, mode: str, grid: list[int]):
-        self.distance, self.huber_c, self.mode, self.grid = distance, huber_c, mode, grid
+    def __init__(self, cfg, teacher_path: str, columns: list[str], grid: list[int]):
+        super().__init__(cfg, teacher_path, columns)
+        self.distance, self.huber_c, self.mode, self.grid = (cfg.distance, cfg.huber_c,
+                                                             cfg.mode, grid)
 
-    def loss(self, model, ema, teacher, batch, gen):
+    def student_loss(self, model, ema, teacher, batch, gen):
         y = batch["label"]
         if self.mode == "trajectory":                                   # 1. the pair
             x_hi, t_hi, x_lo, t_lo = batch["x_hi"], batch["t_hi"], batch["x_lo"], batch["t_lo"]
@@ -69,7 +71,7 @@ class ConsistencyLoss(StudentMethod):
 
 class ConsistencyDistill(StudentStage):
     kind = "consistency-distill"
-    version = "1"
+    version = "2"  # 2: the training harness (held pairs, one global permutation per epoch)
 
     class Config(StudentConfig):
         distance: Literal["l2", "pseudo_huber"] = "pseudo_huber"
@@ -82,11 +84,10 @@ class ConsistencyDistill(StudentStage):
         grid = pairs.info["timesteps"]
         columns = (["x_hi", "t_hi", "x_lo", "t_lo", "label"] if cfg.mode == "trajectory"
                    else ["sample", "label"])
-        train = pairs_dataset(pairs, columns)
         noisy = [t for t in grid if t >= 0]
         student = {"method": "consistency", "timesteps": noisy, "max_steps": len(noisy),
                    "distance": cfg.distance, "mode": cfg.mode}
-        model = train_student(ctx, self.kind, cfg, teacher.path, train,
-                              ConsistencyLoss(cfg.distance, cfg.huber_c, cfg.mode, grid),
-                              student, teacher_model.scheduler_config)
+        method = ConsistencyLoss(cfg, teacher.path, columns, grid)
+        model = self.train(ctx, cfg, pairs, teacher, method, student,
+                           teacher_model.scheduler_config)
         return {"model": model}

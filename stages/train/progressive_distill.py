@@ -1,6 +1,6 @@
 """``progressive-distill``: progressive distillation (Salimans & Ho 2022, "Progressive
-Distillation for Fast Sampling of Diffusion Models", Algorithm 2 and eq. 9-10), trained with
-Ray Train (``TorchTrainer``): rounds that halve the number of DDIM steps, each round's
+Distillation for Fast Sampling of Diffusion Models", Algorithm 2 and eq. 9-10), trained
+through the training harness (Ray Train workers by default): rounds that halve the number of DDIM steps, each round's
 student teaching the next.
 
 Round r: the teacher samples in 2N steps, the student in N = start_steps / 2^(r+1)
@@ -27,19 +27,22 @@ import math
 import torch
 from pydantic import Field, model_validator
 
-from stages.models.diffusion import (Diffusion, StudentConfig, StudentMethod, StudentStage,
-                                     ddim_step, pairs_dataset, train_student, trailing_grid)
+from stages.models.diffusion import Diffusion
+from stages.models.diffusion_sampling import ddim_step, trailing_grid
+from stages.train.diffusion_student import StudentConfig, StudentMethod, StudentStage
 
 
 class ProgressiveLoss(StudentMethod):
-    def __init__(self, start_steps: int, epochs_per_round: int):
-        self.start_steps, self.epochs_per_round = start_steps, epochs_per_round
+    def __init__(self, cfg, teacher_path: str, epochs_per_round: int):
+        super().__init__(cfg, teacher_path, ["sample", "label"])
+        self.start_steps, self.epochs_per_round = cfg.start_steps, epochs_per_round
         self.round, self.round_teacher, self._pending = -1, None, None
 
     def steps(self) -> int:
         return self.start_steps // 2 ** (self.round + 1)
 
-    def begin_epoch(self, epoch, student, teacher):
+    def begin_epoch(self, epoch, nets):
+        student = nets["student"]
         r = epoch // self.epochs_per_round
         if r == self.round and self._pending is None:
             return
@@ -49,7 +52,7 @@ class ProgressiveLoss(StudentMethod):
                 self.round_teacher.load_state_dict(self._pending)
         self.round, self._pending = r, None
 
-    def loss(self, model, ema, teacher: Diffusion, batch, gen):
+    def student_loss(self, model, ema, teacher: Diffusion, batch, gen):
         x0, y = batch["sample"], batch["label"]
         unet_t = teacher.unet if self.round == 0 else self.round_teacher
         n = self.steps()
@@ -72,7 +75,7 @@ class ProgressiveLoss(StudentMethod):
         weight = (a ** 2 / s.clamp(min=1e-8) ** 2).clamp(min=1.0, max=1e4)  # max(SNR, 1)
         return (weight * (pred - target) ** 2).mean()
 
-    def metrics(self):
+    def epoch_metrics(self, nets):
         return {"round": self.round, "student_steps": self.steps()}
 
     def state_dict(self):
@@ -88,7 +91,7 @@ class ProgressiveLoss(StudentMethod):
 
 class ProgressiveDistill(StudentStage):
     kind = "progressive-distill"
-    version = "1"
+    version = "2"  # 2: the training harness (held pairs, one global permutation per epoch)
 
     class Config(StudentConfig):
         start_steps: int = Field(16, ge=2)   # the first round's teacher steps
@@ -112,8 +115,7 @@ class ProgressiveDistill(StudentStage):
         student = {"method": "progressive", "covered_steps": covered,
                    "max_steps": max(covered), "rounds": rounds}
         total = cfg.model_copy(update={"epochs": cfg.epochs * rounds})
-        train = pairs_dataset(pairs, ["sample", "label"])
-        model = train_student(ctx, self.kind, total, teacher.path, train,
-                              ProgressiveLoss(cfg.start_steps, cfg.epochs), student,
-                              teacher_model.scheduler_config)
+        method = ProgressiveLoss(total, teacher.path, cfg.epochs)
+        model = self.train(ctx, total, pairs, teacher, method, student,
+                           teacher_model.scheduler_config)
         return {"model": model}

@@ -15,8 +15,8 @@ from pipelines.errors import UserError
 from pipelines.stage import Model
 from stages.distill.diffusion_pairs import DiffusionPairs
 from stages.evaluate.evaluate_generation import EvaluateGeneration, STUDENTS
-from stages.models.diffusion import (SUPPORTED_SCHEDULERS, load_diffusion, row_noise,
-                                     sample_student, sample_teacher)
+from stages.models.diffusion import SUPPORTED_SCHEDULERS, load_diffusion, row_noise
+from stages.models.diffusion_sampling import sample_student, sample_teacher
 from stages.teacher.diffusion_trajectories import DiffusionTrajectories, TrajectoryActor
 from stages.teacher.fit_diffusion_teacher import FitDiffusionTeacher
 from stages.train.consistency_distill import ConsistencyDistill
@@ -150,7 +150,8 @@ def test_block_removed_student_starts_from_the_teacher_weights():
     """BK-SDM-style: a student without the attention blocks keeps every other teacher
     tensor; with init scratch it shares none, and with other widths at most one."""
     from diffusers import DDIMScheduler
-    from stages.models.diffusion import Diffusion, StudentConfig, UNetArch, init_student
+    from stages.models.diffusion import Diffusion, UNetArch
+    from stages.train.diffusion_student import StudentConfig, init_student
     torch.manual_seed(0)
     unet = UNetArch(block_out_channels=[16, 32], attention=True).build(8, 1, 10)
     teacher = Diffusion(unet, dict(DDIMScheduler(prediction_type="v_prediction").config))

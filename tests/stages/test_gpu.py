@@ -75,7 +75,8 @@ def test_diffusion_family_on_gpu(gpus, digits, tmp_path):
     actor (the same trajectories as the CPU sampler, up to TF32), and the three students
     with ``use_gpu`` Ray Train workers; every student then samples on the GPU."""
     from stages.distill.diffusion_pairs import DiffusionPairs
-    from stages.models.diffusion import load_diffusion, row_noise, sample_student, sample_teacher
+    from stages.models.diffusion import load_diffusion, row_noise
+    from stages.models.diffusion_sampling import sample_student, sample_teacher
     from stages.teacher.diffusion_trajectories import DiffusionTrajectories
     from stages.teacher.fit_diffusion_teacher import FitDiffusionTeacher
     from stages.train.consistency_distill import ConsistencyDistill

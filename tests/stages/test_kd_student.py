@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from pipelines.errors import UserError
 from stages.models.classifiers import MLP, load_classifier, predict_logits
 from stages.train.kd_student import KDStudent, hinton_kd_loss
-from stages.train.loop import (hold_in_memory, hold_tables, permuted_batches, read_share,
+from stages.train.rows import (hold_in_memory, hold_tables, permuted_batches, read_share,
                                train_share_bytes)
 from tests.stages.conftest import KD_CONFIG, run_stage
 
@@ -101,7 +101,7 @@ def test_second_run_resumes_from_the_last_checkpoint(kd_runs):
     assert second.info["train_loss"] < first.info["train_loss"]
     # every checkpoint carries the resolved config; two are kept
     ctx = kd_runs["ctx"]
-    run_dir = os.path.join(ctx.work_dir, "ray_train", "kd-" + ctx.key[:16])
+    run_dir = os.path.join(ctx.work_dir, "ray_train", f"{ctx.kind}-{ctx.key[:16]}")
     configs = [os.path.join(root, "config.json") for root, _, files in os.walk(run_dir)
                if "state.pt" in files]
     assert len(configs) == 2

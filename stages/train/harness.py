@@ -1,0 +1,254 @@
+"""The one training harness: every student and teacher the catalog trains goes through
+``fit``. A method says what it trains (``TrainMethod``: its networks, optimisers, one
+step's losses, what else its checkpoint holds); the harness does the rest, in the numbered
+steps of ``train_loop`` below:
+
+1. device and seeds (``seed + rank`` for torch, a per-rank generator for the method);
+2. the method's networks, their EMA copies, a resume from the last checkpoint, DDP
+   wrapping, the optimisers (restored too);
+3. the rows: a global ``batch_size`` split across the workers, one global permutation per
+   epoch (``seed + epoch``, the same on every worker; worker r takes rows ``r::world`` of
+   each global batch, as torch's ``DistributedSampler`` does), or, for tables too large to
+   hold, Ray Data shards streamed with a shuffle buffer (``batch_size / world`` each);
+4. epochs of steps: the method's losses, a non-finite loss raises naming epoch and step,
+   one backward and update per optimiser (gradients clipped), the EMA updates;
+5. every epoch: metrics to the run (so Tune's schedulers can stop a trial early), a
+   checkpoint with the resolved config (rank 0), the elapsed time kept in it so a
+   ``max_minutes`` budget survives a resume.
+
+Two drivers run the loop: Ray Train (``num_workers`` >= 1, a ``TorchTrainer`` built here
+and nowhere else; checkpoints in ``ctx.train_storage``, restarts under ``max_failures``)
+and in-process (``num_workers: 0``, for small work; checkpoints in the stage's work files,
+so a killed stage resumes from its last epoch when it runs again). Either way the run is
+keyed by the artifact key: a re-run of the same key resumes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import torch
+from pydantic import Field
+
+from pipelines.stage import StageConfig
+from stages.train.rows import Rows
+
+STATE_FILE, CONFIG_FILE = "state.pt", "config.json"
+
+
+class TrainConfig(StageConfig):
+    """The fields of every trained model: the schedule and how the work runs."""
+
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)       # global: split across the workers
+    grad_clip: float | None = Field(None, gt=0)  # max gradient norm per optimiser
+    num_workers: int = Field(1, ge=0)       # Ray Train workers; 0: in the stage's process
+    use_gpu: bool = True                    # used only when the cluster has GPUs
+    max_failures: int = Field(0, ge=-1)     # Ray Train worker-group restarts
+
+
+class AdamWConfig(TrainConfig):
+    """A trained model with one AdamW optimiser (Loshchilov & Hutter 2019)."""
+
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+
+    def adamw(self, net: torch.nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+
+@dataclass
+class Loss:
+    """One step of a method: the loss each named optimiser minimises now (a method with
+    alternating updates returns only the ones it steps), and sums over the batch of
+    what the epoch reports as ``train_<name>`` (divided by the rows seen)."""
+
+    losses: dict[str, torch.Tensor]
+    rows: int
+    sums: dict[str, float] = field(default_factory=dict)
+
+
+class TrainMethod:
+    """What a trained model plugs into the harness (pickled to the workers)."""
+
+    columns: dict[str, torch.dtype] = {}   # the row columns a batch holds
+    ema: dict[str, float] = {}             # network -> EMA decay (an EMA copy is kept)
+
+    def setup(self, device: torch.device) -> dict[str, torch.nn.Module]:
+        """Load what the method needs (a frozen teacher) and build its trainable
+        networks, on ``device``."""
+        raise NotImplementedError
+
+    def optimizers(self, nets: dict) -> dict[str, torch.optim.Optimizer]:
+        """Optimisers over the (DDP-wrapped) networks; a loss is named after one."""
+        raise NotImplementedError
+
+    def loss(self, nets: dict, emas: dict, batch: dict, gen: torch.Generator) -> Loss:
+        raise NotImplementedError
+
+    def begin(self, total_steps: int) -> None:
+        """Called once the rows are known: the run's length in optimisation steps."""
+
+    def begin_epoch(self, epoch: int, nets: dict) -> None:
+        pass
+
+    def lr_factor(self, progress: float) -> float:
+        """The learning rate's factor at ``progress`` in [0, 1] of the run (steps or
+        ``max_minutes``, whichever is further)."""
+        return 1.0
+
+    def epoch_metrics(self, nets: dict) -> dict[str, float]:
+        """Further metrics after each epoch (validation scores, schedule values)."""
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+@dataclass
+class Trained:
+    state: dict          # the last checkpoint: nets, emas, optimizers, method, epoch, ...
+    metrics: dict        # the last epoch's metrics
+
+
+@dataclass
+class _Run:
+    """What the loop needs besides the method: the settings and the stage's context."""
+
+    cfg: TrainConfig
+    ctx: object
+    rows: Rows
+    max_minutes: float | None = None
+
+
+def train_loop(run: _Run, method: TrainMethod, session) -> None:
+    cfg, ctx, rank, world = run.cfg, run.ctx, session.rank, session.world
+    device = session.device                                         # 1. device, seeds
+    torch.manual_seed(ctx.seed + rank)
+    gen = torch.Generator().manual_seed(ctx.seed * 7919 + rank)
+    nets = method.setup(device)                                     # 2. networks, resume
+    emas = {n: copy.deepcopy(nets[n]).eval().requires_grad_(False) for n in method.ema}
+    state = session.load()
+    start, elapsed = 0, 0.0
+    if state:
+        _restore(state, nets, emas, method, gen)
+        start, elapsed = state["epoch"] + 1, state.get("elapsed", 0.0)
+    wrapped = {n: session.prepare(net) for n, net in nets.items()}
+    opts = method.optimizers(wrapped)
+    base_lr = {n: [g["lr"] for g in o.param_groups] for n, o in opts.items()}
+    if state:
+        for n, o in opts.items():
+            o.load_state_dict(state["optimizers"][n])
+    data = run.rows.for_worker(rank, world, cfg.batch_size, device, session.shard)  # 3.
+    total_steps = cfg.epochs * data.steps_per_epoch
+    method.begin(total_steps)
+    step_count, began = start * data.steps_per_epoch, time.monotonic() - elapsed
+
+    def progress() -> float:
+        done = step_count / max(total_steps, 1)
+        if run.max_minutes:
+            done = max(done, (time.monotonic() - began) / (60 * run.max_minutes))
+        return min(done, 1.0)
+
+    epoch, metrics = start, {}
+    for epoch in range(start, cfg.epochs):                          # 4. epochs
+        method.begin_epoch(epoch, nets)
+        for net in wrapped.values():
+            net.train()
+        totals, sums, seen = {}, {}, 0
+        for step, batch in enumerate(data.batches(ctx.seed + epoch)):
+            factor = method.lr_factor(progress())
+            for n, o in opts.items():
+                for g, lr in zip(o.param_groups, base_lr[n]):
+                    g["lr"] = lr * factor
+            out = method.loss(wrapped, emas, batch, gen)
+            for name, loss in out.losses.items():
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"training loss{'' if len(opts) == 1 else ' ' + name}"
+                                             f" is {value} at epoch {epoch} step {step}; "
+                                             "lower the learning rate")
+                opts[name].zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip:
+                    params = [p for g in opts[name].param_groups for p in g["params"]]
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opts[name].step()
+                totals[name] = totals.get(name, 0.0) + value * out.rows
+            with torch.no_grad():
+                for n, e in emas.items():
+                    for pe, p in zip(e.parameters(), nets[n].parameters()):
+                        pe.lerp_(p, 1 - method.ema[n])
+            for k, v in out.sums.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            seen, step_count = seen + out.rows, step_count + 1
+        metrics = _epoch_metrics(totals, sums, seen, list(opts))
+        metrics.update(start_epoch=start, **method.epoch_metrics(nets))
+        elapsed = time.monotonic() - began
+        saved = None                                                # 5. checkpoint, report
+        if rank == 0:
+            saved = {"nets": {n: m.state_dict() for n, m in nets.items()},
+                     "emas": {n: m.state_dict() for n, m in emas.items()},
+                     "optimizers": {n: o.state_dict() for n, o in opts.items()},
+                     "method": method.state_dict(), "epoch": epoch, "elapsed": elapsed,
+                     "rng": gen.get_state()}
+        session.save(saved, metrics, cfg.model_dump(mode="json"))
+        if rank == 0:
+            ctx.log_metrics(metrics, step=epoch)
+            ctx.progress(epoch + 1, cfg.epochs, "epochs")
+        if run.max_minutes and elapsed > 60 * run.max_minutes:
+            break
+
+
+def _restore(state, nets, emas, method, gen) -> None:
+    for n, m in nets.items():
+        m.load_state_dict(state["nets"][n])
+    for n, m in emas.items():
+        m.load_state_dict(state["emas"][n])
+    method.load_state_dict(state["method"])
+    gen.set_state(state["rng"])
+
+
+def _epoch_metrics(totals: dict, sums: dict, seen: int, names: list[str]) -> dict:
+    """``train_loss`` (the first optimiser's), ``train_loss_<name>`` for the others, and
+    ``train_<sum>`` for each sum, all per row."""
+    rows = max(seen, 1)
+    metrics = {"train_loss": totals.get(names[0], 0.0) / rows}
+    metrics.update({f"train_loss_{n}": totals.get(n, 0.0) / rows for n in names[1:]})
+    metrics.update({f"train_{k}": v / rows for k, v in sums.items()})
+    return metrics
+
+
+def fit(ctx, method: TrainMethod, rows: Rows, cfg: TrainConfig, max_minutes=None) -> Trained:
+    """Train ``method`` on ``rows`` with the driver ``cfg.num_workers`` asks for; returns
+    the last checkpoint (a re-run of the same artifact key resumes from it)."""
+    from stages.train.drivers import run_in_process, run_ray_train
+    run = _Run(cfg=cfg, ctx=ctx, rows=rows, max_minutes=max_minutes)
+    if cfg.num_workers == 0:
+        return run_in_process(run, method)
+    return run_ray_train(run, method)
+
+
+def save_checkpoint(directory: str, saved: dict, config: dict) -> None:
+    """The state and the resolved config, as a checkpoint directory holds them."""
+    torch.save(saved, os.path.join(directory, STATE_FILE))
+    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def load_checkpoint(directory: str) -> dict:
+    return torch.load(os.path.join(directory, STATE_FILE), map_location="cpu",
+                      weights_only=True)
+
+
+def temp_checkpoint_dir():
+    return tempfile.TemporaryDirectory(prefix="distill-ckpt-")
