@@ -19,7 +19,7 @@ from pipelines.errors import bad_value
 from pipelines.stage import Dataset, Stage
 from stages.distill.dd_common import (NetConfig, build_net, dataset_key, functional_forward,
                                       image_grid, train_set, write_synthetic)
-from stages.teacher.expert_trajectories import ExpertReader
+from stages.distill.experts import ExpertReader
 
 
 def herd(features: torch.Tensor, k: int) -> list[int]:

@@ -43,7 +43,7 @@ from stages.distill.dd_common import (NetConfig, build_net, dataset_key, device,
                                       functional_forward, image_grid, load_checkpoint,
                                       read_synthetic, real_init, save_checkpoint, train_set,
                                       write_synthetic)
-from stages.teacher.expert_trajectories import ExpertReader
+from stages.distill.experts import ExpertReader
 
 CHECKPOINT = "mtt_checkpoint.pt"
 

@@ -31,7 +31,7 @@ from pydantic import Field
 from pipelines.stage import Dataset, Model, Resources, Stage
 from stages.data.tables import require_columns
 from stages.models.classifiers import load_classifier
-from stages.teacher.teacher_outputs import InferenceConfig, with_teacher_logits, write_signal
+from stages.teacher.signals import InferenceConfig, with_teacher_logits, write_signal
 
 
 def view_rng(seed: int, row_id: int, view: int) -> np.random.Generator:

@@ -13,47 +13,15 @@ consistent"):
 
 from __future__ import annotations
 
-import statistics
-import time
 
 import numpy as np
 import torch
 from pydantic import Field
 
-from pipelines.stage import Dataset, Model, Report, Stage, StageConfig
+from pipelines.stage import Dataset, Model, Report, Stage
 from stages.data.tables import read_split
+from stages.evaluate.timing import LatencyConfig, pyplot
 from stages.models.classifiers import count_params, load_classifier, predict_logits
-
-
-def latencies_ms(models: list[torch.nn.Module], x: torch.Tensor, repeats: int,
-                 warmup: int = 3) -> list[float]:
-    """Median forward latency (ms) of each model on batch ``x``, interleaved."""
-    times = [[] for _ in models]
-    with torch.inference_mode():
-        for i in range(warmup + repeats):
-            for model, t in zip(models, times):
-                start = time.perf_counter()
-                model(x)
-                if i >= warmup:
-                    t.append((time.perf_counter() - start) * 1e3)
-    return [statistics.median(t) for t in times]
-
-
-class LatencyConfig(StageConfig):
-    """How the evaluation stages time student and teacher side by side."""
-
-    repeats: int = Field(20, ge=3)           # timed forward passes per model
-    latency_batch_size: int = Field(256, ge=1)
-    threads: int = Field(1, ge=1)            # torch threads for both models
-
-    def latencies(self, models: list, x) -> list[float]:
-        """``latencies_ms`` with ``threads`` torch threads, restored afterwards."""
-        before = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-        try:
-            return latencies_ms(models, x, self.repeats)
-        finally:
-            torch.set_num_threads(before)
 
 
 class EvaluateClassifier(Stage):
@@ -96,19 +64,12 @@ class EvaluateClassifier(Stage):
                 "threads": cfg.threads}
         report = ctx.write_report("report", metrics, figures=figures, info=info)
         for fig in figures.values():
-            _pyplot().close(fig)
+            pyplot().close(fig)
         return {"report": report}
 
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def _accuracy_plot(m: dict):
-    fig, ax = _pyplot().subplots(figsize=(5, 3.5))
+    fig, ax = pyplot().subplots(figsize=(5, 3.5))
     names = ["teacher accuracy", "student accuracy", "agreement"]
     values = [m["teacher_accuracy"], m["accuracy"], m["agreement"]]
     bars = ax.bar(names, values, color=["tab:gray", "tab:blue", "tab:green"])
@@ -121,7 +82,7 @@ def _accuracy_plot(m: dict):
 def _confusion_plot(y: np.ndarray, pred: np.ndarray, num_classes: int):
     conf = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(conf, (y, pred), 1)
-    fig, ax = _pyplot().subplots(figsize=(4.5, 4))
+    fig, ax = pyplot().subplots(figsize=(4.5, 4))
     im = ax.imshow(conf, cmap="Blues")
     fig.colorbar(im, ax=ax)
     ax.set_xlabel("student prediction")

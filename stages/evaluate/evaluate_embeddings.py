@@ -22,7 +22,7 @@ from pydantic import Field
 from pipelines.errors import bad_value
 from pipelines.stage import Dataset, Model, Report, Stage
 from stages.data.tables import read_split
-from stages.evaluate.evaluate_classifier import LatencyConfig, _pyplot
+from stages.evaluate.timing import LatencyConfig, pyplot
 from stages.models.text import PROJECTION_FILE, load_text_model, mean_pool, tokenize
 
 
@@ -121,12 +121,12 @@ class EvaluateEmbeddings(Stage):
         report = ctx.write_report("report", metrics, figures={"fidelity.png": fig},
                                   info={"test_rows": len(texts), "threads": cfg.threads,
                                         "latency_batch_size": n})
-        _pyplot().close(fig)
+        pyplot().close(fig)
         return {"report": report}
 
 
 def _plot(cos: np.ndarray, overlap: np.ndarray, m: dict):
-    fig, (a, b) = _pyplot().subplots(1, 2, figsize=(9, 3.5))
+    fig, (a, b) = pyplot().subplots(1, 2, figsize=(9, 3.5))
     a.hist(cos, bins=30, color="tab:blue")
     a.set_xlabel("cosine(student, teacher) per held-out sentence")
     a.set_title(f"mean {m['cosine']:.3f}")

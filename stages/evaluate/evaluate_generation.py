@@ -38,6 +38,7 @@ from pydantic import Field, PositiveInt
 
 from pipelines.errors import bad_value
 from pipelines.stage import Dataset, Model, Report, Stage, StageConfig
+from stages.evaluate.timing import pyplot
 from stages.models.classifiers import load_classifier
 from stages.models.diffusion import check_shape, load_diffusion, where_of
 from stages.models.diffusion_sampling import SAMPLERS, check_student_steps, sample_any
@@ -201,7 +202,7 @@ class EvaluateGeneration(Stage):
                 "latency_repeats": cfg.latency_repeats}
         report = ctx.write_report("report", metrics, figures=figures, info=info)
         for fig in figures.values():
-            _pyplot().close(fig)
+            pyplot().close(fig)
         return {"report": report}
 
 
@@ -232,15 +233,8 @@ def _latency(models, runs, noise, labels, cfg, seed, w, device) -> dict:
     return {run: float(np.median(t)) for run, t in times.items()}
 
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def _grid_plot(name: str, rows: list, shape):
-    plt = _pyplot()
+    plt = pyplot()
     cols = max(len(images) for _, images in rows)
     fig, axes = plt.subplots(len(rows), cols, figsize=(cols * 0.8, len(rows) * 0.85),
                              squeeze=False)
@@ -257,7 +251,7 @@ def _grid_plot(name: str, rows: list, shape):
 
 
 def _fid_plot(metrics: dict, cfg, best: int):
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     models = ["teacher", *STUDENTS]
     for name in models:

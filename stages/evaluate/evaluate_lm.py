@@ -21,7 +21,7 @@ from pydantic import Field
 from pipelines.errors import bad_value
 from pipelines.stage import Dataset, Model, Report, Stage
 from stages.data.tables import read_split
-from stages.evaluate.evaluate_classifier import LatencyConfig, _pyplot
+from stages.evaluate.timing import LatencyConfig, pyplot
 from stages.models.text import load_text_model, tokenize
 
 
@@ -96,12 +96,12 @@ class EvaluateLM(Stage):
         report = ctx.write_report("report", metrics, figures={"perplexity.png": fig},
                                   info={"test_rows": len(ids), "tokens": tokens,
                                         "threads": cfg.threads})
-        _pyplot().close(fig)
+        pyplot().close(fig)
         return {"report": report}
 
 
 def _plot(m: dict):
-    fig, ax = _pyplot().subplots(figsize=(5, 3.5))
+    fig, ax = pyplot().subplots(figsize=(5, 3.5))
     bars = ax.bar(["teacher", "student"], [m["teacher_perplexity"], m["perplexity"]],
                   color=["tab:gray", "tab:blue"])
     ax.bar_label(bars, fmt="%.1f")

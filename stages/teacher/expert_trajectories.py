@@ -26,19 +26,15 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 from pydantic import Field
 
 from pipelines.stage import Dataset, Resources, Stage
-from stages.distill.dd_common import (NetConfig, accuracy, check_experts, dataset_key,
+from stages.distill.dd_common import (NetConfig, accuracy, dataset_key,
                                       flat_params, num_classes_of, real_split, task_gpus,
                                       train_net)
+from stages.distill.experts import shard_name
 
 PRECISIONS = {"float32": np.float32, "float16": np.float16}
-
-
-def shard_name(expert: int) -> str:
-    return f"expert-{expert:05d}.parquet"
 
 
 def train_expert(arch: dict, x, y, x_test, y_test, cfg: dict, seed: int, expert: int,
@@ -63,28 +59,6 @@ def train_expert(arch: dict, x, y, x_test, y_test, cfg: dict, seed: int, expert:
     pq.write_table(table, tmp, row_group_size=1)
     work.put(rel, tmp)
     return acc
-
-
-class ExpertReader:
-    """Streams single (expert, epoch) parameter vectors from an ``expert-trajectories``
-    artifact: one parquet row group per read, nothing else is loaded."""
-
-    def __init__(self, experts: Dataset, where: str, arch: dict | None = None,
-                 key: str | None = None):
-        if arch is not None:
-            check_experts(experts, arch, key, where)
-        self.path = experts.path
-        self.num_experts = int(experts.info["experts"])
-        self.epochs = int(experts.info["epochs"])
-        self.rows_read = 0
-
-    def load(self, expert: int, epoch: int) -> torch.Tensor:
-        f = pq.ParquetFile(os.path.join(self.path, shard_name(expert)))
-        group = f.read_row_group(epoch, columns=["epoch", "params"])
-        assert group.column("epoch")[0].as_py() == epoch, (expert, epoch)
-        self.rows_read += 1
-        flat = group.column("params").combine_chunks().flatten().to_numpy()
-        return torch.from_numpy(flat.astype(np.float32))
 
 
 class ExpertTrajectories(Stage):

@@ -28,105 +28,17 @@ from __future__ import annotations
 
 from typing import Literal
 
-import numpy as np
-import ray
 from pydantic import Field, PositiveInt
 
 from pipelines.errors import bad_value
-from pipelines.stage import Dataset, Model, Resources, Stage, StageConfig
-from stages.data.tables import parquet, require_columns
+from pipelines.stage import Dataset, Model, Resources, Stage
+from stages.data.tables import require_columns
 from stages.models.classifiers import load_classifier
 from stages.models.text import is_transformers_folder, load_text_model
-from stages.teacher.text_teacher import DTYPES, TEXT_SIGNALS, TextTeacherActor
-from stages.models.device import device as torch_device
-
-CLASSIFIER_SIGNALS = ("logits", "probabilities")
-SIGNALS = (*CLASSIFIER_SIGNALS, *TEXT_SIGNALS)
-
-
-class TeacherActor:
-    """Ray Data actor: holds one teacher in memory, maps a batch to its logits."""
-
-    def __init__(self, model_path: str, precision: str, where: str, probabilities: bool = False):
-        import torch
-        self.probabilities = probabilities
-        self.torch = torch
-        self.device = torch_device()
-        self.model = load_classifier(model_path, where).to(self.device).eval()
-        self.dtype = DTYPES[precision]
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        x = self.torch.tensor(np.asarray(batch["x"]), dtype=self.torch.float32,
-                              device=self.device)  # a copy: batches are read-only views
-        with self.torch.inference_mode():
-            logits = self.model(x).float()
-            if self.probabilities:
-                return {**batch, "probabilities":
-                        logits.softmax(1).cpu().numpy().astype(self.dtype)}
-        return {**batch, "logits": logits.cpu().numpy().astype(self.dtype)}
-
-
-class InferenceConfig(StageConfig):
-    """Settings of a teacher pass over a dataset, shared by the stages that make one."""
-
-    precision: Literal[tuple(DTYPES)] = "float32"
-    actors: int = Field(1, ge=1)
-    batch_size: int = Field(256, ge=1)
-
-
-def with_teacher(ds, actor, kwargs: dict, cfg: InferenceConfig, ctx):
-    """``ds`` mapped by a pool of ``cfg.actors`` teacher actors (on GPUs when the cluster
-    has them)."""
-    return ds.map_batches(
-        actor, batch_format="numpy", batch_size=cfg.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-        num_gpus=1 if ctx.num_gpus_available > 0 else 0, fn_constructor_kwargs=kwargs)
-
-
-def with_teacher_logits(ds, model_path: str, cfg: InferenceConfig, ctx, where: str,
-                        probabilities: bool = False):
-    """``ds`` plus a ``logits`` (or ``probabilities``) column from a classifier."""
-    return with_teacher(ds, TeacherActor, {"model_path": model_path, "where": where,
-                                           "precision": cfg.precision,
-                                           "probabilities": probabilities}, cfg, ctx)
-
-
-def write_signal(ctx, ds, cfg: InferenceConfig, num_classes: int, data, signal="logits",
-                 shards=None, **extra_info):
-    """Write the signal kd-student reads, with the info it checks; report its rows."""
-    info = {"signal": signal, "precision": cfg.precision, "num_classes": num_classes,
-            **extra_info}
-    if "input_shape" in data.info:
-        info["input_shape"] = data.info["input_shape"]
-    return write_rows(ctx, ds, info, shards)
-
-
-def resumable(ctx, data, shard_rows: int):
-    """``(rows, shards)``: the input rows still to run the teacher on, in blocks of at most
-    about ``shard_rows`` rows (each becomes a shard), and the signal's shards that outlive
-    a failed attempt (``ctx.resumable_write``); without an ``id`` column, every row and
-    None."""
-    table = parquet(data)
-    groups = sum(f.metadata.num_row_groups for f in table.get_fragments())
-    blocks = -(-table.count_rows() // shard_rows)
-    rows = data.read(override_num_blocks=blocks) if blocks > groups else data.read()
-    if "id" not in table.schema.names:
-        return rows, None
-    shards = ctx.resumable_write("signal", "id")
-    if shards.done_rows:
-        ctx.progress(shards.done_rows, None, "rows resumed from earlier shards", force=True)
-    return shards.remaining(rows), shards
-
-
-def write_rows(ctx, ds, info: dict, shards=None):
-    signal = shards.write(ds, info) if shards else ctx.write_dataset("signal", ds, info=info)
-    rows = parquet(signal).count_rows()
-    if not rows:
-        raise bad_value(f"stage '{ctx.name}' ({ctx.kind}) input 'data'", "rows", 0,
-                        "at least one row")
-    ctx.progress(rows, rows, "rows", force=True)
-    ctx.log_metrics({"rows": rows, "rows_resumed": shards.done_rows if shards else 0})
-    return signal
+from stages.teacher.signals import (CLASSIFIER_SIGNALS, SIGNALS, InferenceConfig, resumable,
+                                    with_teacher, with_teacher_logits, write_rows, write_signal)
+from stages.teacher.signals import TeacherActor  # noqa: F401  (the actor this stage runs)
+from stages.teacher.text_teacher import TEXT_SIGNALS, TextTeacherActor
 
 
 class TeacherOutputs(Stage):

@@ -16,7 +16,8 @@ from stages.distill.herding import Herding
 from stages.distill.mtt import CHECKPOINT, MatchTrajectories
 from stages.distill.random_subset import RandomSubset
 from stages.evaluate.evaluate_synthetic import EvaluateSynthetic
-from stages.teacher.expert_trajectories import ExpertReader, ExpertTrajectories
+from stages.distill.experts import ExpertReader
+from stages.teacher.expert_trajectories import ExpertTrajectories
 
 from .conftest import run_stage
 

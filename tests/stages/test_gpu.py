@@ -125,7 +125,8 @@ def test_dataset_distillation_on_gpu(gpus, digits, tmp_path):
     from stages.distill.dm import DistributionMatching
     from stages.distill.mtt import MatchTrajectories
     from stages.evaluate.evaluate_synthetic import EvaluateSynthetic
-    from stages.teacher.expert_trajectories import ExpertReader, ExpertTrajectories
+    from stages.distill.experts import ExpertReader
+    from stages.teacher.expert_trajectories import ExpertTrajectories
 
     net = {"width": 16, "depth": 2}
     ctx = StageContext.for_testing(tmp_path, name="experts", kind="expert-trajectories",
