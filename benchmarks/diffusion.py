@@ -10,6 +10,11 @@ Writes ``benchmarks/results/diffusion.json`` (via ``python -m benchmarks``),
 ``diffusion.md`` (the table) and the evaluation's plots as ``diffusion_*.png``.
 
     python -m benchmarks --only diffusion --repetitions 1
+
+``DIFFUSION_BENCH_STORE=<dir>`` keeps the stages' outputs there (a later invocation reuses
+those whose key is unchanged); ``DIFFUSION_BENCH_KEEP=data,classifier,teacher,trajectories,pairs``
+also reuses the named stages when their key changed: the students of a new commit trained
+and scored on the teacher, classifier and pairs of an earlier one.
 """
 
 from __future__ import annotations
@@ -47,10 +52,14 @@ def _profile() -> str:
     return os.environ.get("DIFFUSION_BENCH_PROFILE", "gpu" if torch.cuda.is_available() else "cpu")
 
 
-def run_example(store: str, overrides: dict, gpus: float) -> tuple[dict, dict, dict, list]:
+def run_example(store: str, overrides: dict, gpus: float,
+                keep: tuple[str, ...] = ()) -> tuple[dict, dict, dict, list]:
     """Every stage of the example, in file order (a topological order), in this process.
     A stage whose committed outputs (same config, same inputs) are already in ``store``
-    from an earlier invocation is reused, as the orchestrator's cache would.
+    from an earlier invocation is reused, as the orchestrator's cache would. The stages
+    named in ``keep`` are reused from ``store`` even when their key differs (an earlier
+    commit's code made them): a comparison of students before and after a change, on the
+    same teacher, classifier and trajectories.
     Returns (artifacts by stage, configs used, seconds per stage, reused stages)."""
     import hashlib
     import pickle
@@ -79,8 +88,8 @@ def run_example(store: str, overrides: dict, gpus: float) -> tuple[dict, dict, d
         if os.path.exists(done):
             with open(done, "rb") as f:
                 key, outs, secs = pickle.load(f)
-            if key == keys[name]:
-                outputs[name], seconds[name] = outs, secs
+            if key == keys[name] or name in keep:
+                outputs[name], seconds[name], keys[name] = outs, secs, key
                 reused.append(name)
                 print(f"  {name}: reused ({secs} s when it ran)", flush=True)
                 continue
@@ -151,7 +160,10 @@ def write_markdown(result: dict, metrics: dict, path: str) -> None:
              + ", ".join(f"{k} {v}" for k, v in result["stage_seconds"].items()) + "."
              + (f" Reused from an earlier invocation of the same command (same configs and "
                 f"inputs): {', '.join(result['reused_from_earlier_invocation'])}."
-                if result["reused_from_earlier_invocation"] else ""), "",
+                if result["reused_from_earlier_invocation"] else "")
+             + (f" Kept from that invocation although their stage versions changed since "
+                f"(DIFFUSION_BENCH_KEEP): {', '.join(result['kept'])}."
+                if result.get("kept") else ""), "",
              f"Real-vs-real FID floor (classifier features, {result['num_samples']} samples): "
              f"{metrics['fid/real/floor']:.2f}; teacher best at "
              f"{int(metrics['steps/teacher/best'])} steps.", "",
@@ -206,7 +218,8 @@ def run(repetitions: int = 1) -> dict:
         gpus = ray.cluster_resources().get("GPU", 0.0)
         store = os.environ.get("DIFFUSION_BENCH_STORE") or tempfile.mkdtemp(prefix="bench-diff-")
         start = time.perf_counter()
-        outputs, configs, seconds, reused = run_example(store, overrides, gpus)
+        keep = tuple(n for n in os.environ.get("DIFFUSION_BENCH_KEEP", "").split(",") if n)
+        outputs, configs, seconds, reused = run_example(store, overrides, gpus, keep)
         traj = {"cfg": configs["trajectories"], "teacher": outputs["teacher"]["model"],
                 "artifact": outputs["trajectories"]["trajectories"], "seed": 0}
         identical = same_rows(traj, store, gpus)
@@ -241,6 +254,7 @@ def run(repetitions: int = 1) -> dict:
         "metrics": last["metrics"], "teacher": last["teacher"], "students": last["students"],
         "stage_seconds": last["seconds"], "total_s": last["total_s"],
         "reused_from_earlier_invocation": last["reused"],
+        "kept": [n for n in keep if n in last["reused"]],
         "num_samples": last["num_samples"],
         "device": "cuda: " + torch.cuda.get_device_name(0) if torch.cuda.is_available()
         else "cpu",
