@@ -154,13 +154,13 @@ def write_markdown(result: dict, metrics: dict, path: str) -> None:
     models = [("teacher", sorted(int(k.split("/")[2]) for k in metrics
                                  if k.startswith("fid/teacher/") and k.split("/")[2].isdigit()))]
     models += [(s, [1, 2, 4]) for s in STUDENTS]
+    same = [n for n in result["reused_from_earlier_invocation"] if n not in result.get("kept", [])]
     lines = ["# Diffusion timestep distillation on scikit-learn digits", "",
              f"Profile `{result['profile']}`; machine: {result['machine_line']}.",
              f"Command: `{result['command']}`. Stage times (s): "
              + ", ".join(f"{k} {v}" for k, v in result["stage_seconds"].items()) + "."
              + (f" Reused from an earlier invocation of the same command (same configs and "
-                f"inputs): {', '.join(result['reused_from_earlier_invocation'])}."
-                if result["reused_from_earlier_invocation"] else "")
+                f"inputs): {', '.join(same)}." if same else "")
              + (f" Kept from that invocation although their stage versions changed since "
                 f"(DIFFUSION_BENCH_KEEP): {', '.join(result['kept'])}."
                 if result.get("kept") else ""), "",

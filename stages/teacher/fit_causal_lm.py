@@ -129,7 +129,8 @@ class FitCausalLM(Stage):
                     n_layer=cfg.n_layer, n_head=cfg.n_head, bos_token_id=tokenizer.eos_token_id,
                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         method = NextToken(cfg, gpt2, ids[val], mask[val])
-        rows = Rows(method.columns, tensors={"input_ids": ids[train], "attention_mask": mask[train]})
+        rows = Rows(method.columns,
+                    tensors={"input_ids": ids[train], "attention_mask": mask[train]})
         trained = fit(ctx, method, rows, cfg)
 
         # 4. saved with save_pretrained, model and tokenizer

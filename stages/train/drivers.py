@@ -9,8 +9,8 @@ import os
 
 from pipelines.errors import UserError
 from stages.models.device import device as local_device
-from stages.train.harness import (CONFIG_FILE, STATE_FILE, Trained, load_checkpoint, save_checkpoint,
-                                  temp_checkpoint_dir, train_loop)
+from stages.train.harness import (CONFIG_FILE, STATE_FILE, Trained, load_checkpoint,
+                                  save_checkpoint, temp_checkpoint_dir, train_loop)
 
 # the in-process driver's checkpoint, in the stage's work files
 CHECKPOINT, CONFIG = f"harness/{STATE_FILE}", f"harness/{CONFIG_FILE}"

@@ -10,8 +10,10 @@ steps of ``train_loop`` below:
    epoch (``seed + epoch``, the same on every worker; worker r takes rows ``r::world`` of
    each global batch, as torch's ``DistributedSampler`` does), or, for tables too large to
    hold, Ray Data shards streamed with a shuffle buffer (``batch_size / world`` each);
-4. epochs of steps: the method's losses, a non-finite loss raises naming epoch and step,
-   one backward and update per optimiser (gradients clipped), the EMA updates;
+4. epochs of steps: the learning rates (the optimisers' own times the method's
+   ``lr_factor`` of the run's progress), the method's losses, a non-finite loss raises
+   naming epoch and step, one backward and update per optimiser (gradients clipped), the
+   EMA updates;
 5. every epoch: metrics to the run (so Tune's schedulers can stop a trial early), a
    checkpoint with the resolved config (rank 0), the elapsed time kept in it so a
    ``max_minutes`` budget survives a resume.
@@ -153,20 +155,17 @@ def train_loop(run: _Run, method: TrainMethod, session) -> None:
     method.begin(total_steps)
     step_count, began = start * data.steps_per_epoch, time.monotonic() - elapsed
 
-    def progress() -> float:
-        done = step_count / max(total_steps, 1)
-        if run.max_minutes:
-            done = max(done, (time.monotonic() - began) / (60 * run.max_minutes))
-        return min(done, 1.0)
-
-    epoch, metrics = start, {}
     for epoch in range(start, cfg.epochs):                          # 4. epochs
         method.begin_epoch(epoch, nets)
         for net in wrapped.values():
             net.train()
+        # the share of max_minutes used, the same on every worker (their learning rates
+        # must not drift apart), taken once an epoch
+        used = _max_over_workers((time.monotonic() - began) / (60 * run.max_minutes), device) \
+            if run.max_minutes else 0.0
         totals, sums, seen = {}, {}, 0
         for step, batch in enumerate(data.batches(ctx.seed + epoch)):
-            factor = method.lr_factor(progress())
+            factor = method.lr_factor(min(max(step_count / max(total_steps, 1), used), 1.0))
             for n, o in opts.items():
                 for g, lr in zip(o.param_groups, base_lr[n]):
                     g["lr"] = lr * factor
@@ -205,8 +204,18 @@ def train_loop(run: _Run, method: TrainMethod, session) -> None:
         if rank == 0:
             ctx.log_metrics(metrics, step=epoch)
             ctx.progress(epoch + 1, cfg.epochs, "epochs")
-        if run.max_minutes and elapsed > 60 * run.max_minutes:
-            break
+        if run.max_minutes and _max_over_workers(elapsed, device) > 60 * run.max_minutes:
+            break  # every worker stops after the same epoch
+
+
+def _max_over_workers(value: float, device) -> float:
+    """The largest of the workers' ``value`` (itself with one worker)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
 
 
 def _restore(state, nets, emas, method, gen) -> None:

@@ -26,11 +26,13 @@ TAID's adaptive schedule, updated after every optimisation step. In data-paralle
 each step's loss is averaged over the workers (one scalar all-reduce) before the update, so
 every worker computes the same t without broadcasting it; t and the schedule's state (m,
 previous loss, step) are saved in each checkpoint and restored on resume, and t is logged
-per epoch as ``taid_t``. Training goes through the one harness (``stages.train.harness``): Ray Train workers
-(``num_workers``, DDP) or the stage's process (``num_workers: 0``), a global
-``batch_size`` split across the workers, one global permutation per epoch of the held rows,
-a checkpoint (model, optimiser, TAID state, epoch, resolved config) every epoch; a re-run
-with the same artifact key resumes from the last checkpoint.
+per epoch as ``taid_t``.
+
+Training goes through the one harness (``stages.train.harness``): Ray Train workers
+(``num_workers``, DDP) or the stage's process (``num_workers: 0``), a global ``batch_size``
+split across the workers, one global permutation per epoch of the held rows, a checkpoint
+(model, optimiser, TAID state, epoch, resolved config) every epoch; a re-run with the same
+artifact key resumes from the last checkpoint.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """``progressive-distill``: progressive distillation (Salimans & Ho 2022, "Progressive
 Distillation for Fast Sampling of Diffusion Models", Algorithm 2 and eq. 9-10), trained
-through the training harness (Ray Train workers by default): rounds that halve the number of DDIM steps, each round's
-student teaching the next.
+through the training harness (Ray Train workers by default): rounds that halve the number
+of DDIM steps, each round's student teaching the next.
 
 Round r: the teacher samples in 2N steps, the student in N = start_steps / 2^(r+1)
 ("trailing" timestep grids, so every student point is a teacher point). Data x0: the
