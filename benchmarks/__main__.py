@@ -41,6 +41,8 @@ def write_readme(results: list[dict], info: dict) -> None:
         if os.path.isdir(os.path.join(RESULTS, r["name"])):
             lines.append(f"\nPlots: [{r['name']}/]({r['name']}/)")
         lines.append("")
+    lines += ["Before-and-after comparisons of a change, on the same committed artifacts: "
+              "[harness_change.md](harness_change.md) (the training harness).", ""]
     lines += [
               "GPU paths (GPU Ray Data actors, `use_gpu` Ray Train workers), checked on a lent "
               "GPU machine: [gpu_check.md](gpu_check.md)."]

@@ -161,8 +161,8 @@ def write_markdown(result: dict, metrics: dict, path: str) -> None:
              + ", ".join(f"{k} {v}" for k, v in result["stage_seconds"].items()) + "."
              + (f" Reused from an earlier invocation of the same command (same configs and "
                 f"inputs): {', '.join(same)}." if same else "")
-             + (f" Kept from that invocation although their stage versions changed since "
-                f"(DIFFUSION_BENCH_KEEP): {', '.join(result['kept'])}."
+             + (f" Kept from an earlier invocation, made by the code of its commit, whatever "
+                f"their keys are now (DIFFUSION_BENCH_KEEP): {', '.join(result['kept'])}."
                 if result.get("kept") else ""), "",
              f"Real-vs-real FID floor (classifier features, {result['num_samples']} samples): "
              f"{metrics['fid/real/floor']:.2f}; teacher best at "
