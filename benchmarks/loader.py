@@ -3,10 +3,10 @@
 Compared, on the teacher signal of ``benchmarks.teacher_generation`` (the same store and
 cache keys: MNIST-1D rows with a ConvNet1D teacher's logits, as the stage wrote them):
 
-- the stage's loader, exactly as ``kd-student`` builds it. When a Ray Train worker's
-  share fits ``in_memory_mib`` (``held``, the default): the worker reads its share with
-  the stage's own ``read_share`` (pyarrow, only the row groups and columns it needs),
-  ``hold_tables`` and ``permuted_batches`` (batches of 64). For a larger share
+- the stage's loader, exactly as ``kd-student`` builds it. When the train rows fit
+  ``in_memory_mib`` (``held``, the default): the worker reads them with the harness's
+  ``Rows`` (``read_share``: pyarrow, only the columns it needs; ``hold_tables``) and draws
+  its part of one global permutation per epoch (batches of 64). For a larger table
   (``streamed``): ``signal.read(columns)``, ``filter(split == "train")``,
   ``select_columns``, ``materialize()`` (the stage's ``cache: true``), a
   ``streaming_split(1, equal=True)`` iterator, ``iter_torch_batches(batch_size=64,
@@ -43,11 +43,11 @@ COLUMNS = ["x", "label", "logits"]
 def stage_loader(signal, held: bool = True) -> dict:
     import torch
     from ray.data.expressions import col
-    from stages.train.rows import hold_tables, permuted_batches, read_share
+    from stages.train.rows import Rows
     dtypes = {"x": torch.float32, "label": torch.int64, "logits": torch.float32}
     t0 = time.perf_counter()
-    if held:
-        rows_in_memory = hold_tables(read_share(signal.files(), COLUMNS, 0, 1), dtypes)
+    if held:  # one Ray Train worker's rows, as the harness gives them
+        rows_in_memory = Rows(dtypes, files=signal.files()).for_worker(0, 1, BATCH_SIZE, "cpu")
     else:
         train = signal.read(columns=COLUMNS + ["split"]).filter(
             expr=col("split") == "train").select_columns(COLUMNS).materialize()
@@ -57,7 +57,7 @@ def stage_loader(signal, held: bool = True) -> dict:
     for epoch in range(2):
         t = time.perf_counter()
         rows = 0
-        batches = (permuted_batches(rows_in_memory, BATCH_SIZE, epoch, "cpu") if held else
+        batches = (rows_in_memory.batches(epoch) if held else
                    shard.iter_torch_batches(batch_size=BATCH_SIZE, dtypes=dtypes,
                                             local_shuffle_buffer_size=SHUFFLE_BUFFER,
                                             local_shuffle_seed=epoch))
@@ -137,8 +137,9 @@ def run(repetitions: int = 5) -> dict:
     command = f"python -m benchmarks --only loader --repetitions {repetitions}"
     return {
         "name": "loader",
-        "what": f"kd-student's held-rows loader (its worker's read_share: pyarrow, only its "
-                f"row groups; hold_tables; permuted batches of 64) vs pyarrow read_table into "
+        "what": f"kd-student's held-rows loader (the harness's Rows: read_share, pyarrow, "
+                f"only its columns; hold_tables; global permutation, batches of 64) vs "
+                f"pyarrow read_table into "
                 f"numpy + batches: "
                 f"rows/s of one pass with the read; teacher signal, {main['rows']} train rows",
         "command": command, "median_ratio": main["median_ratio"], "spread": main["spread"],

@@ -13,7 +13,7 @@ generates it once), Hinton KD (T=4, alpha=0.9), AdamW, the stage's default batch
   and tracked. Timed: the whole
   ``run()`` call (``run_s``; ``stage_s`` is the runner's own figure);
 - bare loop: one process, ``pyarrow.parquet.read_table`` of the train rows into memory,
-  the same student (``ClassifierTask.build``), optimiser (``cfg.optimizer``), loss
+  the same student (``ClassifierTask.build``), optimiser (``cfg.adamw``), loss
   (``ClassifierTask.loss``) and epoch (a plain loop: loss, backward, step), batches
   of a fresh permutation every epoch; torch set to the thread count of a 1-CPU Ray actor
   (``torch_threads``, probed; 1 with Ray's defaults), as a Ray Train worker has.

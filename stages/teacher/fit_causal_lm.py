@@ -106,7 +106,7 @@ class FitCausalLM(Stage):
 
     inputs = {"data": Dataset}
     outputs = {"model": Model}
-    metrics = ("train_loss", "val_perplexity")  # per epoch
+    metrics = ("train_loss", "val_perplexity", "start_epoch")  # per epoch
 
     def run(self, ctx, data):
         cfg = self.config

@@ -62,7 +62,7 @@ class FitClassifier(Stage):
 
     inputs = {"data": Dataset}
     outputs = {"model": Model}
-    metrics = ("train_loss", "train_accuracy", "val_accuracy")  # per epoch
+    metrics = ("train_loss", "train_accuracy", "val_accuracy", "start_epoch")  # per epoch
 
     def run(self, ctx, data):
         cfg = self.config

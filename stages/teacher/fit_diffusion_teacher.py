@@ -96,7 +96,7 @@ class FitDiffusionTeacher(Stage):
 
     inputs = {"data": Dataset}
     outputs = {"model": Model}
-    metrics = ("train_loss",)  # per epoch
+    metrics = ("train_loss", "start_epoch")  # per epoch
 
     def run(self, ctx, data):
         from diffusers import DDIMScheduler

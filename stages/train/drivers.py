@@ -94,7 +94,8 @@ def run_ray_train(run, method) -> Trained:
         raise _original_error(e) from e
     with result.checkpoint.as_directory() as d:
         state = load_checkpoint(d)
-    return Trained(state=state, metrics=dict(result.metrics or {}))
+    # a run resumed after its last epoch reports nothing new: its checkpoint's metrics
+    return Trained(state=state, metrics=dict(result.metrics or state.get("metrics", {})))
 
 
 class _Streamed:
@@ -148,4 +149,4 @@ def run_in_process(run, method) -> Trained:
     session = _LocalSession(run.ctx)
     train_loop(run, method, session)
     state = session.last if session.last is not None else session.load()
-    return Trained(state=state, metrics=session.metrics)
+    return Trained(state=state, metrics=session.metrics or state.get("metrics", {}))

@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipelines.stage import StageConfig
 from stages.train.rows import Rows
@@ -53,6 +53,14 @@ class TrainConfig(StageConfig):
     num_workers: int = Field(1, ge=0)       # Ray Train workers; 0: in the stage's process
     use_gpu: bool = True                    # used only when the cluster has GPUs
     max_failures: int = Field(0, ge=-1)     # Ray Train worker-group restarts
+
+    @model_validator(mode="after")
+    def _a_row_per_worker(self):
+        if self.batch_size < self.num_workers:
+            raise ValueError(f"batch_size ({self.batch_size}) must be at least num_workers "
+                             f"({self.num_workers}): the global batch is split across the "
+                             "workers")
+        return self
 
 
 class AdamWConfig(TrainConfig):
@@ -138,13 +146,22 @@ def train_loop(run: _Run, method: TrainMethod, session) -> None:
     torch.manual_seed(ctx.seed + rank)
     gen = torch.Generator().manual_seed(ctx.seed * 7919 + rank)
     nets = method.setup(device)                                     # 2. networks, resume
-    emas = {n: copy.deepcopy(nets[n]).eval().requires_grad_(False) for n in method.ema}
     state = session.load()
     start, elapsed = 0, 0.0
     if state:
-        _restore(state, nets, emas, method, gen)
+        for n, m in nets.items():
+            m.load_state_dict(state["nets"][n])
+        method.load_state_dict(state["method"])
         start, elapsed = state["epoch"] + 1, state.get("elapsed", 0.0)
-    wrapped = {n: session.prepare(net) for n, net in nets.items()}
+        if world == 1:  # the generator goes on where it stopped; with several workers
+            gen.set_state(state["rng"])  # only rank 0's was saved: a fresh one per rank
+        else:
+            gen.manual_seed((ctx.seed * 7919 + rank) * 1_000_003 + start)
+    wrapped = {n: session.prepare(net) for n, net in nets.items()}  # DDP: rank 0's weights
+    emas = {n: copy.deepcopy(nets[n]).eval().requires_grad_(False) for n in method.ema}
+    if state:
+        for n, m in emas.items():
+            m.load_state_dict(state["emas"][n])
     opts = method.optimizers(wrapped)
     base_lr = {n: [g["lr"] for g in o.param_groups] for n, o in opts.items()}
     if state:
@@ -156,6 +173,10 @@ def train_loop(run: _Run, method: TrainMethod, session) -> None:
     step_count, began = start * data.steps_per_epoch, time.monotonic() - elapsed
 
     for epoch in range(start, cfg.epochs):                          # 4. epochs
+        if run.max_minutes and _max_over_workers(
+                time.monotonic() - began, device) > 60 * run.max_minutes:
+            break  # the budget is spent (also by a run resumed after it): every worker
+            # stops before the same epoch
         method.begin_epoch(epoch, nets)
         for net in wrapped.values():
             net.train()
@@ -199,13 +220,11 @@ def train_loop(run: _Run, method: TrainMethod, session) -> None:
                      "emas": {n: m.state_dict() for n, m in emas.items()},
                      "optimizers": {n: o.state_dict() for n, o in opts.items()},
                      "method": method.state_dict(), "epoch": epoch, "elapsed": elapsed,
-                     "rng": gen.get_state()}
+                     "rng": gen.get_state(), "metrics": metrics}
         session.save(saved, metrics, cfg.model_dump(mode="json"))
         if rank == 0:
             ctx.log_metrics(metrics, step=epoch)
             ctx.progress(epoch + 1, cfg.epochs, "epochs")
-        if run.max_minutes and _max_over_workers(elapsed, device) > 60 * run.max_minutes:
-            break  # every worker stops after the same epoch
 
 
 def _max_over_workers(value: float, device) -> float:
@@ -216,15 +235,6 @@ def _max_over_workers(value: float, device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t.item())
-
-
-def _restore(state, nets, emas, method, gen) -> None:
-    for n, m in nets.items():
-        m.load_state_dict(state["nets"][n])
-    for n, m in emas.items():
-        m.load_state_dict(state["emas"][n])
-    method.load_state_dict(state["method"])
-    gen.set_state(state["rng"])
 
 
 def _epoch_metrics(totals: dict, sums: dict, seen: int, names: list[str]) -> dict:

@@ -111,7 +111,7 @@ class Rows:
         if self.streamed:
             return _StreamedRows(shard if shard is not None else self.stream, self.columns,
                                  max(batch_size // world, 1), self.shuffle_buffer, device,
-                                 -(-self.num_rows // world))
+                                 self.num_rows // world)  # Ray Data's equal split
         held = self.tensors
         if held is None:
             held = hold_tables(read_share(self.files, list(self.columns), 0, 1, self.split),

@@ -89,6 +89,19 @@ def test_in_process_fit_checkpoints_with_the_config_and_resumes(tmp_path):
     assert second.metrics["train_loss"] < first.metrics["train_loss"]
 
 
+def test_a_run_resumed_after_its_last_epoch_keeps_its_metrics(tmp_path):
+    ctx = StageContext.for_testing(tmp_path, name="toy", kind="toy")
+    first = fit(ctx, Regression(config()), toy_rows(), config())
+    again = fit(ctx, Regression(config()), toy_rows(), config())  # nothing left to train
+    assert again.state["epoch"] == 2 and again.metrics == first.metrics
+
+
+def test_a_global_batch_smaller_than_the_workers_is_refused():
+    from pydantic import ValidationError
+    with pytest.raises(ValidationError, match=r"batch_size \(2\) must be at least num_workers"):
+        config(batch_size=2, num_workers=4)
+
+
 def test_a_non_finite_loss_names_its_epoch_and_step(tmp_path):
     ctx = StageContext.for_testing(tmp_path, name="toy", kind="toy")
     with pytest.raises(FloatingPointError, match=r"at epoch 1 step 1\b"):
