@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -17,6 +18,7 @@ import torch
 from pipelines import Pipeline, run
 from pipelines._internal.store import Store
 from tests.pipelines.test_cli import LAUNCH, ROOT
+from tests.pipelines.test_kill import raylets
 
 EPOCHS = 40
 SPEC = f"""
@@ -42,10 +44,12 @@ def saved_epoch(path) -> int | None:
 def launch_and_kill(path, store, work, err_file) -> tuple[int | None, str]:
     """``distill run`` in a process group of its own, SIGKILLed once the teacher's
     checkpoint holds an epoch >= 1; (that epoch, or None if the run ended first; stderr)."""
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: unix socket paths
     with open(err_file, "w") as err:
         proc = subprocess.Popen([sys.executable, "-c", LAUNCH, "run", str(path), "--store",
                                  str(store)], cwd=ROOT, start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=err)
+                                stdout=subprocess.DEVNULL, stderr=err,
+                                env=os.environ | {"RAY_TMPDIR": ray_tmp})
     deadline, killed_at = time.time() + 300, None
     try:
         while time.time() < deadline and killed_at is None and proc.poll() is None:
@@ -59,7 +63,22 @@ def launch_and_kill(path, store, work, err_file) -> tuple[int | None, str]:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
+        settle(ray_tmp, work)
     return killed_at, err_file.read_text()
+
+
+def settle(ray_tmp: str, work, quiet: float = 3.0) -> None:
+    """Wait until the killed run's embedded Ray is gone and its teacher's checkpoint has
+    stopped changing (the stage's worker may outlive the driver by a moment)."""
+    deadline = time.time() + 60
+    while raylets(ray_tmp) and time.time() < deadline:
+        time.sleep(0.5)
+    last, still = None, time.time()
+    while time.time() < deadline and time.time() - still < quiet:
+        now = [(p, p.stat().st_mtime_ns) for p in work.glob("*/harness/state.pt")]
+        if now != last:
+            last, still = now, time.time()
+        time.sleep(0.2)
 
 
 @pytest.mark.timeout(1200)  # up to three launches on a loaded machine
