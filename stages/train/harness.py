@@ -173,7 +173,7 @@ def train_loop(run: _Run, method: TrainMethod, session) -> None:
     step_count, began = start * data.steps_per_epoch, time.monotonic() - elapsed
 
     for epoch in range(start, cfg.epochs):                          # 4. epochs
-        if run.max_minutes and _max_over_workers(
+        if run.max_minutes and over_workers(
                 time.monotonic() - began, device) > 60 * run.max_minutes:
             break  # the budget is spent (also by a run resumed after it): every worker
             # stops before the same epoch
@@ -182,7 +182,7 @@ def train_loop(run: _Run, method: TrainMethod, session) -> None:
             net.train()
         # the share of max_minutes used, the same on every worker (their learning rates
         # must not drift apart), taken once an epoch
-        used = _max_over_workers((time.monotonic() - began) / (60 * run.max_minutes), device) \
+        used = over_workers((time.monotonic() - began) / (60 * run.max_minutes), device) \
             if run.max_minutes else 0.0
         totals, sums, seen = {}, {}, 0
         for step, batch in enumerate(data.batches(ctx.seed + epoch)):
@@ -227,14 +227,15 @@ def train_loop(run: _Run, method: TrainMethod, session) -> None:
             ctx.progress(epoch + 1, cfg.epochs, "epochs")
 
 
-def _max_over_workers(value: float, device) -> float:
-    """The largest of the workers' ``value`` (itself with one worker)."""
+def over_workers(value, device=None, op: str = "max") -> float:
+    """A scalar (a float or a 0-d tensor) reduced over the Ray Train workers, ``max`` or
+    ``mean``; itself with one worker. Every worker must call it equally often."""
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
+        return float(value)
+    t = torch.as_tensor(value, dtype=torch.float64, device=device).clone().reshape(1)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return float(t.item()) / (1 if op == "max" else dist.get_world_size())
 
 
 def _epoch_metrics(totals: dict, sums: dict, seen: int, names: list[str]) -> dict:

@@ -40,7 +40,6 @@ from __future__ import annotations
 from typing import Literal
 
 import pyarrow.compute as pc
-import torch
 from pydantic import Field, PositiveInt, model_validator
 
 from pipelines.artifacts import column_to_numpy
@@ -49,7 +48,7 @@ from pipelines.stage import Dataset, Model, Resources, Stage
 from stages.data.tables import parquet, require_columns
 from stages.models.classifiers import ArchName, ClassifierArch
 from stages.models.text import TextStudentArch
-from stages.train.harness import AdamWConfig, Loss, TrainMethod, fit
+from stages.train.harness import AdamWConfig, Loss, TrainMethod, fit, over_workers
 from stages.train.kd_tasks import TASKS, ClassifierTask, hinton_kd_loss  # noqa: F401
 from stages.train.rows import Rows, hold_in_memory, train_share_bytes
 from stages.train.taid import TAIDSchedule
@@ -83,8 +82,8 @@ class Distill(TrainMethod):
     def loss(self, nets, emas, batch, gen):
         loss, logits, labels = self.task.loss(nets["model"], batch, self.taid)
         if self.taid:
-            self.taid.update(_mean_over_workers(loss.detach()), self.taid.step + 1,
-                             self.total_steps)
+            mean = over_workers(loss.detach(), loss.device, "mean")  # the same t everywhere
+            self.taid.update(mean, self.taid.step + 1, self.total_steps)
         sums = {} if logits is None else {"accuracy": (logits.argmax(1) == labels).sum().item()}
         return Loss({"model": loss}, len(labels), sums)
 
@@ -106,16 +105,6 @@ def _taid_schedule(cfg, state: dict | None) -> TAIDSchedule | None:
     if state and "taid" in state:
         schedule.load_state_dict(state["taid"])
     return schedule
-
-
-def _mean_over_workers(value: torch.Tensor) -> float:
-    """The scalar's mean over the Ray Train workers (itself with a single worker)."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= dist.get_world_size()
-    return value.item()
 
 
 class KDStudent(Stage):
