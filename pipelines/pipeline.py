@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from ._internal.validation import build_config
 from .errors import UserError, allowed_list, did_you_mean
-from .stage import Resources, Stage, get_stage_class
+from .stage import Many, Resources, Stage, get_stage_class
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
@@ -30,9 +30,15 @@ _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 class Node:
     name: str
     stage: Stage
-    refs: dict[str, str]                      # input name -> reference as written
-    inputs: dict[str, tuple[str, str]] = field(default_factory=dict)  # -> (stage, output)
+    refs: dict[str, str | list[str]]          # input name -> reference(s) as written
+    # input name -> (stage, output); a variadic input (``Many``): a list of them
+    inputs: dict[str, tuple[str, str] | list[tuple[str, str]]] = field(default_factory=dict)
     resources: Resources | None = None
+
+    def wired(self) -> list[tuple[str, str, str]]:
+        """Every (input, upstream stage, output) edge, variadic inputs flattened."""
+        return [(inp, up, out) for inp, ref in self.inputs.items()
+                for up, out in (ref if isinstance(ref, list) else [ref])]
 
     @property
     def kind(self) -> str:
@@ -103,7 +109,8 @@ class Pipeline:
         for n in self.nodes.values():
             entry = {"kind": n.kind, "config": n.stage.config.model_dump(mode="json")}
             if n.inputs:
-                entry["inputs"] = {i: f"{s}.{o}" for i, (s, o) in n.inputs.items()}
+                entry["inputs"] = {i: [f"{s}.{o}" for s, o in ref] if isinstance(ref, list)
+                                   else f"{ref[0]}.{ref[1]}" for i, ref in n.inputs.items()}
             if n.resources is not None:
                 entry["resources"] = n.resources.model_dump()
             stages[n.name] = entry
@@ -126,9 +133,25 @@ class Pipeline:
                 raise UserError(f"{where}: unknown input '{given}'{did_you_mean(given, allowed)}; "
                                 f"allowed inputs: {allowed_list(allowed)}")
         for inp, want in allowed.items():
-            if inp in node.refs:
-                node.inputs[inp] = self._resolve(where, inp, want, node.refs[inp], node.name)
-            elif inp in cls.inputs:
+            ref = node.refs.get(inp)
+            if isinstance(want, Many):
+                if inp in node.refs and not isinstance(ref, list):
+                    raise UserError(f"{where}: input '{inp}' takes any number of "
+                                    f"{want.type.type_name}s, wired as a list; got {ref!r}; "
+                                    f"allowed: [<stage>, <stage>.<output>, ...]")
+                if inp in node.refs:
+                    node.inputs[inp] = [self._resolve(where, inp, want.type, r, node.name)
+                                        for r in ref]
+                    dup = sorted({up for up, _ in node.inputs[inp]
+                                  if [u for u, _ in node.inputs[inp]].count(up) > 1})
+                    if dup:
+                        raise UserError(f"{where}: input '{inp}' names stage(s) {dup} twice; "
+                                        f"allowed: each stage once")
+                    continue
+            elif inp in node.refs:
+                node.inputs[inp] = self._resolve(where, inp, want, ref, node.name)
+                continue
+            if inp in cls.inputs:
                 raise UserError(f"{where}: input '{inp}' ({want.type_name}) is not wired; "
                                 f"add inputs: {{{inp}: <stage> or <stage>.<output>}}")
 
@@ -166,7 +189,7 @@ class Pipeline:
         indeg = {n: 0 for n in self.nodes}
         children: dict[str, list[str]] = {n: [] for n in self.nodes}
         for n in self.nodes.values():
-            for up, _ in n.inputs.values():
+            for _, up, _ in n.wired():
                 indeg[n.name] += 1
                 children[up].append(n.name)
         ready = [n for n in self.nodes if indeg[n] == 0]
@@ -184,7 +207,7 @@ class Pipeline:
         return out
 
     def upstream(self, name: str) -> set[str]:
-        return {up for up, _ in self.nodes[name].inputs.values()}
+        return {up for _, up, _ in self.nodes[name].wired()}
 
     def downstream(self, name: str) -> set[str]:
         """Every stage that depends on ``name``, directly or not."""
@@ -206,7 +229,7 @@ def find_cycle(p: Pipeline) -> list[str]:
     def visit(n: str) -> list[str] | None:
         color[n] = 1
         stack.append(n)
-        for up, _ in p.nodes[n].inputs.values():
+        for _, up, _ in p.nodes[n].wired():
             if color.get(up) == 1:
                 return stack[stack.index(up):] + [up]
             if up not in color:

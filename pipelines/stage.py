@@ -39,9 +39,39 @@ from .errors import UserError, allowed_list, did_you_mean
 
 class StageConfig(BaseModel):
     """Base of every stage's config: unknown keys are errors, values are validated on
-    assignment, and a config is immutable once built (it is part of a cache key)."""
+    assignment, and a config is immutable once built (it is part of a cache key).
+
+    ``execution`` names the fields that change only how the work runs (actors, threads,
+    inference batch size, workers), never what it makes: they are left out of the cache
+    key, and ``plan`` shows their changes apart ("cached artifact reused"). Mixins add
+    theirs: a config's execution fields are those of every class it derives from. A config
+    whose maths does depend on one of them for some values (per-worker BatchNorm
+    statistics, noise drawn on each worker) names it in ``keyed_execution``, with why:
+    that field then stays in the key."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    execution: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def execution_fields(cls) -> tuple[str, ...]:
+        seen: list[str] = []
+        for klass in reversed(cls.__mro__):
+            for name in klass.__dict__.get("execution", ()):
+                if name not in seen:
+                    seen.append(name)
+        return tuple(seen)
+
+    def keyed_execution(self) -> dict[str, str]:
+        """Execution fields this config keeps in its key, each with the reason."""
+        return {}
+
+    def split_execution(self) -> tuple[dict, dict, dict[str, str]]:
+        """(the keyed config, the execution settings left out of it, the execution fields
+        kept in it with why), as JSON values."""
+        values = self.model_dump(mode="json")
+        kept = {k: v for k, v in self.keyed_execution().items() if k in values}
+        execution = {k: values.pop(k) for k in self.execution_fields() if k not in kept}
+        return values, execution, kept
 
 
 class Resources(BaseModel):
@@ -54,6 +84,27 @@ class Resources(BaseModel):
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)
     max_retries: int = Field(0, ge=0)
+
+
+class Many:
+    """A variadic input: any number of artifacts of one type, wired in YAML as a list of
+    references (``students: [one_step, two_step]``). ``run`` gets a dict, upstream stage
+    name -> artifact, in the order wired::
+
+        inputs = {"students": Many(Model)}
+    """
+
+    def __init__(self, type_: type[Artifact]):
+        if not (isinstance(type_, type) and issubclass(type_, Artifact)):
+            raise TypeError(f"Many({type_!r}): the type must be an Artifact type")
+        self.type = type_
+
+    @property
+    def type_name(self) -> str:
+        return f"list of {self.type.type_name}s"
+
+    def __repr__(self) -> str:
+        return f"Many({self.type.__name__})"
 
 
 _REGISTRY: dict[str, type[Stage]] = {}
@@ -89,6 +140,12 @@ class Stage:
     def run(self, ctx, **inputs) -> dict[str, Artifact]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def content_paths(self) -> dict[str, str]:
+        """Local files or folders this stage reads by path (a model folder, a prompt file),
+        by config field: a checksum of their content enters the cache key, so an edited
+        folder re-runs the stage. Default: none."""
+        return {}
+
     # -- helpers used by the core ---------------------------------------------------
     @classmethod
     def code_hash(cls) -> str:
@@ -110,8 +167,16 @@ def _check_declaration(cls: type[Stage]) -> None:
         raise TypeError(f"{where}: Config must subclass pipelines.StageConfig")
     for side in ("inputs", "optional_inputs", "outputs"):
         for name, typ in getattr(cls, side).items():
+            if side != "outputs" and isinstance(typ, Many):
+                continue
             if not (isinstance(typ, type) and issubclass(typ, Artifact)):
-                raise TypeError(f"{where}: {side}[{name!r}] must be an Artifact type, got {typ!r}")
+                raise TypeError(f"{where}: {side}[{name!r}] must be an Artifact type"
+                                f"{'' if side == 'outputs' else ' or Many(type)'}, got {typ!r}")
+    fields = cls.Config.model_fields
+    for name in cls.Config.execution_fields():
+        if name not in fields:
+            raise TypeError(f"{where}: Config.execution names '{name}', which is not a field "
+                            f"of {cls.Config.__qualname__}; fields: {allowed_list(fields)}")
     if not cls.outputs:
         raise TypeError(f"{where}: a stage declares at least one output")
     both = sorted(set(cls.inputs) & set(cls.optional_inputs))

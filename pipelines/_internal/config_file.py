@@ -22,7 +22,7 @@ class StageEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     kind: str
     config: dict = Field(default_factory=dict)
-    inputs: dict[str, str] = Field(default_factory=dict)
+    inputs: dict[str, str | list[str]] = Field(default_factory=dict)  # a list: Many(...)
     resources: dict = Field(default_factory=dict)
 
 

@@ -11,6 +11,7 @@ import traceback
 
 from ..context import StageContext
 from ..errors import UserError
+from .plan import output_content
 from .store import Store
 
 LIBRARIES = ("distillery", "ray", "torch", "pyarrow", "numpy", "transformers", "diffusers",
@@ -59,7 +60,9 @@ def execute_stage(stage, state: dict, store_root: str, inputs: dict[str, tuple[d
                        remote_dir=store.remote_staging(kind, key, staging))
     started = time.time()
     try:
-        artifacts = {inp: store.open_input(m, out) for inp, (m, out) in inputs.items()}
+        artifacts = {inp: {up: store.open_input(m, out) for up, m, out in ref}
+                     if isinstance(ref, list) else store.open_input(*ref)
+                     for inp, ref in inputs.items()}
         outputs = stage.run(ctx, **artifacts)
         check_outputs(type(stage), name, outputs, staging)
         described = store.describe(kind, key, staging, outputs)
@@ -73,12 +76,22 @@ def execute_stage(stage, state: dict, store_root: str, inputs: dict[str, tuple[d
     manifest = {
         "key": key, "kind": kind, "version": state["version"], "code_hash": type(stage).code_hash(),
         "stage": name, "pipeline": pipeline, "config": state["config"], "seed": state["seed"],
-        "inputs": state["inputs"], "outputs": described, "plots": sorted(plots),
+        "inputs": state["inputs"], "input_content": input_content(inputs),
+        "execution": state.get("execution", {}), "outputs": described, "plots": sorted(plots),
         "metrics": ctx.metrics, "seconds": round(time.time() - started, 3),
         "created": time.time(), "libraries": library_versions(), "host": socket.gethostname(),
         "mlflow_run_id": mlflow_run_id,
     }
     return {"ok": True, "manifest": store.commit(staging, manifest, replace=replace)}
+
+
+def input_content(inputs: dict) -> dict:
+    """Per input, the content checksum of what the stage read (``output_content``): a
+    forced upstream stage that commits different content makes this stage run again."""
+    def one(m, out):
+        return output_content(m["outputs"][out])
+    return {inp: [one(m, out) for _, m, out in ref] if isinstance(ref, list) else one(*ref)
+            for inp, ref in inputs.items()}
 
 
 def check_outputs(cls, name: str, outputs, staging: str) -> None:

@@ -1,9 +1,12 @@
 """Cache keys and the decision "cached or run, and why", as pure functions.
 
-key = sha256(kind, version, canonical config, seed, input artifact keys). A stage is
-cached iff an artifact with its key is committed and it is not forced. The *reason* it
-runs is found by comparing with the same stage in the pipeline's previous run (Dagster's
-"why will this re-run"): config (which fields), version, seed or an input changed.
+key = sha256(kind, version, keyed config, seed, input artifact keys, content checksums of
+the local files the stage reads by path). The keyed config is the config without its
+execution settings (``StageConfig.execution``: actors, workers, ...), which change how the
+work runs, never what it makes. A stage is cached iff an artifact with its key is
+committed and it is not forced. The *reason* it runs is found by comparing with the same
+stage in the pipeline's previous run (Dagster's "why will this re-run"): config (which
+fields), version, seed, an input or a file's content changed.
 """
 
 from __future__ import annotations
@@ -21,11 +24,20 @@ def canonical(obj) -> str:
 
 
 def cache_key(kind: str, version: str, config: dict, seed: int,
-              inputs: dict[str, str]) -> str:
-    """``inputs`` maps input name -> '<upstream artifact key>/<output name>'."""
+              inputs: dict[str, str | list[str]], contents: dict[str, str] | None = None) -> str:
+    """``inputs`` maps input name -> '<upstream artifact key>/<output name>' (a list of
+    them for a variadic input); ``contents``: config field -> checksum of the file or
+    folder it names."""
     material = canonical({"kind": kind, "version": version, "config": config,
-                          "seed": seed, "inputs": inputs})
+                          "seed": seed, "inputs": inputs, "contents": contents or {}})
     return hashlib.sha256(material.encode()).hexdigest()
+
+
+def output_content(entry: dict) -> str:
+    """The content of a committed output, from its manifest entry: sha256 over its files'
+    sha256s, sorted (names left out: Ray Data names its parquet files afresh each write)."""
+    shas = sorted(f["sha256"] for f in entry.get("files", []))
+    return hashlib.sha256("\n".join(shas).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -34,19 +46,24 @@ class StageState:
     name: str
     kind: str
     version: str
-    config: dict
+    config: dict             # the keyed config: without the execution settings
     seed: int
-    inputs: dict[str, str]   # input name -> upstream '<key>/<output>'
-    upstream: dict[str, str] = field(default_factory=dict)  # input name -> upstream stage
+    inputs: dict[str, str | list[str]]   # input name -> upstream '<key>/<output>' (or a list)
+    upstream: dict[str, str | list[str]] = field(default_factory=dict)  # -> upstream stage(s)
+    execution: dict = field(default_factory=dict)  # execution settings: not in the key
+    kept: dict[str, str] = field(default_factory=dict)  # execution fields kept in it, why
+    contents: dict[str, str] = field(default_factory=dict)  # path field -> content checksum
 
     @property
     def key(self) -> str:
-        return cache_key(self.kind, self.version, self.config, self.seed, self.inputs)
+        return cache_key(self.kind, self.version, self.config, self.seed, self.inputs,
+                         self.contents)
 
     def to_record(self) -> dict:
         """What run records keep of the state, and what a stage's task is given: the config
         with secret-looking values redacted (the key is computed from the real one)."""
-        return asdict(self) | {"config": redact(self.config), "key": self.key}
+        return asdict(self) | {"config": redact(self.config),
+                               "execution": redact(self.execution), "key": self.key}
 
 
 @dataclass(frozen=True)
@@ -67,8 +84,20 @@ def decide(state: StageState, committed: bool, forced: bool, previous: dict | No
     if forced:
         return Decision(state.name, key, "run", "forced (--force)", forced=True)
     if committed:
+        changed = execution_diff(state, previous)
+        if changed:
+            return Decision(state.name, key, "cached", "artifact committed; execution settings "
+                            f"changed ({', '.join(changed)}): cached artifact reused")
         return Decision(state.name, key, "cached", "artifact committed")
     return Decision(state.name, key, "run", why_changed(state, previous, upstream_running))
+
+
+def execution_diff(state: StageState, previous: dict | None) -> list[str]:
+    """The execution settings that differ from the previous run's (none if it did not
+    record them)."""
+    if not previous or "execution" not in previous:
+        return []
+    return config_diff(previous["execution"], state.to_record()["execution"])
 
 
 def why_changed(state: StageState, previous: dict | None, upstream_running: set[str]) -> str:
@@ -80,16 +109,23 @@ def why_changed(state: StageState, previous: dict | None, upstream_running: set[
     if previous.get("version") != state.version:
         reasons.append(f"version changed: {previous.get('version')} -> {state.version}")
     diff = config_diff(previous.get("config", {}), state.to_record()["config"])
+    diff = [d + (f" (an execution setting kept in the key: {state.kept[d.split()[0]]})"
+                 if d.split()[0] in state.kept else "") for d in diff]
     if diff:
         reasons.append("config changed: " + ", ".join(diff))
+    for f in sorted(state.contents):
+        old = previous.get("contents", {}).get(f)
+        if old is not None and old != state.contents[f]:
+            reasons.append(f"content changed: the files '{f}' names")
     if previous.get("seed") != state.seed:
         reasons.append(f"seed changed: {previous.get('seed')} -> {state.seed}")
     changed_inputs = sorted(n for n, k in state.inputs.items()
                             if previous.get("inputs", {}).get(n) != k)
     for n in changed_inputs:
-        up = state.upstream.get(n, "?")
-        how = "re-runs" if up in upstream_running else "changed"
-        reasons.append(f"input changed: {n} (upstream '{up}' {how})")
+        ups = state.upstream.get(n, "?")
+        for up in ups if isinstance(ups, list) else [ups]:
+            how = "re-runs" if up in upstream_running else "changed"
+            reasons.append(f"input changed: {n} (upstream '{up}' {how})")
     if not reasons and previous.get("key") not in (None, state.key):
         return "config changed: a value that is not shown (a secret-looking key)"
     if not reasons:

@@ -9,10 +9,9 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from ..errors import StageFailed, UserError
-from .execute import execute_stage
-from .plan import should_retry
 from .planner import Plan, make_plan
 from .progress import Display
+from .scheduler import Hooks, Schedule, run_schedule
 from .store import Store
 from .tracking import Tracker, redact, resolve_tracking_uri
 
@@ -75,19 +74,21 @@ def check_feasible(pipeline, names: list[str], available: dict) -> None:
     """A stage asking for more than the whole cluster has would wait forever: say so."""
     for name in names:
         res = pipeline.nodes[name].effective_resources
-        for field, key in (("num_cpus", "CPU"), ("num_gpus", "GPU")):
-            want, have = getattr(res, field), available.get(key, 0.0)
+        for attr, key in (("num_cpus", "CPU"), ("num_gpus", "GPU")):
+            want, have = getattr(res, attr), available.get(key, 0.0)
             if want > have:
-                raise UserError(f"stage '{name}' ({pipeline.nodes[name].kind}): resources.{field} "
+                raise UserError(f"stage '{name}' ({pipeline.nodes[name].kind}): resources.{attr} "
                                 f"{want:g} is more than the Ray cluster has ({have:g} {key}); "
                                 f"allowed: 0 to {have:g}")
 
 
-def input_refs(pipeline, name: str, manifests: dict) -> dict[str, tuple[dict, str]]:
-    """Per input of stage ``name``: the committed manifest it reads and which output; the
-    stage's task opens them on its node (``execute_stage``)."""
-    return {inp: (manifests[up], output)
-            for inp, (up, output) in pipeline.nodes[name].inputs.items()}
+def input_refs(pipeline, name: str, manifests: dict) -> dict:
+    """Per input of stage ``name``: the committed manifest it reads and which output (a
+    variadic input: a list of (upstream stage, manifest, output)); the stage's task opens
+    them on its node (``execute_stage``)."""
+    return {inp: [(up, manifests[up], out) for up, out in wired] if isinstance(wired, list)
+            else (manifests[wired[0]], wired[1])
+            for inp, wired in pipeline.nodes[name].inputs.items()}
 
 
 def run_plan(plan: Plan, address: str | None = None, tracking_uri: str | None = None,
@@ -112,16 +113,11 @@ def run_plan(plan: Plan, address: str | None = None, tracking_uri: str | None = 
     outcome = "KILLED"  # unless the try block completes
     try:
         for name, d in plan.decisions.items():
-            if d.status != "cached":
+            if d.status != "cached" or name in plan.checks:
                 continue
             state = plan.states[name]
-            m = store.manifest(state.kind, state.key)
-            manifests[name] = m
-            rid = tracker.start_stage(run_id, name, state.kind, d.key, state.config, "cached")
-            _track_stage(tracker, rid, store, m, [], "cached", plots=False)
-            results[name] = StageResult(name, state.kind, "cached", d.key,
-                                        store.artifact_dir(state.kind, d.key), 0.0,
-                                        dict(m.get("metrics", {})), d.reason)
+            m = manifests[name] = store.manifest(state.kind, state.key)
+            record_cached(tracker, run_id, store, name, state, m, results, d.reason)
             display.finish(name, "cached", 0.0)
         if plan.to_run():
             failure = _run_stages(plan, manifests, results, tracker, run_id, display, address)
@@ -153,93 +149,86 @@ def run_plan(plan: Plan, address: str | None = None, tracking_uri: str | None = 
     return result
 
 
+class _RunHooks(Hooks):
+    """What ``distill run`` does around the scheduler: MLflow runs, the display, records."""
+
+    def __init__(self, plan, results, tracker, run_id, display, board_actor):
+        self.plan, self.results, self.tracker, self.run_id = plan, results, tracker, run_id
+        self.display, self.board_actor = display, board_actor
+        self.stage_runs: dict[str, tuple[str, float]] = {}   # open MLflow stage runs
+        self.reasons: dict[str, str] = {}
+
+    def started(self, name, reason):
+        state = self.plan.states[name]
+        rid = self.tracker.start_stage(self.run_id, name, state.kind, state.key, state.config,
+                                       "running")
+        self.stage_runs[name] = (rid, time.time())
+        self.reasons[name] = reason
+        self.display.start(name, state.kind, reason)
+        return rid
+
+    def poll(self, running):
+        import ray
+        self.display.update(ray.get(self.board_actor.snapshot.remote())["progress"])
+
+    def retried(self, name, attempt, retries, message):
+        self.display.event(f" retry {name} ({attempt}/{retries}): {message}")
+
+    def kept(self, name, manifest):
+        state = self.plan.states[name]
+        record_cached(self.tracker, self.run_id, self.plan.store, name, state, manifest,
+                      self.results, "artifact committed; its inputs' content is unchanged")
+        self.display.finish(name, "cached", 0.0)
+
+    def finished(self, name, out):
+        import ray
+        history = ray.get(self.board_actor.take_history.remote(name))
+        rid, t0 = self.stage_runs.pop(name)
+        state, secs, store = self.plan.states[name], time.time() - t0, self.plan.store
+        uri = store.artifact_dir(state.kind, state.key)
+        if out["ok"]:
+            m = out["manifest"]
+            _track_stage(self.tracker, rid, store, m, history, "ran")
+            self.results[name] = StageResult(name, state.kind, "ran", state.key, uri, secs,
+                                             dict(m.get("metrics", {})), self.reasons[name])
+            self.display.finish(name, "ran", secs)
+            return
+        self.tracker.log_metrics(rid, history)
+        self.tracker.set_tag(rid, "distillery.status", "failed")
+        self.tracker.set_tag(rid, "distillery.error", out["message"][:4000])
+        self.tracker.end(rid, "FAILED")
+        self.results[name] = StageResult(name, state.kind, "failed", state.key, uri, secs, {},
+                                         out["message"])
+        self.display.finish(name, "failed", secs)
+
+
 def _run_stages(plan, manifests, results, tracker, run_id, display, address):
     import ray
     from .board import RayBoard, start_board_actor
 
-    pipeline, store = plan.pipeline, plan.store
-    waiting = plan.to_run()
+    pipeline = plan.pipeline
     connect_ray(address)
     available = ray.cluster_resources()
     if not address:  # a cluster may autoscale; the embedded Ray will not
-        check_feasible(pipeline, waiting, available)
-    gpus = float(available.get("GPU", 0.0))
+        check_feasible(pipeline, plan.to_run(), available)
     board_actor = start_board_actor()
-    board = RayBoard(board_actor)
-    remote = ray.remote(execute_stage)
-    pending: dict = {}          # ObjectRef -> stage name
-    attempts: dict[str, int] = {}
-    stage_runs: dict[str, tuple[str, float]] = {}   # open MLflow stage runs
-    failure = None
-
-    def submit(name: str) -> None:
-        node, state, decision = pipeline.nodes[name], plan.states[name], plan.decisions[name]
-        res = node.effective_resources
-        first = name not in stage_runs
-        if first:
-            rid = tracker.start_stage(run_id, name, state.kind, state.key, state.config, "running")
-            stage_runs[name] = (rid, time.time())
-            display.start(name, state.kind, decision.reason)
-        ref = remote.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_retries=0,
-                             name=f"stage:{name}").remote(
-            node.stage, state.to_record(), store.root,
-            input_refs(pipeline, name, manifests), board, gpus,
-            stage_runs[name][0], pipeline.name, decision.forced, decision.forced and first)
-        pending[ref] = name
-
-    def finish(name: str, out: dict, history) -> None:
-        nonlocal failure
-        rid, t0 = stage_runs.pop(name)
-        state, secs = plan.states[name], time.time() - t0
-        uri = store.artifact_dir(state.kind, state.key)
-        if out["ok"]:
-            m = manifests[name] = out["manifest"]
-            _track_stage(tracker, rid, store, m, history, "ran")
-            results[name] = StageResult(name, state.kind, "ran", state.key, uri, secs,
-                                        dict(m.get("metrics", {})), plan.decisions[name].reason)
-            display.finish(name, "ran", secs)
-            return
-        tracker.log_metrics(rid, history)
-        tracker.set_tag(rid, "distillery.status", "failed")
-        tracker.set_tag(rid, "distillery.error", out["message"][:4000])
-        tracker.end(rid, "FAILED")
-        results[name] = StageResult(name, state.kind, "failed", state.key, uri, secs, {},
-                                    out["message"])
-        display.finish(name, "failed", secs)
-        if failure is None:
-            failure = (name, out)
-
+    hooks = _RunHooks(plan, results, tracker, run_id, display, board_actor)
+    schedule = Schedule(plan, manifests, plan.to_run(), list(plan.checks),
+                        RayBoard(board_actor), float(available.get("GPU", 0.0)))
     try:
-        while waiting or pending:
-            if failure is None:  # after a failure, only let running stages finish
-                for name in [n for n in waiting if pipeline.upstream(n) <= set(manifests)]:
-                    waiting.remove(name)
-                    submit(name)
-            if not pending:
-                break
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
-            display.update(ray.get(board_actor.snapshot.remote())["progress"])
-            for ref in ready:
-                name = pending.pop(ref)
-                try:
-                    out = ray.get(ref)
-                except ray.exceptions.RayError as e:  # the worker or its node died
-                    out = {"ok": False, "kind": "system", "message": f"{type(e).__name__}: {e}"}
-                history = ray.get(board_actor.take_history.remote(name))
-                attempts[name] = attempts.get(name, 0) + (not out["ok"])
-                retries = pipeline.nodes[name].effective_resources.max_retries
-                if not out["ok"] and should_retry(out["kind"], attempts[name] - 1, retries):
-                    display.event(f" retry {name} ({attempts[name]}/{retries}): {out['message']}")
-                    submit(name)
-                else:
-                    finish(name, out, history)
+        return run_schedule(schedule, hooks, input_refs)
     finally:
-        for ref in pending:  # interrupted: stop what still runs, close its MLflow run
-            ray.cancel(ref, force=True)
-        for rid, _ in stage_runs.values():
+        for rid, _ in hooks.stage_runs.values():  # interrupted: close its MLflow runs
             tracker.end(rid, "KILLED")
         ray.kill(board_actor)
-    return failure
+
+
+def record_cached(tracker, run_id, store, name, state, manifest, results, reason) -> None:
+    rid = tracker.start_stage(run_id, name, state.kind, state.key, state.config, "cached")
+    _track_stage(tracker, rid, store, manifest, [], "cached", plots=False)
+    results[name] = StageResult(name, state.kind, "cached", state.key,
+                                store.artifact_dir(state.kind, state.key), 0.0,
+                                dict(manifest.get("metrics", {})), reason)
 
 
 def _track_stage(tracker: Tracker, rid: str, store: Store, manifest: dict, history,

@@ -15,9 +15,9 @@ from __future__ import annotations
 import time
 
 from .board import RayBoard
-from .execute import execute_stage
 from .planner import make_plan
 from .runner import input_refs
+from .scheduler import Hooks, Schedule, run_schedule
 from .store import Store
 from .sweep_space import apply_params
 
@@ -49,7 +49,6 @@ def run_trial(config: dict, base=None, store_root: str = "", stages: tuple = (),
     """``config``: {'stage.field': value} drawn by Tune; ``stages``: the trial's stages
     (the rest of what the metric needs is shared and cached); ``metric``: 'STAGE.NAME';
     ``board_actor``: the sweep's board (``board.start_board_actor``)."""
-    import ray
     from ray import tune
 
     prefix = f"{tune.get_context().get_trial_id()}/"
@@ -67,67 +66,59 @@ def run_trial(config: dict, base=None, store_root: str = "", stages: tuple = (),
         elif name not in stages:
             raise TrialFailed(f"shared stage '{name}' is not in the store any more ({d.reason})")
     waiting = [n for n in pipeline.order() if n in stages and n not in manifests]
-    board, trial_board = board_actor, TrialBoard(board_actor, prefix)
-    remote = ray.remote(execute_stage)
-    pending: dict = {}
-    steps: dict[str, set] = {}          # stage -> epochs (steps) it logged
-    seen = 0                            # metric values already reported
-    started = time.time()
-
-    def report_new(history) -> None:
-        nonlocal seen
-        values = [(v, s) for k, v, s in history if k == metric_name and s is not None]
-        for v, s in values[seen:]:
-            tune.report({metric: v, "epoch": int(s) + 1, "epochs": _total(steps),
-                         "final": False})
-        seen = len(values)
-
-    try:
-        while waiting or pending:
-            for name in [n for n in waiting if pipeline.upstream(n) <= set(manifests)]:
-                waiting.remove(name)
-                res, st = pipeline.nodes[name].effective_resources, plan.states[name]
-                ref = remote.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus,
-                                     max_retries=0, name=f"trial-stage:{name}",
-                                     scheduling_strategy="DEFAULT").remote(  # not in Tune's PG
-                    pipeline.nodes[name].stage, st.to_record(), store.root,
-                    input_refs(pipeline, name, manifests), trial_board, gpus,
-                    None, pipeline.name, False)
-                pending[ref] = name
-            if not pending:
-                raise TrialFailed(f"stages {waiting} cannot start: their inputs never came")
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
-            for name in list(pending.values()):
-                history = ray.get(board.history_of.remote(prefix + name))
-                steps[name] = {s for _, _, s in history if s is not None}
-                if name == metric_stage:
-                    report_new(history)
-            for ref in ready:
-                name = pending.pop(ref)
-                try:
-                    out = ray.get(ref)
-                except ray.exceptions.RayError as e:
-                    out = {"ok": False, "message": f"{type(e).__name__}: {e}"}
-                history = ray.get(board.take_history.remote(prefix + name))
-                steps[name] = {s for _, _, s in history if s is not None}
-                if name == metric_stage:
-                    report_new(history)
-                if not out["ok"]:
-                    raise TrialFailed(f"stage '{name}' failed: {out['message']}")
-                manifests[name] = out["manifest"]
-                status[name] = "ran"
-    finally:
-        for ref in pending:
-            ray.cancel(ref, force=True)
+    hooks = _TrialHooks(board_actor, prefix, metric_stage, metric_name, metric, status)
+    schedule = Schedule(plan, manifests, waiting, board=TrialBoard(board_actor, prefix),
+                        gpus=gpus, options={"scheduling_strategy": "DEFAULT"},  # not in
+                        stop_on_failure=True)                                # Tune's PG
+    failure = run_schedule(schedule, hooks, input_refs)
+    if failure is not None:
+        raise TrialFailed(f"stage '{failure[0]}' failed: {failure[1]['message']}")
+    steps = hooks.steps
     final = manifests[metric_stage].get("metrics", {})
     if metric_name not in final:
         raise TrialFailed(f"stage '{metric_stage}' ({pipeline.nodes[metric_stage].kind}) "
                           f"reported no metric '{metric_name}'; it reported: "
                           f"{', '.join(sorted(final)) or '(none)'}")
     tune.report({metric: final[metric_name], "epochs": _total(steps), "final": True,
-                 "seconds": time.time() - started, "stages": status,
+                 "seconds": time.time() - hooks.started_at, "stages": status,
                  "stage_metrics": {n: manifests[n].get("metrics", {}) for n in stages
                                    if n in manifests}})
+
+
+class _TrialHooks(Hooks):
+    """What a trial does around the scheduler: the sweep metric reported to Tune after
+    every epoch of the stage that logs it (so ASHA can stop the trial)."""
+
+    def __init__(self, board_actor, prefix, metric_stage, metric_name, metric, status):
+        self.board, self.prefix = board_actor, prefix
+        self.metric_stage, self.metric_name, self.metric = metric_stage, metric_name, metric
+        self.status = status
+        self.steps: dict[str, set] = {}   # stage -> epochs (steps) it logged
+        self.seen = 0                     # metric values already reported
+        self.started_at = time.time()
+
+    def _history(self, name: str, take: bool) -> None:
+        import ray
+        fetch = self.board.take_history if take else self.board.history_of
+        history = ray.get(fetch.remote(self.prefix + name))
+        self.steps[name] = {s for _, _, s in history if s is not None}
+        if name != self.metric_stage:
+            return
+        from ray import tune
+        values = [(v, s) for k, v, s in history if k == self.metric_name and s is not None]
+        for v, s in values[self.seen:]:
+            tune.report({self.metric: v, "epoch": int(s) + 1, "epochs": _total(self.steps),
+                         "final": False})
+        self.seen = len(values)
+
+    def poll(self, running):
+        for name in running:
+            self._history(name, take=False)
+
+    def finished(self, name, out):
+        self._history(name, take=True)
+        if out["ok"]:
+            self.status[name] = "ran"
 
 
 def _total(steps: dict[str, set]) -> int:

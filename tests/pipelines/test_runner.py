@@ -79,13 +79,45 @@ def test_force_reruns_one_stage(first_runs):
     os.makedirs(work, exist_ok=True)
     open(os.path.join(work, "old-checkpoint"), "w").close()
     p = plan(diamond(), store=store, force=["double"])
-    assert any("--force double: its artifact is replaced" in w for w in p.warnings)
+    assert p.decisions["sum"].status == "cached"
+    assert "runs too if forced 'double' commits different content" in p.decisions["sum"].reason
+    assert p.checks == ["sum"]
     result = run(diamond(), store=store, force=["double"], progress=False)
+    # double is deterministic: the same content, so sum's artifact still holds
     assert {s.name: s.status for s in result.stages} == {
         "nums": "cached", "double": "ran", "triple": "cached", "sum": "cached"}
+    assert "inputs' content is unchanged" in result["sum"].reason
     assert result["double"].key == cold["double"].key
     assert st.manifest("test-scale", cold["double"].key)["created"] > before
     assert not os.path.exists(os.path.join(work, "old-checkpoint"))  # no resume from it
+
+
+def test_forced_stage_with_new_content_reruns_downstream_in_the_same_run(ray_session,
+                                                                       tmp_path):
+    store = str(tmp_path / "store")
+    noisy = diamond(**{"double.noise": "true"})
+    cold = run(noisy, store=store, progress=False)
+    result = run(noisy, store=store, force=["double"], progress=False)
+    assert {s.name: s.status for s in result.stages} == {
+        "nums": "cached", "double": "ran", "triple": "cached", "sum": "ran"}
+    assert result["sum"].key == cold["sum"].key  # replaced under its key
+    assert result["sum"].reason.startswith("input content changed: a")
+    assert result["sum"].metrics["sum_a"] != cold["sum"].metrics["sum_a"]
+    m = Store(store).manifest("test-summarize", cold["sum"].key)
+    assert m["created"] > Store(store).manifest("test-scale", cold["double"].key)["created"]
+
+
+def test_execution_settings_leave_the_artifact_cached(first_runs):
+    store, cold, _ = first_runs
+    p = diamond(**{"triple.threads": 4})
+    predicted = plan(p, store=store)
+    assert predicted.decisions["triple"].status == "cached"
+    assert predicted.decisions["triple"].reason == (
+        "artifact committed; execution settings changed (threads 1 -> 4): cached artifact "
+        "reused")
+    result = run(p, store=store, progress=False)
+    assert [s.status for s in result.stages] == ["cached"] * 4
+    assert result["triple"].key == cold["triple"].key
 
 
 def test_mlflow_parent_with_one_nested_run_per_stage(first_runs):

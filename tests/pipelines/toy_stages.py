@@ -41,6 +41,9 @@ class Scale(Stage):
     class Config(StageConfig):
         factor: float = 2.0
         fail: str = "none"   # none | error | user | nan | crash-once
+        noise: bool = False  # add unseeded noise: every run commits different content
+        threads: int = Field(1, ge=1)  # an execution setting: not in the key
+        execution = ("threads",)
 
     inputs = {"numbers": Dataset}
     outputs = {"scaled": Dataset}
@@ -57,10 +60,11 @@ class Scale(Stage):
                 open(marker, "w").close()
                 os._exit(1)
         factor = self.config.factor
+        jitter = np.random.default_rng().normal() if self.config.noise else 0.0
         for step in range(3):
             loss = float("nan") if self.config.fail == "nan" and step == 2 else 1.0 / (step + 1)
             ctx.log_metrics({"loss": loss}, step=step)
-        ds = numbers.read().map_batches(lambda b: {"id": b["id"], "x": b["x"] * factor})
+        ds = numbers.read().map_batches(lambda b: {"id": b["id"], "x": b["x"] * factor + jitter})
         return {"scaled": ctx.write_dataset("scaled", ds)}
 
 
