@@ -2,7 +2,7 @@
 
 Public API::
 
-    from pipelines import Pipeline, Stage, StageConfig, run, plan, sweep
+    from pipelines import Pipeline, Stage, StageConfig, Many, run, plan, sweep
 """
 
 from ._internal.env import apply_defaults as _apply_defaults
@@ -14,9 +14,9 @@ from .artifacts import Artifact, Dataset, Model, Report  # noqa: E402
 from .context import StageContext  # noqa: E402
 from .errors import StageFailed, UserError  # noqa: E402
 from .pipeline import Pipeline  # noqa: E402
-from .stage import Resources, Stage, StageConfig, registry  # noqa: E402
+from .stage import Many, Resources, Stage, StageConfig, registry  # noqa: E402
 from .sweep import SweepResult, sweep  # noqa: E402
 
-__all__ = ["Pipeline", "Stage", "StageConfig", "Resources", "StageContext", "Artifact",
+__all__ = ["Pipeline", "Stage", "StageConfig", "Many", "Resources", "StageContext", "Artifact",
            "Dataset", "Model", "Report", "run", "plan", "RunResult", "StageResult",
            "UserError", "StageFailed", "registry", "sweep", "SweepResult"]

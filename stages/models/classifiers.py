@@ -107,6 +107,14 @@ class ClassifierArch(StageConfig):
     norm: NormName = "batch"         # ConvNet / ConvNet1D normalisation
     hidden: list[PositiveInt] = [64]  # MLP hidden sizes
 
+    def keyed_execution(self) -> dict[str, str]:
+        kept = super().keyed_execution()
+        if self.arch in CONV_INPUTS and self.norm == "batch":
+            others = " or ".join(n for n in NORMS if n != "batch")
+            kept["num_workers"] = (f"BatchNorm's statistics are each worker's own batch's "
+                                   f"(norm: {others} keeps the maths)")
+        return kept
+
     def build(self, in_shape, num_classes: int, where: str = "build") -> nn.Module:
         kwargs = dict(in_shape=list(in_shape), num_classes=int(num_classes))
         if self.arch in CONV_INPUTS:

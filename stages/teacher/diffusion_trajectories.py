@@ -84,6 +84,8 @@ class DiffusionTrajectories(Stage):
         shard_size: int = Field(100, ge=1)            # rows per shard (one teacher batch)
         actors: int = Field(1, ge=1)
         threads: int = Field(1, ge=1)                 # torch threads per CPU actor
+        # noise is drawn per row id: the pool and its threads change how, not what
+        execution = ("actors", "threads")
 
         @model_validator(mode="after")
         def _k(self):

@@ -90,7 +90,8 @@ class NextToken(TrainMethod):
 
 class FitCausalLM(Stage):
     kind = "fit-causal-lm"
-    version = "2"  # 2: the training harness (one global permutation per epoch, resume)
+    version = "3"  # 2: the training harness (one global permutation per epoch, resume)
+    # 3: a last partial batch dropped, the same steps whatever the number of workers
 
     class Config(AdamWConfig):
         vocab_size: int = Field(2048, ge=300)
@@ -103,6 +104,10 @@ class FitCausalLM(Stage):
         lr: float = Field(2e-3, gt=0)
         val_fraction: float = Field(0.05, ge=0, lt=1)
         num_workers: int = Field(0, ge=0)  # 0: in the stage's process; N: Ray Train workers
+
+        def keyed_execution(self) -> dict[str, str]:
+            return {**super().keyed_execution(),
+                    "num_workers": "GPT-2's dropout draws its masks on each worker"}
 
     inputs = {"data": Dataset}
     outputs = {"model": Model}

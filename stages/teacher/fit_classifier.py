@@ -53,7 +53,8 @@ class CrossEntropy(TrainMethod):
 
 class FitClassifier(Stage):
     kind = "fit-classifier"
-    version = "2"  # 2: the training harness (one global permutation per epoch, resume)
+    version = "3"  # 2: the training harness (one global permutation per epoch, resume)
+    # 3: a last partial batch dropped, the same steps whatever the number of workers
 
     class Config(ClassifierArch, AdamWConfig):
         epochs: int = Field(15, ge=1)

@@ -77,7 +77,8 @@ class Denoising(TrainMethod):
 
 class FitDiffusionTeacher(Stage):
     kind = "fit-diffusion-teacher"
-    version = "2"  # 2: the training harness (per-row noise from its generator, resume)
+    version = "3"  # 2: the training harness (per-row noise from its generator, resume)
+    # 3: a last partial batch dropped, the same steps whatever the number of workers
 
     class Config(UNetArch, TrainConfig):
         prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
@@ -93,6 +94,11 @@ class FitDiffusionTeacher(Stage):
         pad_to: int | None = Field(None, ge=1)
         threads: int | None = Field(None, ge=1)  # torch CPU threads; None: torch's default
         num_workers: int = Field(0, ge=0)  # 0: in the stage's process; N: Ray Train workers
+        execution = ("threads",)
+
+        def keyed_execution(self) -> dict[str, str]:
+            return {**super().keyed_execution(),
+                    "num_workers": "the loss draws noise and timesteps on each worker"}
 
     inputs = {"data": Dataset}
     outputs = {"model": Model}

@@ -50,6 +50,14 @@ class PretrainedModel(Stage):
 
     outputs = {"model": Model}
 
+    def content_paths(self) -> dict[str, str]:
+        """The folder copied: its content is in the cache key (an edited folder re-runs)."""
+        cfg = self.config
+        if cfg.path:
+            return {"path": os.path.abspath(os.path.expanduser(cfg.path))}
+        return {"package": package_folder(cfg.package, cfg.subdir,
+                                          f"stage '{self.kind}' field 'package'")}
+
     def run(self, ctx):
         cfg = self.config
         where = f"stage '{ctx.name}' ({self.kind})"

@@ -49,6 +49,9 @@ class InferenceConfig(StageConfig):
     precision: Literal[tuple(DTYPES)] = "float32"
     actors: int = Field(1, ge=1)
     batch_size: int = Field(256, ge=1)
+    # the rows are the same whatever the pool and its batches (equal within float
+    # tolerance): how the pass runs, not in the cache key
+    execution = ("actors", "batch_size")
 
 
 def with_teacher(ds, actor, kwargs: dict, cfg: InferenceConfig, ctx):

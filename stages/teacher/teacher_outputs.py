@@ -52,6 +52,7 @@ class TeacherOutputs(Stage):
         max_length: int = Field(64, ge=2)  # text signals: tokens per row (padded/truncated)
         text_column: str = "text"
         shard_rows: int = Field(10_000, ge=1)  # rows per shard at most: the unit of resume
+        execution = ("shard_rows",)  # with InferenceConfig's actors and batch_size
 
     inputs = {"model": Model, "data": Dataset}
     outputs = {"signal": Dataset}

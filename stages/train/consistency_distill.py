@@ -71,7 +71,8 @@ class ConsistencyLoss(StudentMethod):
 
 class ConsistencyDistill(StudentStage):
     kind = "consistency-distill"
-    version = "2"  # 2: the training harness (held pairs, one global permutation per epoch)
+    version = "3"  # 2: the training harness (held pairs, one global permutation per epoch)
+    # 3: a last partial batch dropped, the same steps whatever the number of workers
 
     class Config(StudentConfig):
         distance: Literal["l2", "pseudo_huber"] = "pseudo_huber"

@@ -29,6 +29,10 @@ class StudentConfig(TrainConfig):
     shape it shares, the rest freshly initialised: block removal followed by distillation,
     as BK-SDM does for Stable Diffusion (Kim et al. 2023, arXiv 2305.15798, Sec. 3.1)."""
 
+    def keyed_execution(self) -> dict[str, str]:
+        return {**super().keyed_execution(),
+                "num_workers": "the loss draws noise and timesteps on each worker"}
+
     init: Literal["teacher", "scratch"] = "teacher"
     architecture: UNetArch | None = None
     batch_size: int = Field(128, ge=1)

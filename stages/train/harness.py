@@ -8,8 +8,11 @@ steps of ``train_loop`` below:
    wrapping, the optimisers (restored too);
 3. the rows: a global ``batch_size`` split across the workers, one global permutation per
    epoch (``seed + epoch``, the same on every worker; worker r takes rows ``r::world`` of
-   each global batch, as torch's ``DistributedSampler`` does), or, for tables too large to
-   hold, Ray Data shards streamed with a shuffle buffer (``batch_size / world`` each);
+   each global batch, as torch's ``DistributedSampler`` does, a last partial batch
+   dropped), or, for tables too large to hold, Ray Data shards streamed with a shuffle
+   buffer (``batch_size / world`` each). Held rows train the same model whatever the
+   number of workers: ``batch_size`` is a multiple of ``num_workers``, DDP averages the
+   workers' gradients, so each step's is the mean over the global batch;
 4. epochs of steps: the learning rates (the optimisers' own times the method's
    ``lr_factor`` of the run's progress), the method's losses, a non-finite loss raises
    naming epoch and step, one backward and update per optimiser (gradients clipped), the
@@ -45,7 +48,16 @@ STATE_FILE, CONFIG_FILE = "state.pt", "config.json"
 
 
 class TrainConfig(StageConfig):
-    """The fields of every trained model: the schedule and how the work runs."""
+    """The fields of every trained model: the schedule and how the work runs.
+
+    ``num_workers`` and ``max_failures`` are execution settings (not in the cache key):
+    the loop keeps the maths whatever the number of workers (a global batch split evenly,
+    one global permutation per epoch, gradients averaged so every step is the mean over
+    the global batch). A config whose maths does depend on it says so in
+    ``keyed_execution``: noise drawn on each worker, per-worker BatchNorm statistics or
+    dropout masks, rows streamed and shuffled per worker."""
+
+    execution = ("num_workers", "max_failures")
 
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=1)       # global: split across the workers
@@ -55,12 +67,18 @@ class TrainConfig(StageConfig):
     max_failures: int = Field(0, ge=-1)     # Ray Train worker-group restarts
 
     @model_validator(mode="after")
-    def _a_row_per_worker(self):
-        if self.batch_size < self.num_workers:
-            raise ValueError(f"batch_size ({self.batch_size}) must be at least num_workers "
-                             f"({self.num_workers}): the global batch is split across the "
-                             "workers")
+    def _an_even_split(self):
+        if self.num_workers and self.batch_size % self.num_workers:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of "
+                             f"num_workers ({self.num_workers}): the global batch is split "
+                             f"evenly across the workers; allowed: "
+                             f"{self._multiples()}")
         return self
+
+    def _multiples(self) -> str:
+        w, b = self.num_workers, self.batch_size
+        low, high = max(w, b - b % w), b - b % w + w
+        return f"e.g. {low} or {high}" if low != high else f"e.g. {high}"
 
 
 class AdamWConfig(TrainConfig):
@@ -185,7 +203,7 @@ def train_loop(run: _Run, method: TrainMethod, session) -> None:
         used = over_workers((time.monotonic() - began) / (60 * run.max_minutes), device) \
             if run.max_minutes else 0.0
         totals, sums, seen = {}, {}, 0
-        for step, batch in enumerate(data.batches(ctx.seed + epoch)):
+        for step, (batch, weight) in enumerate(data.batches(ctx.seed + epoch)):
             factor = method.lr_factor(min(max(step_count / max(total_steps, 1), used), 1.0))
             for n, o in opts.items():
                 for g, lr in zip(o.param_groups, base_lr[n]):
@@ -198,7 +216,7 @@ def train_loop(run: _Run, method: TrainMethod, session) -> None:
                                              f" is {value} at epoch {epoch} step {step}; "
                                              "lower the learning rate")
                 opts[name].zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * weight if weight != 1.0 else loss).backward()
                 if cfg.grad_clip:
                     params = [p for g in opts[name].param_groups for p in g["params"]]
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

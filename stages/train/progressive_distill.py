@@ -91,7 +91,8 @@ class ProgressiveLoss(StudentMethod):
 
 class ProgressiveDistill(StudentStage):
     kind = "progressive-distill"
-    version = "2"  # 2: the training harness (held pairs, one global permutation per epoch)
+    version = "3"  # 2: the training harness (held pairs, one global permutation per epoch)
+    # 3: a last partial batch dropped, the same steps whatever the number of workers
 
     class Config(StudentConfig):
         start_steps: int = Field(16, ge=2)   # the first round's teacher steps

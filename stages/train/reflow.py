@@ -35,7 +35,8 @@ class ReflowLoss(StudentMethod):
 
 class Reflow(StudentStage):
     kind = "reflow"
-    version = "2"  # 2: the training harness (held pairs, one global permutation per epoch)
+    version = "3"  # 2: the training harness (held pairs, one global permutation per epoch)
+    # 3: a last partial batch dropped, the same steps whatever the number of workers
 
     class Config(StudentConfig):
         pass

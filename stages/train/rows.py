@@ -121,22 +121,29 @@ class Rows:
 
 class _HeldRows:
     """Every row in memory; each epoch one permutation of all of them (the same on every
-    worker), cut into global batches of ``batch_size``; worker ``rank`` takes the rows
-    ``rank::world`` of each (a last batch with fewer rows than workers is dropped)."""
+    worker), cut into global batches of ``batch_size`` (a last, partial batch is dropped,
+    as ``DistributedSampler(drop_last=True)`` does, so every step is the same whatever the
+    number of workers); worker ``rank`` takes the rows ``rank::world`` of each. Fewer rows
+    than one batch make one batch of them all; its loss is weighted by the worker's share
+    of it (``weight``), so the averaged gradient is still the mean over the batch."""
 
     def __init__(self, held: dict, rank: int, world: int, batch_size: int, device):
         self.held, self.rank, self.world, self.device = held, rank, world, device
-        self.batch_size = batch_size
         n = len(next(iter(held.values())))
-        full, rest = divmod(n, batch_size)
-        self.steps_per_epoch = full + (1 if rest >= world else 0)
+        if n < world:
+            raise ValueError(f"{n} training rows cannot be split across {world} workers; "
+                             f"allowed: num_workers at most {n}")
+        self.batch_size = min(batch_size, n)
+        self.steps_per_epoch = n // self.batch_size
 
     def batches(self, seed: int):
+        """(rows of this worker, weight of its mean loss) per step."""
         n = len(next(iter(self.held.values())))
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
         for idx in order.split(self.batch_size)[:self.steps_per_epoch]:
             mine = idx[self.rank::self.world]
-            yield {k: v[mine].to(self.device, non_blocking=True) for k, v in self.held.items()}
+            batch = {k: v[mine].to(self.device, non_blocking=True) for k, v in self.held.items()}
+            yield batch, len(mine) * self.world / len(idx)
 
 
 class _StreamedRows:
@@ -148,6 +155,7 @@ class _StreamedRows:
         self.steps_per_epoch = -(-rows // batch_size)
 
     def batches(self, seed: int):
-        return self.shard.iter_torch_batches(
-            batch_size=self.batch_size, local_shuffle_buffer_size=self.shuffle_buffer,
-            local_shuffle_seed=seed, dtypes=self.columns, device=self.device)
+        for batch in self.shard.iter_torch_batches(
+                batch_size=self.batch_size, local_shuffle_buffer_size=self.shuffle_buffer,
+                local_shuffle_seed=seed, dtypes=self.columns, device=self.device):
+            yield batch, 1.0

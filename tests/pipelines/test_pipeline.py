@@ -195,3 +195,25 @@ def test_config_rejects_unknown_keys_and_is_frozen():
         C(b=2)
     with pytest.raises(Exception):
         C().a = 3
+
+
+def test_a_variadic_input_takes_a_list_of_stages():
+    p = build(spec(a=NUMS, b=NUMS, half={"kind": "test-scale", "inputs": {"numbers": "a"}},
+                   count={"kind": "test-count-many",
+                          "inputs": {"parts": ["a", "b.numbers", "half"]}}))
+    assert p.nodes["count"].inputs["parts"] == [("a", "numbers"), ("b", "numbers"),
+                                                ("half", "scaled")]
+    assert p.order().index("count") == 3 and p.upstream("count") == {"a", "b", "half"}
+    again = Pipeline.from_dict(p.to_dict())
+    assert again.nodes["count"].inputs == p.nodes["count"].inputs
+
+
+def test_a_variadic_input_wired_to_one_name_or_a_wrong_type_is_refused():
+    msg = error(spec(a=NUMS, count={"kind": "test-count-many", "inputs": {"parts": "a"}}))
+    assert "stage 'count' (test-count-many): input 'parts' takes any number of datasets, " \
+           "wired as a list; got 'a'" in msg
+    msg = error(spec(a=NUMS, r={"kind": "test-summarize", "inputs": {"a": "a", "b": "a"}},
+                     count={"kind": "test-count-many", "inputs": {"parts": ["a", "r"]}}))
+    assert "input 'parts' needs a dataset, but 'r.report' is a report" in msg
+    msg = error(spec(a=NUMS, count={"kind": "test-count-many", "inputs": {"parts": ["a", "a"]}}))
+    assert "names stage(s) ['a'] twice" in msg

@@ -228,3 +228,16 @@ def test_secret_config_values_are_written_nowhere(ray_session, tmp_path):
     assert any(f.endswith("mlflow.db") for f in files) and any("_runs" in f for f in files)
     leaked = [f for f in files if b"sk-LEAK" in open(f, "rb").read()]
     assert leaked == []
+
+
+def test_a_variadic_input_gets_each_stage_by_name(first_runs):
+    store, cold, _ = first_runs
+    p = Pipeline.from_dict({"name": "many", "seed": 1, "stages": {
+        "nums": {"kind": "test-numbers", "config": {"n": 40, "sleep": 2.0}},
+        "double": {"kind": "test-scale", "config": {"factor": 2}, "inputs": {"numbers": "nums"}},
+        "count": {"kind": "test-count-many", "inputs": {"parts": ["nums", "double"]}}}})
+    result = run(p, store=store, progress=False)
+    assert result["nums"].status == "cached" and result["double"].status == "cached"
+    assert result["count"].metrics == {"rows/nums": 40, "rows/double": 40}
+    m = Store(store).manifest("test-count-many", result["count"].key)
+    assert m["inputs"]["parts"] == [f"{cold['nums'].key}/numbers", f"{cold['double'].key}/scaled"]

@@ -8,6 +8,7 @@ import numpy as np
 from pydantic import Field
 
 from pipelines import Dataset, Report, Resources, Stage, StageConfig, UserError
+from pipelines.stage import Many
 
 
 class MakeNumbers(Stage):
@@ -115,3 +116,20 @@ class ToyTrain(Stage):
             ctx.log_metrics({"score": score, "loss": 1 - score}, step=epoch)
             ctx.progress(epoch + 1, cfg.epochs, "epochs")
         return {"report": ctx.write_report("report", {"score": score, "loss": 1 - score})}
+
+
+class CountMany(Stage):
+    """A variadic input: any number of datasets, metrics named by their stage."""
+    kind = "test-count-many"
+    version = "1"
+
+    class Config(StageConfig):
+        pass
+
+    inputs = {"parts": Many(Dataset)}
+    outputs = {"report": Report}
+    resources = Resources(num_cpus=0.5)
+
+    def run(self, ctx, parts):
+        return {"report": ctx.write_report("report", {
+            f"rows/{name}": len(part.to_numpy()["x"]) for name, part in parts.items()})}

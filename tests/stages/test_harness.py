@@ -56,20 +56,22 @@ def config(**kw):
 
 
 def test_global_batches_split_one_permutation_across_workers():
-    rows = toy_rows(30)  # 30 rows, global batch 8: 3 full batches and one of 6
+    rows = toy_rows(30)  # 30 rows, global batch 8: 3 full batches, the partial one dropped
     one = rows.for_worker(0, 1, 8, "cpu")
     two = [rows.for_worker(r, 2, 8, "cpu") for r in (0, 1)]
-    assert one.steps_per_epoch == two[0].steps_per_epoch == two[1].steps_per_epoch == 4
+    assert one.steps_per_epoch == two[0].steps_per_epoch == two[1].steps_per_epoch == 3
     for seed in (0, 1):
-        whole = list(one.batches(seed))
-        parts = [list(w.batches(seed)) for w in two]
+        whole = [b for b, _ in one.batches(seed)]
+        parts = [[b for b, _ in w.batches(seed)] for w in two]
         for batch, a, b in zip(whole, *parts):
             assert len(a["x"]) + len(b["x"]) == len(batch["x"])  # the global batch, split
             merged = torch.cat([a["x"], b["x"]])
             assert sorted(map(tuple, merged.tolist())) == sorted(map(tuple, batch["x"].tolist()))
-    first, second = (torch.cat([b["x"] for b in one.batches(s)]) for s in (0, 1))
+    first, second = (torch.cat([b["x"] for b, _ in one.batches(s)]) for s in (0, 1))
     assert not torch.equal(first, second)  # a fresh permutation every epoch
-    assert sorted(map(tuple, first.tolist())) == sorted(map(tuple, second.tolist()))
+    every = set(map(tuple, rows.tensors["x"].tolist()))
+    for seen in (first, second):  # 24 distinct rows of the 30 each epoch
+        assert len(set(map(tuple, seen.tolist())) & every) == 24
 
 
 def test_in_process_fit_checkpoints_with_the_config_and_resumes(tmp_path):
@@ -96,10 +98,27 @@ def test_a_run_resumed_after_its_last_epoch_keeps_its_metrics(tmp_path):
     assert again.state["epoch"] == 2 and again.metrics == first.metrics
 
 
-def test_a_global_batch_smaller_than_the_workers_is_refused():
+def test_fewer_rows_than_a_batch_make_one_weighted_batch():
+    rows = toy_rows(7)  # one batch of all 7 rows: 4 + 3 across two workers
+    parts = [list(rows.for_worker(r, 2, 8, "cpu").batches(0)) for r in (0, 1)]
+    (a, wa), (b, wb) = parts[0][0], parts[1][0]
+    assert (len(a["x"]), len(b["x"])) == (4, 3)
+    assert wa == pytest.approx(8 / 7) and wb == pytest.approx(6 / 7)  # mean of the 7 rows
+    with pytest.raises(ValueError, match="7 training rows cannot be split across 8 workers"):
+        rows.for_worker(0, 8, 8, "cpu")
+
+
+def test_a_global_batch_not_divisible_by_the_workers_is_refused():
     from pydantic import ValidationError
-    with pytest.raises(ValidationError, match=r"batch_size \(2\) must be at least num_workers"):
-        config(batch_size=2, num_workers=4)
+    with pytest.raises(ValidationError, match=r"batch_size \(6\) must be a multiple of "
+                                              r"num_workers \(4\).*e\.g\. 4 or 8"):
+        config(batch_size=6, num_workers=4)
+
+
+def test_num_workers_is_an_execution_setting():
+    keyed, execution, kept = config(num_workers=2).split_execution()
+    assert "num_workers" not in keyed and execution == {"num_workers": 2, "max_failures": 0}
+    assert kept == {}
 
 
 def test_a_non_finite_loss_names_its_epoch_and_step(tmp_path):
@@ -150,11 +169,13 @@ def test_several_networks_and_optimisers(tmp_path):
 def test_two_ray_train_workers_train_as_one_with_the_global_batch(ray_session, tmp_path):
     """DDP averages the workers' gradients; with the global batch split evenly that is the
     gradient of the whole batch, so 2 workers end where 1 worker does."""
-    weights = {}
-    for workers in (1, 2):
-        cfg = config(num_workers=workers)
-        ctx = StageContext.for_testing(tmp_path / str(workers), name="toy", kind="toy",
-                                       key=f"toy{workers}")
-        weights[workers] = fit(ctx, Regression(cfg), toy_rows(), cfg).state["nets"]["net"]
-    for k in weights[1]:
-        assert torch.allclose(weights[1][k], weights[2][k], atol=1e-5), k
+    for n, batch in ((30, 8), (7, 8)):  # a partial batch dropped; one odd, weighted batch
+        weights = {}
+        for workers in (0, 1, 2):
+            cfg = config(num_workers=workers, batch_size=batch)
+            ctx = StageContext.for_testing(tmp_path / f"{n}-{workers}", name="toy",
+                                           kind="toy", key=f"toy{n}-{workers}")
+            weights[workers] = fit(ctx, Regression(cfg), toy_rows(n), cfg).state["nets"]["net"]
+        for k in weights[1]:
+            assert torch.allclose(weights[0][k], weights[1][k], atol=1e-6), (n, k)
+            assert torch.allclose(weights[1][k], weights[2][k], atol=1e-5), (n, k)

@@ -1,0 +1,151 @@
+"""The key rules: execution settings out of the key (for every stage that declares them),
+the ones a config keeps in it with why, and local folders read by path keyed by content."""
+
+import os
+
+import pytest
+
+from pipelines import Pipeline, Stage, StageConfig, UserError, plan, registry
+from pipelines._internal.content import content_checksum
+from pipelines._internal.plan import StageState, decide
+from pipelines._internal.planner import stage_states
+from pipelines.artifacts import Report
+from pipelines.stage import register, unregister
+
+
+def other_value(cfg, name):
+    """A valid value of execution field ``name`` other than the current one."""
+    value = getattr(cfg, name)
+    for candidate in ((value or 1) * 2, (value or 0) + 1, 1, 2):
+        if candidate == value:
+            continue
+        try:
+            return type(cfg)(**(cfg.model_dump() | {name: candidate})), candidate
+        except ValueError:
+            continue
+    raise AssertionError(f"no other valid value of {name}")
+
+
+def key_of(kind, cfg):
+    keyed, execution, kept = cfg.split_execution()
+    return StageState("s", kind, registry()[kind].version, keyed, 0, {"x": "k/o"},
+                      execution=execution, kept=kept).key
+
+
+KINDS = sorted(k for k, cls in registry().items() if cls.Config.execution_fields())
+
+
+def test_every_inference_and_training_stage_declares_execution_settings():
+    must = {"teacher-outputs", "reinforce-data", "diffusion-trajectories", "kd-student",
+            "fit-classifier", "fit-causal-lm", "fit-diffusion-teacher", "consistency-distill",
+            "progressive-distill", "reflow"}
+    assert must <= set(KINDS)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_execution_settings_leave_the_key_unless_kept(kind):
+    cls = registry()[kind]
+    try:
+        cfg = cls.Config()
+    except ValueError:
+        pytest.skip(f"{kind} has no default config")
+    base = key_of(kind, cfg)
+    _, _, kept = cfg.split_execution()
+    for name in cls.Config.execution_fields():
+        changed, value = other_value(cfg, name)
+        same = key_of(kind, changed) == base
+        assert same == (name not in kept), (kind, name, value, kept)
+    # a semantic field still changes the key
+    semantic = next(n for n, f in cls.Config.model_fields.items()
+                    if n not in cls.Config.execution_fields() and f.annotation in (int, float))
+    changed = type(cfg)(**(cfg.model_dump() | {semantic: getattr(cfg, semantic) + 1}))
+    assert key_of(kind, changed) != base, (kind, semantic)
+
+
+def test_batch_norm_keeps_num_workers_in_the_key_and_says_why():
+    cls = registry()["fit-classifier"]
+    cfg = cls.Config(arch="convnet", norm="batch", num_workers=1)
+    assert "BatchNorm" in cfg.split_execution()[2]["num_workers"]
+    two = cls.Config(arch="convnet", norm="batch", num_workers=2)
+    assert key_of("fit-classifier", cfg) != key_of("fit-classifier", two)
+    states = [StageState("t", "fit-classifier", "3", c.split_execution()[0], 0, {},
+                         execution=c.split_execution()[1], kept=c.split_execution()[2])
+              for c in (cfg, two)]
+    d = decide(states[1], False, False, states[0].to_record(), set())
+    assert d.status == "run" and "num_workers 1 -> 2 (an execution setting kept in the key: " \
+        "BatchNorm" in d.reason
+    none = cls.Config(arch="convnet", norm="none", num_workers=1)
+    assert key_of("fit-classifier", none) == key_of(
+        "fit-classifier", cls.Config(arch="convnet", norm="none", num_workers=2))
+
+
+def test_an_execution_setting_is_validated_like_any_field():
+    with pytest.raises(UserError, match=r"teacher-outputs.*field 'actors': value 0 is not valid"):
+        Pipeline.from_dict({"stages": {"t": {"kind": "teacher-outputs",
+                                             "config": {"actors": 0}}}})
+
+
+class ReadFolder(Stage):
+    kind = "test-read-folder"
+    version = "1"
+
+    class Config(StageConfig):
+        path: str
+
+    outputs = {"report": Report}
+
+    def content_paths(self):
+        return {"path": self.config.path}
+
+    def run(self, ctx):
+        return {"report": ctx.write_report("report", {"files": len(os.listdir(self.config.path))})}
+
+
+@pytest.fixture
+def read_folder():
+    register(ReadFolder)
+    yield ReadFolder
+    unregister(ReadFolder.kind)
+
+
+def test_a_folder_read_by_path_is_keyed_by_its_content(read_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTILL_CACHE_DIR", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    p = Pipeline("folder")
+    p.add("read", "test-read-folder", {"path": str(folder)})
+    first = stage_states(p)["read"]
+    assert stage_states(p)["read"].key == first.key
+    (folder / "weights.bin").write_bytes(b"\0" * 10)
+    second = stage_states(p)["read"]
+    assert second.key != first.key
+    d = decide(second, False, False, first.to_record(), set())
+    assert d.reason == "content changed: the files 'path' names"
+    (folder / "weights.bin").write_bytes(b"\1" * 10)  # same size, new bytes
+    os.utime(folder / "weights.bin", ns=(1, 1))
+    assert stage_states(p)["read"].key not in (first.key, second.key)
+    (folder / "weights.bin").unlink()
+    assert stage_states(p)["read"].key == first.key
+
+
+def test_a_missing_folder_is_one_clear_error(read_folder, tmp_path):
+    p = Pipeline("folder")
+    p.add("read", "test-read-folder", {"path": str(tmp_path / "nope")})
+    with pytest.raises(UserError, match=r"stage 'read' \(test-read-folder\): field 'path': "
+                                        r".*nope' cannot be read .*allowed: an existing"):
+        plan(p, store=str(tmp_path / "store"))
+
+
+def test_content_checksums_are_remembered_by_size_and_mtime(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTILL_CACHE_DIR", str(tmp_path / "cache"))
+    f = tmp_path / "prompts.txt"
+    f.write_text("a cat")
+    first = content_checksum(str(f))
+    calls = []
+    import pipelines._internal.content as content
+    real = content.file_sha256
+    monkeypatch.setattr(content, "file_sha256", lambda p: calls.append(p) or real(p))
+    assert content_checksum(str(f)) == first and calls == []  # remembered
+    f.write_text("a dog")
+    assert content_checksum(str(f)) != first and calls == [os.path.realpath(f)]
