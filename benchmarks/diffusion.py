@@ -76,10 +76,13 @@ def run_example(store: str, overrides: dict, gpus: float,
         stage = cls({**node.get("config", {}), **overrides.get(name, {})})
         inputs, ups = {}, []
         for inp, ref in node.get("inputs", {}).items():
-            up, _, out = ref.partition(".")
-            arts = outputs[up]
-            inputs[inp] = arts[out] if out else next(iter(arts.values()))
-            ups.append(keys[up])
+            many = {}
+            for one in ref if isinstance(ref, list) else [ref]:  # a list: Many(...)
+                up, _, out = one.partition(".")
+                arts = outputs[up]
+                many[up] = arts[out] if out else next(iter(arts.values()))
+                ups.append(keys[up])
+            inputs[inp] = many if isinstance(ref, list) else many[up]
         keys[name] = hashlib.sha256(json.dumps(
             [cls.kind, cls.version, stage.config.model_dump(mode="json"), ups]).encode()
         ).hexdigest()[:16]

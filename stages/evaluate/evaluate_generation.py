@@ -20,8 +20,9 @@ real images split in two random halves A and B; generated sets have |B| images (
   alike; the median over the rounds, per image. ``speedup/<student>/<steps>`` = ms of the
   teacher at its best step count / ms of the student.
 
-Metric names: ``<metric>/<model>/<steps>`` with model ``teacher`` or the student input's
-name (``consistency``, ``progressive``, ``reflow``); ``fid/real/floor``; ``fid/teacher/best``,
+Students: any number, wired as a list (``students: [consistency, progressive, reflow]``).
+Metric names: ``<metric>/<model>/<steps>`` with model ``teacher`` or the student's stage
+name; ``fid/real/floor``; ``fid/teacher/best``,
 ``class_accuracy/teacher/best``, ``ms_per_image/teacher/best`` and ``steps/teacher/best`` at
 the teacher's best (lowest FID) step count. Plots: a sample grid per model (a row per step
 count, a column per class), FID against steps.
@@ -37,14 +38,14 @@ import torch
 from pydantic import Field, PositiveInt
 
 from pipelines.errors import bad_value
-from pipelines.stage import Dataset, Model, Report, Stage, StageConfig
+from pipelines.stage import Dataset, Many, Model, Report, Stage, StageConfig
 from stages.evaluate.timing import pyplot
 from stages.models.classifiers import load_classifier
 from stages.models.diffusion import check_shape, load_diffusion, where_of
 from stages.models.diffusion_sampling import SAMPLERS, check_student_steps, sample_any
 from stages.models.device import device as torch_device
 
-STUDENTS = ("consistency", "progressive", "reflow")
+RESERVED = ("teacher", "real")  # model names of the metrics that are not students
 
 
 # -- metrics ------------------------------------------------------------------------------
@@ -104,7 +105,8 @@ class Features:
 
 class EvaluateGeneration(Stage):
     kind = "evaluate-generation"
-    version = "2"  # 2: latency measured side by side in rounds (was one timed pass each)
+    version = "3"  # 2: latency measured side by side in rounds (was one timed pass each)
+    # 3: any number of students, named by their stage
 
     class Config(StageConfig):
         teacher_steps: list[PositiveInt] = [100, 50, 20, 10, 4, 2, 1]
@@ -120,15 +122,21 @@ class EvaluateGeneration(Stage):
         latency_repeats: int = Field(5, ge=1)
 
     inputs = {"teacher": Model, "classifier": Model, "data": Dataset,
-              **{name: Model for name in STUDENTS}}
+              "students": Many(Model)}
     outputs = {"report": Report}
 
-    def run(self, ctx, teacher, classifier, data, **students):
+    def run(self, ctx, teacher, classifier, data, students):
         cfg = self.config
-        w = lambda field: where_of(ctx, self.kind, field)  # noqa: E731
+        where = where_of(ctx, self.kind)
+        w = lambda field: (f"{where} input 'students' (stage '{field}')"  # noqa: E731
+                           if field in students else where_of(ctx, self.kind, field))
+        for name in students:
+            if name in RESERVED:
+                raise bad_value(w("students"), "student stage name", name,
+                                f"any name but {', '.join(RESERVED)} (metric names use them)")
         t_model = load_diffusion(teacher.path, w("teacher"))                # 1. load, check
         models = {"teacher": t_model}
-        for name in STUDENTS:
+        for name in students:
             models[name] = load_diffusion(students[name].path, w(name))
             if models[name].student is None:
                 raise bad_value(w(name), "model", students[name].path,
@@ -158,7 +166,7 @@ class EvaluateGeneration(Stage):
         num_classes = t_model.num_classes
         labels = np.arange(n) % num_classes if num_classes else np.zeros(n, np.int64)
         runs = [("teacher", s) for s in cfg.teacher_steps] + \
-               [(name, s) for name in STUDENTS for s in cfg.student_steps]
+               [(name, s) for name in students for s in cfg.student_steps]
         threads = torch.get_num_threads()
         torch.set_num_threads(cfg.threads)
         grids: dict[str, list] = {}
@@ -189,13 +197,13 @@ class EvaluateGeneration(Stage):
         for m in ("fid", "kid", "precision", "recall", "class_accuracy", "ms_per_image"):
             if f"{m}/teacher/{best}" in metrics:
                 metrics[f"{m}/teacher/best"] = metrics[f"{m}/teacher/{best}"]
-        for name in STUDENTS:
+        for name in students:
             for steps in cfg.student_steps:
                 metrics[f"speedup/{name}/{steps}"] = (metrics["ms_per_image/teacher/best"] /
                                                       metrics[f"ms_per_image/{name}/{steps}"])
         figures = {f"samples_{name}.png": _grid_plot(name, rows, t_model.shape)
                    for name, rows in grids.items()}
-        figures["fid_vs_steps.png"] = _fid_plot(metrics, cfg, best)
+        figures["fid_vs_steps.png"] = _fid_plot(metrics, cfg, best, list(students))
         info = {"num_samples": n, "real_images": len(real), "threads": cfg.threads,
                 "device": str(device), "batch_size": cfg.batch_size, "teacher_best_steps": best,
                 "latency_batch": min(n, cfg.latency_batch_size),
@@ -250,10 +258,10 @@ def _grid_plot(name: str, rows: list, shape):
     return fig
 
 
-def _fid_plot(metrics: dict, cfg, best: int):
+def _fid_plot(metrics: dict, cfg, best: int, students: list[str]):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    models = ["teacher", *STUDENTS]
+    models = ["teacher", *students]
     for name in models:
         steps = sorted(cfg.teacher_steps if name == "teacher" else cfg.student_steps)
         ax.plot(steps, [metrics[f"fid/{name}/{s}"] for s in steps], marker="o", label=name)

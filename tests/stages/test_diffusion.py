@@ -14,7 +14,7 @@ from pipelines.context import StageContext
 from pipelines.errors import UserError
 from pipelines.stage import Model
 from stages.distill.diffusion_pairs import DiffusionPairs
-from stages.evaluate.evaluate_generation import EvaluateGeneration, STUDENTS
+from stages.evaluate.evaluate_generation import EvaluateGeneration
 from stages.models.diffusion import SUPPORTED_SCHEDULERS, load_diffusion, row_noise
 from stages.models.diffusion_sampling import sample_student, sample_teacher
 from stages.teacher.diffusion_trajectories import DiffusionTrajectories, TrajectoryActor
@@ -27,6 +27,8 @@ from tests.stages.conftest import run_stage
 TINY = {"block_out_channels": [16, 32], "layers_per_block": 1, "attention": False}
 TRAJ = {"rows": 24, "steps": 4, "keep_states": 4, "shard_size": 8}
 STUDENT = {"epochs": 1, "batch_size": 32}
+
+STUDENTS = ("consistency", "progressive", "reflow")
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +180,7 @@ def test_evaluate_generation_names_and_plots(tmp_path, students, dteacher, teach
                         "kid_subsets": 3, "kid_subset_size": 20, "batch_size": 16,
                         "latency_batch_size": 16, "latency_repeats": 3},
                        tmp_path, "eval", teacher=dteacher, classifier=teacher, data=digits,
-                       **{n: students[n] for n in STUDENTS})
+                       students={n: students[n] for n in STUDENTS})
     m = out["report"].metrics()
     for metric in ("fid", "kid", "precision", "recall", "class_accuracy", "ms_per_image"):
         for key in ["teacher/4", "teacher/1", "teacher/best"] + \
@@ -225,8 +227,9 @@ def test_more_steps_than_trained(tmp_path, students, dteacher, teacher, digits):
     model = load_diffusion(students["progressive"].path, "sampler")
     with pytest.raises(UserError, match=r"steps for the progressive student 4.*covered: \[2, 1\]"):
         sample_student(model, torch.zeros(1, 1, 8, 8), [0], 4)
-    with pytest.raises(UserError, match=r"\(evaluate-generation\) input 'consistency'.*"
+    with pytest.raises(UserError, match=r"\(evaluate-generation\) input 'students' "
+                                        r"\(stage 'consistency'\).*"
                                         r"steps for the consistency student 4.*at most 3"):
         run_stage(EvaluateGeneration, {"student_steps": [4]}, tmp_path, "eval",
                   teacher=dteacher, classifier=teacher, data=digits,
-                  **{n: students[n] for n in STUDENTS})
+                  students={n: students[n] for n in STUDENTS})
