@@ -12,6 +12,7 @@
     distill tune CONFIG --space SPACE.yaml --metric STAGE.METRIC --mode max|min
                  [--samples N] [--scheduler asha|fifo] [--search random|optuna|hyperopt]
                  [--max-concurrent K] [--store URI] [--set ...] [--address ADDR] [--json]
+    distill kinds [--check] [--json]
 
 User mistakes print one message (no traceback) and exit 2; a failed stage exits 1.
 """
@@ -86,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--follow", action="store_true",
                     help="stream the job's logs and exit with its status")
     tune_args(sub.add_parser("tune", help="Ray Tune sweep over stage config fields"))
+    sp = sub.add_parser("kinds", help="list the installed stage kinds and their packages")
+    sp.add_argument("--check", action="store_true",
+                    help="also import every kind and report those that do not load")
+    sp.add_argument("--json", action="store_true", help="print one JSON document")
     return p
 
 
@@ -299,8 +304,21 @@ def cmd_submit(args, argv) -> int:
                   args.tracking_uri, args.working_dir, args.follow, sys.stdout)
 
 
+def cmd_kinds(args, argv) -> int:
+    """Every kind of the installed entry points (group ``distillery.stages``), read from
+    the packages' metadata without importing them; ``--check`` imports each one."""
+    from ._internal import plugins
+    problems = plugins.check() if args.check else plugins.conflicts()
+    rows = [c.to_json() for found in plugins.claims().values() for c in found]
+    print(json.dumps(rows, indent=2) if args.json else plugins.table(rows))
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    return UserError.exit_code if problems else 0
+
+
 COMMANDS = {"run": cmd_run, "plan": cmd_plan, "ls": cmd_ls, "show": cmd_show,
-            "lineage": cmd_lineage, "gc": cmd_gc, "tune": cmd_tune, "submit": cmd_submit}
+            "lineage": cmd_lineage, "gc": cmd_gc, "tune": cmd_tune, "submit": cmd_submit,
+            "kinds": cmd_kinds}
 
 
 if __name__ == "__main__":

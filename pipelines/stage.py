@@ -204,18 +204,32 @@ def unregister(kind: str) -> None:
 
 
 def registry() -> dict[str, type[Stage]]:
-    _load_catalog()
+    """Every kind -> its class: the kind of every installed entry point (group
+    ``distillery.stages``: the built-in catalog and every plugin, so this imports them all)
+    and the classes defined directly (a test's throw-away stages)."""
+    from ._internal import plugins
+    for kind in plugins.kinds():
+        get_stage_class(kind, "stage registry")
     return dict(_REGISTRY)
 
 
 def get_stage_class(kind: str, where: str = "pipeline") -> type[Stage]:
-    _load_catalog()
-    if kind not in _REGISTRY:
-        raise UserError(f"{where}: unknown stage kind {kind!r}{did_you_mean(kind, _REGISTRY)}; "
-                        f"known kinds: {allowed_list(_REGISTRY)}")
-    return _REGISTRY[kind]
-
-
-def _load_catalog() -> None:
-    """Import the built-in catalog (``stages.catalog``) so its kinds are registered."""
-    import stages.catalog  # noqa: F401
+    """The class of ``kind``: one defined directly, or the one its entry point names,
+    importing that entry point's module only (``pipelines._internal.plugins``)."""
+    from ._internal import plugins
+    problem = plugins.conflict(kind)
+    if problem is not None:
+        raise UserError(f"{where}: {problem}")
+    cls = _REGISTRY.get(kind)
+    if cls is not None and (kind not in plugins.claims() or plugins.names_class(kind, cls)):
+        return cls
+    if cls is None and kind not in plugins.claims():
+        known = set(_REGISTRY) | set(plugins.kinds())
+        raise UserError(f"{where}: unknown stage kind {kind!r}{did_you_mean(kind, known)}; "
+                        f"known kinds: {allowed_list(known)}{plugins.missing_hint()}")
+    loaded = plugins.load(kind, where)  # also what a class defined directly must be
+    if cls is not None and loaded is not cls:
+        raise UserError(f"{where}: stage kind '{kind}' is defined by {cls.__module__}."
+                        f"{cls.__qualname__} and by the entry point of an installed package, "
+                        f"{loaded.__module__}.{loaded.__qualname__}; rename one of them")
+    return loaded

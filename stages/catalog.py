@@ -1,7 +1,10 @@
-"""The stage catalog: one method per file. Importing this module registers every kind
-(``pipelines`` imports it when it first needs a kind by name).
+"""The stage catalog: one method per file. Importing this module imports and registers
+every built-in kind at once (a convenience for scripts and tests; ``pipelines`` never
+imports it: it finds each kind through its entry point, importing only that kind's file).
 
-A new method is a new file plus one line here.
+A new method is a new file, its line in pyproject.toml's
+``[project.entry-points."distillery.stages"]`` (tests/pipelines/test_plugins.py checks
+that every stage class has one) and one line here.
 """
 
 from stages.data import digits  # noqa: F401

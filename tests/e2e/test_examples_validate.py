@@ -38,3 +38,19 @@ def test_text_examples_name_the_stages_users_rely_on():
     emb = Pipeline.from_yaml(os.path.join(ROOT, "examples", "kd_embeddings.yaml"))
     assert emb.nodes["eval"].kind == "evaluate-embeddings"
     assert emb.nodes["student"].stage.config.teacher_layers == [0, 5]
+
+
+def test_the_plugin_example_needs_its_package():
+    """examples/plugin/ is a package of its own (tests/pipelines/test_plugins.py installs it
+    and runs its pipeline): the pipeline validates where the package is installed, and
+    elsewhere fails on its plugin kind, by name, before anything runs."""
+    from pipelines._internal import plugins
+    from pipelines.errors import UserError
+    path = os.path.join(ROOT, "examples", "plugin", "standardize_digits.yaml")
+    assert path not in EXAMPLES
+    if "standardize-column" in plugins.kinds():
+        Pipeline.from_yaml(path).validate()
+    else:
+        with pytest.raises(UserError, match="stage 'scaled': unknown stage kind "
+                                            "'standardize-column'"):
+            Pipeline.from_yaml(path)
