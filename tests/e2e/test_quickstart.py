@@ -99,3 +99,24 @@ def test_nan_loss_fails_the_stage_naming_the_step(quickstart, capsys):
     assert "at epoch" in err and "step" in err
     assert "finished (committed, will be reused): data, teacher, teacher_outputs" in err
     assert "Traceback" not in err
+
+
+def test_scaling_out_reuses_every_cached_artifact(quickstart, capsys):
+    """More actors for teacher generation and more Ray Train workers for the student are
+    execution settings: the plan keeps every artifact, and a run confirms it."""
+    scale = ["--set", "teacher_outputs.actors=2", "--set", "student.num_workers=2"]
+    code, planned, _ = distill(capsys, "plan", QUICKSTART, "--store", quickstart, *scale,
+                               "--json")
+    assert code == 0
+    assert [s["status"] for s in planned["stages"]] == ["cached"] * 5
+    reasons = {s["name"]: s["reason"] for s in planned["stages"]}
+    assert reasons["teacher_outputs"] == ("artifact committed; execution settings changed "
+                                          "(actors 1 -> 2): cached artifact reused")
+    assert "num_workers 1 -> 2" in reasons["student"]
+    code, ran, err = distill(capsys, "run", QUICKSTART, "--store", quickstart, *scale,
+                             "--json")
+    assert code == 0, err
+    assert [s["status"] for s in ran["stages"]] == ["cached"] * 5
+    code, odd, err = distill(capsys, "plan", QUICKSTART, "--store", quickstart,
+                             "--set", "student.num_workers=3", "--json")
+    assert code == 2 and "batch_size (64) must be a multiple of num_workers (3)" in err
