@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 

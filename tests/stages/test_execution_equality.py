@@ -3,7 +3,6 @@ its cache key): teacher-outputs with 1 and 2 actors (and other batch sizes) comm
 same rows, and kd-student with 1 and 2 Ray Train workers ends on the same weights."""
 
 import numpy as np
-import pytest
 import torch
 from safetensors.torch import load_file
 
