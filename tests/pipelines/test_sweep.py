@@ -36,7 +36,7 @@ BAD = {
                       ["--space", "'trian.lr'", "did you mean 'train'"]),
     "unknown_field": ({"train.lrr": {"uniform": [0.1, 1]}}, "train.score",
                       ["'train.lrr'", "no config field 'lrr'", "did you mean 'lr'",
-                       "allowed fields: epochs, lr, sleep"]),
+                       "allowed fields: crash_once, epochs, lr, sleep"]),
     "bad_bound": ({"train.lr": {"uniform": [-1, 1]}}, "train.score",
                   ["'train.lr'", "uniform value -1", "fails the field's validation",
                    "greater than 0"]),
@@ -202,3 +202,17 @@ def test_cli_tune_json_and_bad_input(tmp_path):
     assert rerun.returncode == 0, rerun.stderr
     stages = {s["name"]: s for s in json.loads(rerun.stdout)["stages"]}
     assert stages["train"]["metrics"]["score"] == pytest.approx(doc["best"]["metric"])
+
+
+def test_trials_are_scheduled_like_a_run_with_its_retries(ray_session, tmp_path):
+    """A trial runs its stages with the runner's scheduler: a stage whose process dies is
+    retried as its resources.max_retries allows, and the trial completes."""
+    p = Pipeline.from_dict({"name": "retrysweep", "seed": 0, "stages": {
+        "nums": {"kind": "test-numbers", "config": {"n": ROWS}},
+        "train": {"kind": "test-train", "config": {"epochs": 2, "crash_once": True},
+                  "inputs": {"numbers": "nums"}, "resources": {"max_retries": 1}}}})
+    result = sweep(p, {"train.lr": {"grid": [0.2, 0.4]}}, metric="train.score", mode="max",
+                   samples=1, scheduler="fifo", store=str(tmp_path / "store"), progress=False)
+    assert [t.status for t in result.trials] == ["completed", "completed"]
+    for t in result.trials:
+        assert t.metric == pytest.approx(toy_stages.ToyTrain.score(t.params["train.lr"], 2, ROWS))

@@ -97,6 +97,7 @@ class ToyTrain(Stage):
         lr: float = Field(0.1, gt=0)
         epochs: int = Field(4, ge=1)
         sleep: float = Field(0.0, ge=0)   # seconds per epoch
+        crash_once: bool = False          # the first attempt's process dies after epoch 0
 
     inputs = {"numbers": Dataset}
     outputs = {"report": Report}
@@ -115,6 +116,10 @@ class ToyTrain(Stage):
             score = self.score(cfg.lr, epoch + 1, rows)
             ctx.log_metrics({"score": score, "loss": 1 - score}, step=epoch)
             ctx.progress(epoch + 1, cfg.epochs, "epochs")
+            marker = os.path.join(ctx.work_dir, "crashed")
+            if cfg.crash_once and not os.path.exists(marker):
+                open(marker, "w").close()
+                os._exit(1)
         return {"report": ctx.write_report("report", {"score": score, "loss": 1 - score})}
 
 
