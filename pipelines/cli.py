@@ -7,6 +7,7 @@
     distill show ARTIFACT_OR_RUN [--store URI]
     distill lineage ARTIFACT [--store URI]
     distill gc [--store URI] [--unreferenced] [--dry-run]
+    distill verify [KIND|KEY-PREFIX] [--store URI] [--repair] [--json]
     distill submit CONFIG --address http://HEAD:8265 [--store URI] [--set ...]
                    [--force STAGE] [--working-dir DIR] [--follow]
     distill tune CONFIG --space SPACE.yaml --metric STAGE.METRIC --mode max|min
@@ -71,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--unreferenced", action="store_true",
                     help="also remove committed artifacts no pipeline's last run uses")
     sp.add_argument("--dry-run", action="store_true")
+    sp = sub.add_parser("verify", help="re-hash committed artifacts against their manifests")
+    sp.add_argument("ref", nargs="?", default=None, metavar="KIND|KEY-PREFIX",
+                    help="only the artifacts of this kind, or whose key starts with this")
+    sp.add_argument("--store", default=DEFAULT_STORE)
+    sp.add_argument("--repair", action="store_true", help="remove the damaged artifacts, so "
+                    "the next run makes them again (exit 0 once none is left)")
+    sp.add_argument("--json", action="store_true", help="print one JSON document")
     sp = sub.add_parser("submit", help="run a pipeline as a Ray Job on a cluster")
     sp.add_argument("config", help="pipeline YAML file, inside --working-dir")
     sp.add_argument("--address", default=None,
@@ -276,6 +284,11 @@ def cmd_gc(args, argv) -> int:
     return 0
 
 
+def cmd_verify(args, argv) -> int:
+    from ._internal.verify import verify_command
+    return verify_command(args.store, args.ref, args.repair, args.json, sys.stdout)
+
+
 def cmd_tune(args, argv) -> int:
     from .sweep import print_table, sweep
     pipeline = _load(args)
@@ -318,7 +331,7 @@ def cmd_kinds(args, argv) -> int:
 
 COMMANDS = {"run": cmd_run, "plan": cmd_plan, "ls": cmd_ls, "show": cmd_show,
             "lineage": cmd_lineage, "gc": cmd_gc, "tune": cmd_tune, "submit": cmd_submit,
-            "kinds": cmd_kinds}
+            "kinds": cmd_kinds, "verify": cmd_verify}
 
 
 if __name__ == "__main__":

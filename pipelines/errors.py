@@ -36,6 +36,36 @@ class StageFailed(Exception):
             f"  resume with: {resume}")
 
 
+class CorruptArtifact(Exception):
+    """A committed artifact's file does not match its manifest (bytes or sha256), or is
+    missing: the store was damaged after the commit. Not the user's mistake, and never
+    retried (the bytes stay wrong); a stage that meets one fails with its message alone,
+    without a traceback, exit code 1. The message names the artifact, the file, what was
+    expected and found, and what to do (``distill verify --repair``, then run again)."""
+
+    exit_code = 1
+
+
+def find_corrupt(exc: BaseException | None) -> CorruptArtifact | None:
+    """The ``CorruptArtifact`` behind ``exc``, however Ray wrapped it on the way (a task's
+    ``RayTaskError``, Ray Data's ``UserCodeException``, a Ray Train worker group's
+    failures): the original exception, whose message is the one to show."""
+    seen, todo, found = set(), [exc], None
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen or not isinstance(e, BaseException):
+            continue
+        seen.add(id(e))
+        if isinstance(e, CorruptArtifact):
+            if type(e) is CorruptArtifact:  # not Ray's RayTaskError(CorruptArtifact)
+                return e
+            found = found or e
+        failures = getattr(e, "worker_failures", None)
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__,
+                 *(failures.values() if isinstance(failures, dict) else ())]
+    return found
+
+
 def did_you_mean(value: str, allowed: Iterable[str]) -> str:
     """' (did you mean 'x'?)' for the closest allowed value, or ''."""
     close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=0.6)

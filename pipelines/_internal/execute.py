@@ -10,7 +10,7 @@ import time
 import traceback
 
 from ..context import StageContext
-from ..errors import UserError
+from ..errors import UserError, find_corrupt
 from .plan import output_content
 from .store import Store
 
@@ -29,10 +29,14 @@ def library_versions() -> dict[str, str]:
 
 
 def classify(exc: BaseException) -> str:
-    """'user' (bad input), 'deterministic' (e.g. NaN loss), 'error' (stage code raised);
-    the driver adds 'system' (worker or node died)."""
+    """'user' (bad input), 'corrupt' (a committed input does not match its manifest, also
+    when a Ray task, actor or Train worker of the stage found it), 'deterministic' (e.g.
+    NaN loss), 'error' (stage code raised); the driver adds 'system' (worker or node
+    died). Only 'system' and 'error' are retried."""
     if isinstance(exc, UserError):
         return "user"
+    if find_corrupt(exc) is not None:
+        return "corrupt"
     if isinstance(exc, FloatingPointError):
         return "deterministic"
     return "error"
@@ -43,7 +47,8 @@ def execute_stage(stage, state: dict, store_root: str, inputs: dict[str, tuple[d
                   replace: bool, clear_work: bool = False) -> dict:
     """``state``: ``StageState.to_record()`` (its config redacted, as manifests keep it).
     ``inputs``: per input, the committed manifest and the output name it reads, opened
-    here, on the node that runs the stage (a remote store downloads them into its cache).
+    here as artifacts whose files are fetched and checked where the stage uses them
+    (``fetch``): an input the stage does not touch is never read.
     Returns ``{"ok": True, "manifest": ...}`` or ``{"ok": False, "kind", "message",
     "traceback"}``; never leaves a half-written artifact looking committed."""
     store = Store.open(store_root, create=False)
@@ -70,8 +75,7 @@ def execute_stage(stage, state: dict, store_root: str, inputs: dict[str, tuple[d
                  for dp, _, fs in os.walk(staging) for f in fs if f.endswith((".png", ".svg"))]
     except BaseException as e:  # noqa: BLE001 - reported to the driver, never half-committed
         store.abandon(kind, key, staging)
-        return {"ok": False, "kind": classify(e), "message": f"{type(e).__name__}: {e}"
-                if not isinstance(e, UserError) else str(e),
+        return {"ok": False, "kind": classify(e), "message": failure_message(e),
                 "traceback": traceback.format_exc()}
     manifest = {
         "key": key, "kind": kind, "version": state["version"], "code_hash": type(stage).code_hash(),
@@ -83,6 +87,14 @@ def execute_stage(stage, state: dict, store_root: str, inputs: dict[str, tuple[d
         "mlflow_run_id": mlflow_run_id,
     }
     return {"ok": True, "manifest": store.commit(staging, manifest, replace=replace)}
+
+
+def failure_message(e: BaseException) -> str:
+    """A user error's or a damaged input's own message; else the exception's type too."""
+    corrupt = find_corrupt(e)
+    if corrupt is not None:
+        return str(corrupt)
+    return str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
 
 
 def input_content(inputs: dict) -> dict:

@@ -12,10 +12,9 @@ Stages read and write local paths (``save_pretrained``, parquet), so:
 - outputs go to a local staging directory on the stage's node and are uploaded at commit,
   except parquet written by Ray Data (``ctx.write_dataset`` of a ``ray.data.Dataset``),
   which its write tasks, on whichever nodes they run, put straight under the tag;
-- inputs are downloaded into a cache on the node that runs the stage, each file checked
-  against the sha256 its manifest lists, a marker written once all of an output's files
-  are checked; a dataset input also keeps its ``s3://`` URI, so Ray Data reads it from
-  the store on any node;
+- inputs are fetched on the node that uses them, each file checked against the sha256
+  its manifest lists (``fetch``): a model or report is downloaded into that node's cache;
+  a dataset keeps its ``s3://`` URI, so Ray Data reads it from the store on any node;
 - Ray Train checkpoints go to ``<prefix>/_work/<kind>/<key>/ray_train``.
 
 Credentials, region and endpoint come from the standard environment (``AWS_ACCESS_KEY_ID``,
@@ -34,55 +33,19 @@ import time
 import uuid
 from functools import cached_property
 
-from ..errors import UserError
+from .fetch import cache_root, download, sha256_of
+from .s3 import SCHEMES, after_conditional_put, check_usable, parse_uri, put
+
+__all__ = ["RemoteStore", "SCHEMES", "after_conditional_put", "cache_root"]
 
 MANIFEST = "manifest.json"
-SCHEMES = ("s3",)
 _SPECIAL = ("_staging", "_work", "_runs", "_trash", "_probe", "mlflow")
 COMMIT_ATTEMPTS = 20
 
 
-def after_conditional_put(error_code: str | None, winner_readable: bool) -> str:
-    """What a commit does after its put of a manifest (``error_code``: None if the put
-    succeeded, else the code of S3's refusal of a conditional put): ``done``, ``adopt`` the
-    manifest another run committed, or ``retry`` the put. S3 answers 412
-    ``PreconditionFailed`` when the manifest exists, and 409 ``ConditionalRequestConflict``
-    while a concurrent write of the same key is in flight, which AWS says to retry: that
-    write may yet fail."""
-    if error_code is None:
-        return "done"
-    if error_code == "PreconditionFailed" and winner_readable:
-        return "adopt"
-    return "retry"  # a conflict in flight, or a manifest removed since (gc): put again
-
-
-def cache_root(uri: str) -> str:
-    """This node's cache directory of the remote store ``uri``."""
-    base = os.environ.get("DISTILL_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-        "distillery", "stores")
-    return os.path.join(base, hashlib.sha256(uri.encode()).hexdigest()[:16])
-
-
 class RemoteStore:
     def __init__(self, root: str):
-        scheme, _, rest = root.partition("://")
-        if scheme not in SCHEMES:
-            raise UserError(f"--store: scheme '{scheme}://' of {root!r} is not supported; "
-                            f"allowed: a local path, file://, " +
-                            ", ".join(f"{s}://bucket/prefix" for s in SCHEMES))
-        if "?" in rest or "#" in rest:
-            raise UserError(f"--store: {root!r} carries a query or fragment (options such as "
-                            f"an endpoint go in the environment); allowed: s3://bucket/prefix, "
-                            f"with AWS_ENDPOINT_URL and the credentials in the environment")
-        bucket, _, prefix = rest.partition("/")
-        if "@" in bucket or ":" in bucket:
-            raise UserError("--store: the store URI carries credentials or a port, which would "
-                            "be logged with every run; allowed: s3://bucket/prefix, with the "
-                            "credentials and endpoint in the environment (AWS_ACCESS_KEY_ID, "
-                            "AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL)")
-        if not bucket:
-            raise UserError(f"--store: {root!r} names no bucket; allowed: s3://bucket/prefix")
+        bucket, prefix = parse_uri(root)
         self.bucket, self.prefix = bucket, prefix.strip("/")
         self.root = f"s3://{bucket}" + (f"/{self.prefix}" if self.prefix else "")
         self.cache = cache_root(self.root)
@@ -112,30 +75,7 @@ class RemoteStore:
     def check(self, create: bool) -> None:
         """A clear message when the bucket cannot be reached, read or (``create``) written,
         or when its server ignores the conditional put that commits a manifest."""
-        from botocore.exceptions import BotoCoreError, ClientError
-        honoured = True
-        try:
-            if create:
-                name = uuid.uuid4().hex
-                probe = self._path("_probe", name)
-                with self.fs.open_output_stream(probe) as f:
-                    f.write(b"ok")
-                # a second, conditional put that must be refused: commits rely on it
-                honoured = self._put(self._key("_probe", name), b"again", True) is not None
-                self.fs.delete_file(probe)
-            else:
-                self.fs.get_file_info(self._path())
-        except (OSError, BotoCoreError, ClientError) as e:
-            cause = str(e).splitlines()[0][:300]
-            raise UserError(f"--store: store {self.root!r} cannot be "
-                            f"{'written' if create else 'read'} ({cause}); allowed: "
-                            f"s3://bucket/prefix of an existing bucket that the credentials "
-                            f"in the environment may {'write' if create else 'read'}") from None
-        if not honoured:
-            raise UserError(f"--store: the S3 server of {self.root!r} ignores conditional "
-                            f"writes (a put with If-None-Match: * replaced an existing "
-                            f"object), so two runs could both commit one artifact; allowed: a "
-                            f"server that honours If-None-Match on PutObject (AWS S3 does)")
+        check_usable(self, create)
 
     # -- paths -------------------------------------------------------------------------
     def artifact_dir(self, kind: str, key: str) -> str:
@@ -217,70 +157,27 @@ class RemoteStore:
     def _data(self, manifest: dict, *parts: str) -> str:
         return self._path(manifest["kind"], manifest["key"], manifest["data"], *parts)
 
+    def exists(self) -> bool:
+        import pyarrow.fs
+        return self.fs.get_file_info(self._path()).type != pyarrow.fs.FileType.NotFound
+
     def open_input(self, manifest: dict, output: str):
-        """Output ``output`` of a committed artifact: a dataset by its ``s3://`` URI, read
-        where it lives; a model or report downloaded into this node's cache, each file
-        checked against its sha256."""
-        from dataclasses import replace
-
-        from ..artifacts import ARTIFACT_TYPES, Dataset
+        """Output ``output`` of a committed artifact, fetched and checked on the node that
+        uses it (``fetch``): a dataset is read where it lives, by its ``s3://`` URI; a
+        model's or report's ``path`` is a copy in that node's cache."""
+        from ..artifacts import ARTIFACT_TYPES
+        from .fetch import Committed
         entry = manifest["outputs"][output]
-        local = os.path.join(self.cache, manifest["kind"], manifest["key"])
-        artifact = ARTIFACT_TYPES[entry["type"]].from_manifest(local, entry)
-        uri = f"s3://{self._data(manifest, entry['path'])}"
-        if isinstance(artifact, Dataset):  # read where it lives, by any node
-            return replace(artifact, uri=uri)
-        self._fetch(manifest, entry, local)
-        return replace(artifact, uri=uri)
-
-    def _fetch(self, manifest: dict, entry: dict, local: str) -> None:
-        marker = os.path.join(local, ".verified", entry["path"].replace("/", "_"))
-        target = os.path.join(local, entry["path"])
-        try:
-            with open(marker) as f:
-                if f.read() == entry["checksum"] and all(
-                        os.path.getsize(os.path.join(target, x["path"])) == x["bytes"]
-                        for x in entry["files"]):
-                    return
-        except OSError:
-            pass
-        for x in entry["files"]:
-            self._download(self._data(manifest, entry["path"], x["path"]),
-                           os.path.join(target, x["path"]), x["sha256"], x["bytes"])
-        os.makedirs(os.path.dirname(marker), exist_ok=True)
-        tmp = f"{marker}.{uuid.uuid4().hex[:8]}"
-        with open(tmp, "w") as f:
-            f.write(entry["checksum"])
-        os.replace(tmp, marker)
-
-    def _download(self, src: str, dst: str, sha256: str | None, size: int | None) -> None:
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        tmp = f"{dst}.part-{uuid.uuid4().hex[:8]}"
-        h, n = hashlib.sha256(), 0
-        try:
-            with self.fs.open_input_stream(src) as f, open(tmp, "wb") as out:
-                while chunk := f.read(1 << 22):
-                    h.update(chunk)
-                    n += len(chunk)
-                    out.write(chunk)
-            if (sha256 is not None and h.hexdigest() != sha256) or (size is not None
-                                                                    and n != size):
-                raise OSError(f"s3://{src}: {n} bytes with sha256 {h.hexdigest()[:12]}, its "
-                              f"manifest lists {size} bytes with sha256 {str(sha256)[:12]}: "
-                              f"the store's copy is corrupted")
-            os.replace(tmp, dst)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        return ARTIFACT_TYPES[entry["type"]].committed(Committed.of(self.root, manifest, output))
 
     def local_files(self, manifest: dict, rels: list[str]) -> list[str]:
         """Files of a committed artifact (plots to log), downloaded into the cache."""
-        local = os.path.join(self.cache, manifest["kind"], manifest["key"])
+        local = os.path.join(self.cache, manifest["kind"], manifest["key"], manifest["data"])
         out = []
         for rel in rels:
             dst = os.path.join(local, rel)
             if not os.path.exists(dst):
-                self._download(self._data(manifest, rel), dst, None, None)
+                download(f"s3://{self._data(manifest, rel)}", dst)
             out.append(dst)
         return out
 
@@ -324,11 +221,7 @@ class RemoteStore:
         return n, h.hexdigest()
 
     def _hash(self, path: str) -> str:
-        h = hashlib.sha256()
-        with self.fs.open_input_stream(path) as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
-        return h.hexdigest()
+        return sha256_of(f"s3://{path}")[1]
 
     def commit(self, staging: str, manifest: dict, replace: bool = False) -> dict:
         """Put the manifest, naming the uploaded tag, if no manifest of the key exists
@@ -358,18 +251,15 @@ class RemoteStore:
         return manifest
 
     def _put(self, key: str, body: bytes, conditional: bool) -> str | None:
-        """Put an object (``conditional``: only if none exists at ``key``); None, or the
-        error code of a conditional put that S3 refused."""
-        from botocore.exceptions import ClientError
-        try:
-            self.client.put_object(Bucket=self.bucket, Key=key, Body=body,
-                                   **({"IfNoneMatch": "*"} if conditional else {}))
-        except ClientError as e:
-            code = e.response.get("Error", {}).get("Code")
-            if code not in ("PreconditionFailed", "ConditionalRequestConflict"):
-                raise
-            return code
-        return None
+        return put(self.client, self.bucket, key, body, conditional)
+
+    def uncommit(self, kind: str, key: str) -> None:
+        """Remove a committed artifact: its manifest first (from then on it does not
+        exist), then the upload it named."""
+        m = self.manifest(kind, key)
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(kind, key, MANIFEST))
+        if m is not None and m.get("data"):
+            self._delete_dir(self._data(m))
 
     def _delete_dir(self, path: str) -> None:
         try:

@@ -9,6 +9,7 @@ does not exist: it is never a cache hit, and ``gc`` removes it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -115,12 +116,16 @@ class Store:
     def find(self, key_prefix: str) -> list[dict]:
         return [m for m in self.manifests() if m["key"].startswith(key_prefix)]
 
+    def exists(self) -> bool:
+        return os.path.isdir(self.root)
+
     def open_input(self, manifest: dict, output: str):
-        """Output ``output`` of a committed artifact, as the artifact type it was written."""
+        """Output ``output`` of a committed artifact, as the artifact type it was written:
+        its files are checked against the manifest where they are used (``fetch``)."""
         from ..artifacts import ARTIFACT_TYPES
+        from .fetch import Committed
         entry = manifest["outputs"][output]
-        return ARTIFACT_TYPES[entry["type"]].from_manifest(
-            self.artifact_dir(manifest["kind"], manifest["key"]), entry)
+        return ARTIFACT_TYPES[entry["type"]].committed(Committed.of(self.root, manifest, output))
 
     def local_files(self, manifest: dict, rels: list[str]) -> list[str]:
         root = self.artifact_dir(manifest["kind"], manifest["key"])
@@ -154,6 +159,13 @@ class Store:
                 return winner
             self._discard(final)  # debris of a killed run, or replaced by --force
         raise OSError(f"cannot commit {kind}/{key}: {final} keeps reappearing")
+
+    def uncommit(self, kind: str, key: str) -> None:
+        """Remove a committed artifact: its manifest first (from then on it does not
+        exist), then its files."""
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(self.artifact_dir(kind, key), MANIFEST))
+        self._discard(self.artifact_dir(kind, key))
 
     def _discard(self, path: str) -> None:
         trash = os.path.join(self.root, "_trash", uuid.uuid4().hex)

@@ -14,7 +14,7 @@ from pipelines import Dataset, Model
 from pipelines._internal.gc import collect, garbage
 from pipelines._internal.remote_store import RemoteStore, after_conditional_put
 from pipelines._internal.store import Store
-from pipelines.errors import UserError
+from pipelines.errors import CorruptArtifact, UserError
 from tests.conftest import S3_BUCKET
 
 
@@ -109,18 +109,23 @@ def test_inputs_are_downloaded_checked_and_read_from_the_store(s3_uri, tmp_path,
         assert f.read() == "model-config"
     rows = store.open_input(m, "rows")  # a dataset is read where it lives
     assert rows.uri == f"{s3_uri}/toy/k2/{m['data']}/rows" and rows.info == {"n": 7}
-    assert rows.files() == [f"{rows.uri}/p.parquet"] and not os.path.exists(rows.path)
-    assert rows.to_numpy()["id"].tolist() == list(range(7))
+    assert rows.files() == [f"{rows.uri}/p.parquet"] and rows.to_numpy()["id"].tolist() == \
+        list(range(7))
+    local_rows = os.path.join(store.cache, "toy", "k2", m["data"], "rows")
+    assert not os.path.exists(local_rows)  # read where it lives, not downloaded...
+    assert rows.path == local_rows and os.listdir(local_rows) == ["p.parquet"]  # ...unless asked
 
     # a corrupted object on the store is caught on download, in a node with no copy yet
     monkeypatch.setenv("DISTILL_CACHE_DIR", str(tmp_path / "other-node"))
     boto3.client("s3").put_object(Bucket=S3_BUCKET, Body=b"model-confiG",
                                   Key=f"{store.prefix}/toy/k2/{m['data']}/model/config.json")
     fresh = RemoteStore(s3_uri)
-    with pytest.raises(OSError, match="corrupted"):
-        fresh.open_input(m, "model")
-    assert not os.path.exists(os.path.join(fresh.cache, "toy", "k2", "model", "config.json"))
+    with pytest.raises(CorruptArtifact, match="model/config.json: its manifest lists 12 bytes"):
+        fresh.open_input(m, "model").path  # noqa: B018
+    assert not os.path.exists(os.path.join(fresh.cache, "toy", "k2", m["data"], "model",
+                                           "config.json"))
     # the first node's verified copy is used as it is
+    monkeypatch.undo()
     assert store.open_input(m, "model").path == model.path
 
 
