@@ -104,6 +104,6 @@ class ReinforceData(Stage):
             expand_views, batch_format="numpy",
             fn_kwargs={"seed": ctx.seed, "views": cfg.views, "max_shift": cfg.max_shift,
                        "noise_std": cfg.noise_std, "include_original": cfg.include_original})
-        ds = with_teacher_logits(ds, model.path, cfg, ctx, where)
+        ds = with_teacher_logits(ds, model, cfg, ctx, where)
         return {"signal": write_signal(ctx, ds, cfg, num_classes, data, views=cfg.views,
                                        augmentations=augmentations)}

@@ -42,11 +42,12 @@ def kept_indices(steps: int, keep_states: int | None) -> list[int]:
 class TrajectoryActor:
     """Ray Data actor: one teacher in memory; maps shard ids to trajectory rows."""
 
-    def __init__(self, model_path: str, cfg: dict, seed: int, threads: int, where: str):
+    def __init__(self, teacher: Model, cfg: dict, seed: int, threads: int, where: str):
         self.device = torch_device()
         if self.device.type == "cpu":
             torch.set_num_threads(threads)  # same thread count, same arithmetic
-        self.model = load_diffusion(model_path, where).to(self.device)
+        # the artifact, never a path: ``.path`` is a verified copy on this actor's node
+        self.model = load_diffusion(teacher.path, where).to(self.device)
         self.cfg = DiffusionTrajectories.Config(**cfg)
         self.seed = seed
 
@@ -112,7 +113,7 @@ class DiffusionTrajectories(Stage):
             TrajectoryActor, batch_format="numpy", batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=cfg.actors),
             num_gpus=1 if ctx.num_gpus_available > 0 else 0,
-            fn_constructor_kwargs={"model_path": teacher.path, "cfg": cfg.model_dump(),
+            fn_constructor_kwargs={"teacher": teacher, "cfg": cfg.model_dump(),
                                    "seed": ctx.seed, "threads": cfg.threads, "where": where})
         keep = kept_indices(cfg.steps, cfg.keep_states)
         sched = make_scheduler(model, cfg.sampler, cfg.steps)

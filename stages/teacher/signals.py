@@ -11,7 +11,7 @@ import ray
 from pydantic import Field
 
 from pipelines.errors import bad_value
-from pipelines.stage import StageConfig
+from pipelines.stage import Model, StageConfig
 from stages.data.tables import parquet
 from stages.models.classifiers import load_classifier
 from stages.models.device import device as torch_device
@@ -22,14 +22,16 @@ SIGNALS = (*CLASSIFIER_SIGNALS, *TEXT_SIGNALS)
 
 
 class TeacherActor:
-    """Ray Data actor: holds one teacher in memory, maps a batch to its logits."""
+    """Ray Data actor: holds one teacher in memory, maps a batch to its logits. It gets the
+    teacher's artifact, never a path: ``model.path`` here is a verified copy on the
+    actor's own node."""
 
-    def __init__(self, model_path: str, precision: str, where: str, probabilities: bool = False):
+    def __init__(self, model: Model, precision: str, where: str, probabilities: bool = False):
         import torch
         self.probabilities = probabilities
         self.torch = torch
         self.device = torch_device()
-        self.model = load_classifier(model_path, where).to(self.device).eval()
+        self.model = load_classifier(model.path, where).to(self.device).eval()
         self.dtype = DTYPES[precision]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -56,17 +58,18 @@ class InferenceConfig(StageConfig):
 
 def with_teacher(ds, actor, kwargs: dict, cfg: InferenceConfig, ctx):
     """``ds`` mapped by a pool of ``cfg.actors`` teacher actors (on GPUs when the cluster
-    has them)."""
+    has them). ``kwargs`` carry the teacher's artifact (``model``), never its path: each
+    actor reads ``model.path`` on its own node."""
     return ds.map_batches(
         actor, batch_format="numpy", batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(size=cfg.actors),
         num_gpus=1 if ctx.num_gpus_available > 0 else 0, fn_constructor_kwargs=kwargs)
 
 
-def with_teacher_logits(ds, model_path: str, cfg: InferenceConfig, ctx, where: str,
+def with_teacher_logits(ds, model: Model, cfg: InferenceConfig, ctx, where: str,
                         probabilities: bool = False):
     """``ds`` plus a ``logits`` (or ``probabilities``) column from a classifier."""
-    return with_teacher(ds, TeacherActor, {"model_path": model_path, "where": where,
+    return with_teacher(ds, TeacherActor, {"model": model, "where": where,
                                            "precision": cfg.precision,
                                            "probabilities": probabilities}, cfg, ctx)
 

@@ -14,9 +14,12 @@ Signals (``signal``), by teacher:
 
 Values are stored in ``precision``. The signal, its settings (top_k, layers, max_length,
 precision) and the teacher's vocabulary and widths go in the manifest's info, which
-training stages check before using the signal. A pool of ``actors`` Ray actors each loads
-the teacher once with its real ``from_pretrained`` and runs on a GPU when the cluster has
-one. Rows keep the input's stable ``id``.
+training stages check before using the signal; a text signal's ``teacher`` names the
+teacher artifact (``<kind>/<key>``), never a path: a student built from the teacher wires
+it as its own input. A pool of ``actors`` Ray actors each gets the teacher's artifact,
+fetches it onto its own node (``model.path`` there) and loads it once with its real
+``from_pretrained``, on a GPU when the cluster has one. Rows keep the input's stable
+``id``.
 
 Shard-level resume: the pass writes its parquet shards into the stage's work location as
 it goes (``ctx.resumable_write``). If it is cut short (the driver killed, retries spent),
@@ -43,7 +46,8 @@ from stages.teacher.text_teacher import TEXT_SIGNALS, TextTeacherActor
 
 class TeacherOutputs(Stage):
     kind = "teacher-outputs"
-    version = "3"  # 2: probabilities and the text signals; 3: shard-level resume
+    version = "4"  # 2: probabilities and the text signals; 3: shard-level resume;
+    # 4: a text signal's info names its teacher (``teacher``) but no node-local path
 
     class Config(InferenceConfig):
         signal: Literal[SIGNALS] = "logits"
@@ -73,7 +77,7 @@ class TeacherOutputs(Stage):
         num_classes = load_classifier(model.path, f"{where} input 'model'").num_classes
         require_columns(data, ["x"], f"{where} input 'data'")  # fail before any work
         rows, shards = resumable(ctx, data, cfg.shard_rows)  # 1. keep earlier attempts' rows
-        ds = with_teacher_logits(rows, model.path, cfg, ctx, f"{where} input 'model'",
+        ds = with_teacher_logits(rows, model, cfg, ctx, f"{where} input 'model'",
                                  probabilities=cfg.signal == "probabilities")  # 2. the rest
         return {"signal": write_signal(ctx, ds, cfg, num_classes, data, signal=cfg.signal,
                                        shards=shards)}  # 3. earlier shards + new ones
@@ -91,7 +95,7 @@ class TeacherOutputs(Stage):
             raise bad_value(f"{where} field 'top_k'", "top_k", cfg.top_k,
                             f"at most the vocabulary size {c.vocab_size}")
         require_columns(data, [cfg.text_column], f"{where} input 'data'")
-        kwargs = {"model_path": model.path, "signal": cfg.signal, "precision": cfg.precision,
+        kwargs = {"model": model, "signal": cfg.signal, "precision": cfg.precision,
                   "top_k": cfg.top_k, "layers": list(cfg.layers), "max_length": cfg.max_length,
                   "text_column": cfg.text_column, "where": f"{where} input 'model'"}
         rows, shards = resumable(ctx, data, cfg.shard_rows)
@@ -99,10 +103,23 @@ class TeacherOutputs(Stage):
         info = {"signal": cfg.signal, "precision": cfg.precision, "model_type": c.model_type,
                 "vocab_size": int(c.vocab_size), "hidden_size": int(c.hidden_size),
                 "num_layers": int(c.num_hidden_layers), "max_length": cfg.max_length,
-                "text_column": cfg.text_column, "teacher_path": model.path,
+                "text_column": cfg.text_column, **describe(model),
                 "teacher_params": sum(p.numel() for p in teacher.parameters())}
         if cfg.signal == "topk_logprobs":
             info["top_k"] = cfg.top_k
         if cfg.signal == "hidden_states":
             info["layers"] = [i % n_states for i in cfg.layers]
         return write_rows(ctx, ds, info, shards)
+
+
+def describe(model: Model) -> dict:
+    """The teacher a text signal was made from, for the record, for ``kd-student``'s check
+    that its ``teacher`` input is that artifact, and for its advice on wiring it:
+    ``teacher`` (``<kind>/<key>`` of the committed input) and ``teacher_stage`` (the
+    stage that made it); None for a model given by path (a unit test). Never a path to
+    load from: a student gets the teacher as its own input, fetched on every node that
+    uses it."""
+    source = getattr(model, "source", None)
+    if source is None:
+        return {"teacher": None, "teacher_stage": None}
+    return {"teacher": f"{source.kind}/{source.key}", "teacher_stage": source.stage}

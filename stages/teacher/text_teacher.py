@@ -29,13 +29,16 @@ DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 class TextTeacherActor:
-    def __init__(self, model_path: str, signal: str, precision: str, top_k: int,
+    """Gets the teacher's artifact (``model``), never a path: ``model.path`` here is a
+    verified copy on the actor's own node."""
+
+    def __init__(self, model, signal: str, precision: str, top_k: int,
                  layers: list[int], max_length: int, text_column: str, where: str):
         import torch
         self.torch, self.signal, self.top_k, self.layers = torch, signal, top_k, layers
         self.max_length, self.text_column = max_length, text_column
         self.device = torch_device()
-        self.model, self.tokenizer = load_text_model(model_path, TEXT_SIGNALS[signal], where)
+        self.model, self.tokenizer = load_text_model(model.path, TEXT_SIGNALS[signal], where)
         self.model.to(self.device)
         self.dtype = DTYPES[precision]
         # a causal LM learned to end sentences: give it the end token it was trained with

@@ -40,8 +40,8 @@ from stages.train.diffusion_student import StudentConfig, StudentMethod, Student
 
 
 class ConsistencyLoss(StudentMethod):
-    def __init__(self, cfg, teacher_path: str, columns: list[str], grid: list[int]):
-        super().__init__(cfg, teacher_path, columns)
+    def __init__(self, cfg, teacher, columns: list[str], grid: list[int]):
+        super().__init__(cfg, teacher, columns)
         self.distance, self.huber_c, self.mode, self.grid = (cfg.distance, cfg.huber_c,
                                                              cfg.mode, grid)
 
@@ -88,7 +88,7 @@ class ConsistencyDistill(StudentStage):
         noisy = [t for t in grid if t >= 0]
         student = {"method": "consistency", "timesteps": noisy, "max_steps": len(noisy),
                    "distance": cfg.distance, "mode": cfg.mode}
-        method = ConsistencyLoss(cfg, teacher.path, columns, grid)
+        method = ConsistencyLoss(cfg, teacher, columns, grid)
         model = self.train(ctx, cfg, pairs, teacher, method, student,
                            teacher_model.scheduler_config)
         return {"model": model}

@@ -65,13 +65,15 @@ def init_student(cfg: StudentConfig, teacher: Diffusion):
 class StudentMethod(TrainMethod):
     """A student of a frozen diffusion teacher: a subclass gives ``student_loss``."""
 
-    def __init__(self, cfg: StudentConfig, teacher_path: str, columns: list[str]):
-        self.cfg, self.teacher_path = cfg, teacher_path
+    def __init__(self, cfg: StudentConfig, teacher: Model, columns: list[str]):
+        # the teacher's artifact, never its path: ``setup`` runs on each Ray Train worker,
+        # where ``teacher.path`` is a verified copy on that worker's node
+        self.cfg, self.teacher_artifact = cfg, teacher
         self.columns = {c: torch.int64 if c == "label" else torch.float32 for c in columns}
         self.ema = {"student": cfg.ema_decay}
 
     def setup(self, device):
-        self.teacher = load_diffusion(self.teacher_path, "student").to(device)
+        self.teacher = load_diffusion(self.teacher_artifact.path, "student").to(device)
         self.teacher.unet.requires_grad_(False)
         return {"student": init_student(self.cfg, self.teacher)[0].to(device)}
 

@@ -6,9 +6,13 @@ workers, DDP). The signal decides the student and the losses it allows
 (``hinton``, ``taid``); sentence embeddings -> a smaller encoder (``cosine``, ``mse``,
 ``cosine_mse``); hidden states -> a smaller encoder (``feature_mse``). Text students are
 ``transformers`` models made from the teacher's folder (``stages.models.text``): every
-n-th teacher layer (DistilBERT), a shrunk config, or a local folder. ``loss`` defaults to
-the first one the signal allows; a loss or student the signal cannot serve is a clear
-error before any training.
+n-th teacher layer (DistilBERT), a shrunk config, or a local folder, saved with the
+teacher's tokenizer. The teacher is then a declared input, ``teacher`` (optional: only the
+text signals need it; wire the teacher model the signal was made from,
+``inputs: {signal: teacher_outputs, teacher: teacher}``); the Ray Train workers get the
+artifact and each fetches it onto its own node. ``loss`` defaults to the first one the
+signal allows; a loss or student the signal cannot serve, or a text signal without its
+teacher wired, is a clear error before any training.
 
 Hinton knowledge distillation (Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in
 a Neural Network", arXiv 1503.02531):
@@ -49,7 +53,8 @@ from stages.data.tables import parquet, require_columns
 from stages.models.classifiers import ArchName, ClassifierArch
 from stages.models.text import TextStudentArch
 from stages.train.harness import AdamWConfig, Loss, TrainMethod, fit, over_workers
-from stages.train.kd_tasks import TASKS, ClassifierTask, hinton_kd_loss  # noqa: F401
+from stages.train.kd_tasks import (TASKS, ClassifierTask, hinton_kd_loss,  # noqa: F401
+                                   missing_teacher, wrong_teacher)
 from stages.train.rows import Rows, hold_in_memory, train_share_bytes
 from stages.train.taid import TAIDSchedule
 
@@ -60,8 +65,10 @@ class Distill(TrainMethod):
     """A student fitted to the stored teacher signal with the task's loss (and TAID's
     schedule, updated after every step from the loss averaged over the workers)."""
 
-    def __init__(self, cfg, meta: dict):
-        self.cfg, self.meta = cfg, meta
+    def __init__(self, cfg, meta: dict, teacher=None):
+        # ``teacher``: the artifact (text signals), never its path; ``setup`` runs on each
+        # Ray Train worker, where ``teacher.path`` is a verified copy on its own node
+        self.cfg, self.meta, self.teacher = cfg, meta, teacher
         task = TASKS[meta["signal"]](cfg, meta)
         self.columns = task.columns
         # transformers backbones have parameters a task leaves unused (BERT's pooler)
@@ -69,7 +76,7 @@ class Distill(TrainMethod):
         self.taid, self.total_steps = None, 0
 
     def setup(self, device):
-        self.task = TASKS[self.meta["signal"]](self.cfg, self.meta)
+        self.task = TASKS[self.meta["signal"]](self.cfg, self.meta, self.teacher)
         self.taid = _taid_schedule(self.cfg, None)
         return {"model": self.task.build().to(device)}
 
@@ -109,9 +116,10 @@ def _taid_schedule(cfg, state: dict | None) -> TAIDSchedule | None:
 
 class KDStudent(Stage):
     kind = "kd-student"
-    version = "6"  # 2: ``loss: taid``; 3: text signals, probabilities; 4: shards in memory;
+    version = "7"  # 2: ``loss: taid``; 3: text signals, probabilities; 4: shards in memory;
     # 5: a held share is read by its worker (pyarrow) rather than by Ray Data in the stage;
-    # 6: the training harness: a global batch_size, one global permutation per epoch
+    # 6: the training harness: a global batch_size, one global permutation per epoch;
+    # 7: text signals take the teacher from the ``teacher`` input, not the signal's info
 
     class Config(ClassifierArch, TextStudentArch, AdamWConfig):
         # classifier students: ClassifierArch's fields; text students: TextStudentArch's
@@ -146,11 +154,12 @@ class KDStudent(Stage):
             return self
 
     inputs = {"signal": Dataset}
+    optional_inputs = {"teacher": Model}  # text signals: the teacher the signal came from
     outputs = {"model": Model}
     metrics = ("train_loss", "train_accuracy", "start_epoch", "taid_t")  # per epoch
     resources = Resources(num_cpus=0)  # only launches Ray Train work
 
-    def run(self, ctx, signal):
+    def run(self, ctx, signal, teacher=None):
         from ray.data.expressions import col
 
         where = f"stage '{ctx.name}' ({self.kind})"
@@ -160,7 +169,13 @@ class KDStudent(Stage):
         if cfg.loss not in task_cls.losses:
             raise bad_value(f"{where} field 'loss'", "loss", cfg.loss,
                             f"for a '{meta['signal']}' signal: {', '.join(task_cls.losses)}")
-        task = task_cls(cfg, meta)
+        if not task_cls.needs_teacher:
+            teacher = None  # a classifier signal holds all its student needs
+        elif teacher is None:
+            raise missing_teacher(where, signal)
+        elif error := wrong_teacher(where, signal, teacher):
+            raise error
+        task = task_cls(cfg, meta, teacher)
         task.build(where)  # a student that does not fit the signal fails before training
         columns = list(task.columns)
         files = signal.files()
@@ -174,7 +189,7 @@ class KDStudent(Stage):
                 expr=col("split") == "train").select_columns(columns)
             rows = Rows(task.columns, stream=train.materialize() if cfg.cache else train,
                         num_rows=num_train, shuffle_buffer=cfg.shuffle_buffer)
-        trained = fit(ctx, Distill(cfg, meta), rows, cfg)
+        trained = fit(ctx, Distill(cfg, meta, teacher), rows, cfg)
 
         model = task.build()
         model.load_state_dict(trained.state["nets"]["model"])

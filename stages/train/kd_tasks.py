@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipelines.errors import bad_value
+from pipelines.errors import UserError, bad_value
 from stages.models.classifiers import save_classifier
 from stages.models.text import PROJECTION_FILE, mean_pool
 from stages.train.taid import taid_loss
@@ -41,6 +41,33 @@ def hinton_kd_loss(z_s, z_t, y, temperature: float, alpha: float):
     kl = F.kl_div(F.log_softmax(z_s / t, dim=1), F.log_softmax(z_t / t, dim=1),
                   log_target=True, reduction="batchmean")
     return alpha * t * t * kl + (1 - alpha) * hard
+
+
+def missing_teacher(where: str, signal) -> UserError:
+    """The one error of a text signal's student without its ``teacher`` input wired."""
+    kind = signal.info.get("signal")
+    made_by = getattr(getattr(signal, "source", None), "stage", None) or "<signal stage>"
+    teacher = signal.info.get("teacher_stage") or "<teacher stage>"
+    return UserError(
+        f"{where}: input 'teacher' is not wired, and a '{kind}' signal needs it: the "
+        f"transformers student is made from the teacher's model folder (its layers or "
+        f"config) and is saved with the teacher's tokenizer. Wire the teacher model the "
+        f"signal was made from: inputs: {{signal: {made_by}, teacher: {teacher}}}")
+
+
+def wrong_teacher(where: str, signal, teacher) -> UserError | None:
+    """An error if the ``teacher`` input is not the artifact the signal was made from
+    (when both are known: committed artifacts), else None."""
+    made_from = signal.info.get("teacher")
+    source = getattr(teacher, "source", None)
+    if not made_from or source is None or f"{source.kind}/{source.key}" == made_from:
+        return None
+    return UserError(
+        f"{where}: input 'teacher' is artifact {source.kind}/{source.key[:12]} (stage "
+        f"'{source.stage}'), but the signal was made from {made_from.split('/')[0]}/"
+        f"{made_from.split('/', 1)[-1][:12]} (stage "
+        f"'{signal.info.get('teacher_stage')}'); wire the teacher the signal was made "
+        f"from: inputs: {{teacher: {signal.info.get('teacher_stage')}}}")
 
 
 def soft_label_loss(cfg, z_s, z_t, y, taid):
@@ -63,8 +90,9 @@ class ClassifierTask:
     """Stored classifier logits (or probabilities) -> a torch classifier."""
 
     losses = ("hinton", "taid")
+    needs_teacher = False  # everything it needs is in the signal
 
-    def __init__(self, cfg, meta: dict):
+    def __init__(self, cfg, meta: dict, teacher=None):
         self.cfg, self.meta = cfg, meta
         self.target = meta["signal"]  # the column: logits or probabilities
         self.columns = {"x": torch.float32, "label": torch.int64, self.target: torch.float32}
@@ -86,17 +114,26 @@ class ClassifierTask:
 
 class TextTask:
     """Shared by the text signals: token columns, the student from the teacher's folder,
-    saving the model with the teacher's tokenizer."""
+    saving the model with the teacher's tokenizer. The teacher is the stage's ``teacher``
+    input, an artifact: ``teacher.path`` is a verified copy on the node that reads it (a
+    Ray Train worker's own node), never a path recorded elsewhere."""
 
     use = "encoder"
+    needs_teacher = True  # its layers or config, and its tokenizer
 
-    def __init__(self, cfg, meta: dict):
-        self.cfg, self.meta = cfg, meta
+    def __init__(self, cfg, meta: dict, teacher=None):
+        self.cfg, self.meta, self.teacher = cfg, meta, teacher
         self.columns = {"input_ids": torch.int64, "attention_mask": torch.int64,
                         **self.signal_columns}
 
+    def teacher_dir(self, where: str) -> str:
+        if self.teacher is None:
+            raise UserError(f"{where}: a '{self.meta['signal']}' signal needs the "
+                            f"'teacher' input (its model artifact), and none was given")
+        return self.teacher.path
+
     def student(self, where: str = "student"):
-        model = self.cfg.build_text_student(self.meta["teacher_path"], self.use, where)
+        model = self.cfg.build_text_student(self.teacher_dir(where), self.use, where)
         if model.config.vocab_size != self.meta["vocab_size"]:
             raise bad_value(where, "student vocab_size", model.config.vocab_size,
                             f"the teacher signal's vocab_size {self.meta['vocab_size']}")
@@ -106,7 +143,7 @@ class TextTask:
         from transformers import AutoTokenizer
         net = self.backbone(model)
         net.save_pretrained(out)
-        AutoTokenizer.from_pretrained(self.meta["teacher_path"]).save_pretrained(out)
+        AutoTokenizer.from_pretrained(self.teacher_dir("student")).save_pretrained(out)
         return {"model_type": net.config.model_type,
                 "num_layers": int(net.config.num_hidden_layers),
                 "hidden_size": int(net.config.hidden_size),

@@ -33,8 +33,8 @@ from stages.train.diffusion_student import StudentConfig, StudentMethod, Student
 
 
 class ProgressiveLoss(StudentMethod):
-    def __init__(self, cfg, teacher_path: str, epochs_per_round: int):
-        super().__init__(cfg, teacher_path, ["sample", "label"])
+    def __init__(self, cfg, teacher, epochs_per_round: int):
+        super().__init__(cfg, teacher, ["sample", "label"])
         self.start_steps, self.epochs_per_round = cfg.start_steps, epochs_per_round
         self.round, self.round_teacher, self._pending = -1, None, None
 
@@ -116,7 +116,7 @@ class ProgressiveDistill(StudentStage):
         student = {"method": "progressive", "covered_steps": covered,
                    "max_steps": max(covered), "rounds": rounds}
         total = cfg.model_copy(update={"epochs": cfg.epochs * rounds})
-        method = ProgressiveLoss(total, teacher.path, cfg.epochs)
+        method = ProgressiveLoss(total, teacher, cfg.epochs)
         model = self.train(ctx, total, pairs, teacher, method, student,
                            teacher_model.scheduler_config)
         return {"model": model}

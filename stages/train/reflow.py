@@ -45,7 +45,7 @@ class Reflow(StudentStage):
         cfg = self.config
         teacher_model = self.load_inputs(ctx, pairs, teacher, "reflow")
         student = {"method": "reflow", "max_steps": teacher_model.num_train_timesteps}
-        method = ReflowLoss(cfg, teacher.path, ["noise", "sample", "label"])
+        method = ReflowLoss(cfg, teacher, ["noise", "sample", "label"])
         model = self.train(ctx, cfg, pairs, teacher, method, student,
                            teacher_model.scheduler_config)
         return {"model": model}

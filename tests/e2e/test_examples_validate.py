@@ -38,6 +38,10 @@ def test_text_examples_name_the_stages_users_rely_on():
     emb = Pipeline.from_yaml(os.path.join(ROOT, "examples", "kd_embeddings.yaml"))
     assert emb.nodes["eval"].kind == "evaluate-embeddings"
     assert emb.nodes["student"].stage.config.teacher_layers == [0, 5]
+    # text students are made from their teacher: it is a declared input, never a path
+    for p, students in ((lm, ("student_kd", "student_ce")), (emb, ("student",))):
+        for name in students:
+            assert p.nodes[name].inputs["teacher"] == ("teacher", "model"), name
 
 
 def test_the_plugin_example_needs_its_package():

@@ -106,7 +106,7 @@ def test_float16_and_euler_on_the_actor(dteacher):
     cfg = {**TRAJ, "sampler": "euler", "precision": "float16", "keep_states": None}
     threads = torch.get_num_threads()
     try:
-        out = TrajectoryActor(dteacher.path, cfg, 0, 1, "test")({"id": np.array([1])})
+        out = TrajectoryActor(dteacher, cfg, 0, 1, "test")({"id": np.array([1])})
     finally:
         torch.set_num_threads(threads)
     assert out["states"].dtype == np.float16 and out["states"].shape == (8, 5, 1, 8, 8)

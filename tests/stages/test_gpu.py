@@ -64,7 +64,7 @@ def test_text_teacher_on_gpu_actors_and_transformers_student_on_gpu(gpus, minilm
     ctx = StageContext.for_testing(tmp_path, name="st", kind="kd-student",
                                    num_gpus_available=gpus, board=board, key="gpu-text")
     model = KDStudent({"teacher_layers": [0, 5], "epochs": 3, "batch_size": 32, "lr": 1e-4,
-                       "use_gpu": True}).run(ctx, signal=signal)["model"]
+                       "use_gpu": True}).run(ctx, signal=signal, teacher=minilm)["model"]
     losses = [v for k, v, _ in board.history("st") if k == "train_loss"]
     assert len(losses) == 3 and losses[-1] < losses[0]
     assert model.info["num_layers"] == 2

@@ -44,7 +44,7 @@ def test_float16_logits(teacher, digits):
     batch = digits.to_numpy()
     for array in batch.values():
         array.setflags(write=False)  # Ray Data hands actors read-only views
-    out = TeacherActor(teacher.path, "float16", "test")(batch)
+    out = TeacherActor(teacher, "float16", "test")(batch)
     assert out["logits"].dtype == np.float16 and out["logits"].shape == (1797, 10)
     assert set(out) == {"id", "x", "label", "split", "logits"}
     expected = predict_logits(load_classifier(teacher.path), batch["x"]).numpy()

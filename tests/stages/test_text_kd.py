@@ -85,7 +85,7 @@ def test_lm_student_from_topk_then_evaluated(ray_session, lm_signal, lm, corpus,
     from stages.train.kd_student import KDStudent
     student = run_stage(KDStudent, {"student_init": "config", "num_layers": 1, "epochs": 1,
                                     "batch_size": 32, "lr": 1e-3}, tmp_path, "st",
-                        signal=lm_signal)[0]["model"]
+                        signal=lm_signal, teacher=lm)[0]["model"]
     assert student.info["loss"] == "hinton" and student.info["num_layers"] == 1
     report = run_stage(EvaluateLM, {"max_length": 20, "repeats": 3}, tmp_path, "ev",
                        student=student, teacher=lm, data=corpus)[0]["report"]
@@ -100,7 +100,8 @@ def test_embedding_student_from_teacher_layers_then_evaluated(ray_session, emb_s
     from stages.evaluate.evaluate_embeddings import EvaluateEmbeddings
     from stages.train.kd_student import KDStudent
     student = run_stage(KDStudent, {"teacher_layers": [0, 5], "epochs": 1, "batch_size": 32,
-                                    "lr": 1e-4}, tmp_path, "st", signal=emb_signal)[0]["model"]
+                                    "lr": 1e-4}, tmp_path, "st", signal=emb_signal,
+                        teacher=minilm)[0]["model"]
     assert student.info["loss"] == "cosine" and student.info["num_layers"] == 2
     report = run_stage(EvaluateEmbeddings, {"max_length": 24, "repeats": 3}, tmp_path, "ev",
                        student=student, teacher=minilm, data=corpus)[0]["report"]
@@ -121,7 +122,27 @@ def test_text_signals_refuse_what_they_cannot_serve(lm_signal, emb_signal, minil
         run_stage(KDStudent, {"loss": "hinton"}, tmp_path, "kd", signal=emb_signal)
     with pytest.raises(UserError, match=r"student vocab_size.*30522.*vocab_size 400"):
         run_stage(KDStudent, {"student_init": "folder", "student_path": minilm.path},
-                  tmp_path, "kd", signal=lm_signal)
+                  tmp_path, "kd", signal=lm_signal, teacher=lm)
+    # a text student is made from its teacher: without the input wired, one clear error
+    # naming the stage, the input and how to wire it (also for a student from a folder,
+    # which is saved with the teacher's tokenizer)
+    for config in ({}, {"student_init": "folder", "student_path": minilm.path}):
+        with pytest.raises(UserError, match=r"stage 'kd' \(kd-student\): input 'teacher' is "
+                           r"not wired, and a 'embeddings' signal needs it.*inputs: "
+                           r"\{signal: .*, teacher: .*\}"):
+            run_stage(KDStudent, config, tmp_path, "kd", signal=emb_signal)
+    assert "teacher_path" not in emb_signal.info and "teacher_path" not in lm_signal.info
+    # a committed teacher that is not the one the signal was made from: refused, named
+    from pipelines._internal.fetch import Committed
+    from pipelines.stage import Dataset, Model
+    made_from = Dataset(path=emb_signal.path, info={
+        **emb_signal.info, "teacher": "pretrained-model/" + "a" * 64, "teacher_stage": "minilm"})
+    other = Model.committed(Committed("/no/store", "fit-causal-lm", "b" * 64, "lm", "model",
+                                      {"path": "model", "files": [], "info": {}}))
+    with pytest.raises(UserError, match=r"input 'teacher' is artifact fit-causal-lm/bbbbbbbbbbbb "
+                       r"\(stage 'lm'\), but the signal was made from pretrained-model/"
+                       r"aaaaaaaaaaaa \(stage 'minilm'\).*inputs: \{teacher: minilm\}"):
+        run_stage(KDStudent, {}, tmp_path, "kd", signal=made_from, teacher=other)
     with pytest.raises(UserError, match=r"field 'signal'.*'logits'.*topk_logprobs"):
         run_stage(TeacherOutputs, {"signal": "logits"}, tmp_path, "to", model=lm, data=corpus)
     with pytest.raises(UserError, match=r"input 'data'.*also the columns \['body'\]"):
@@ -146,7 +167,7 @@ def test_feature_student_with_two_ddp_workers(ray_session, minilm, corpus, tmp_p
     assert hs.shape == (240, 2, 12, 384) and hs.dtype == np.float16
     student = run_stage(KDStudent, {"keep_every": 3, "epochs": 1, "batch_size": 32,
                                     "lr": 1e-4, "num_workers": 2}, tmp_path, "st",
-                        signal=signal)[0]["model"]
+                        signal=signal, teacher=minilm)[0]["model"]
     assert student.info["loss"] == "feature_mse" and student.info["num_layers"] == 2
     assert np.isfinite(student.info["train_loss"])
     load_text_model(student.path, "encoder", "test")  # a loadable transformers folder
