@@ -18,7 +18,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import PositiveInt, model_validator
+from pydantic import Field, PositiveInt, model_validator
 
 from pipelines.errors import UserError, bad_value
 from pipelines.stage import StageConfig
@@ -121,6 +121,18 @@ def student_from_config(teacher_path: str, use: str, overrides: dict):
     return getattr(transformers, MODEL_CLASSES[use]).from_config(config)
 
 
+def set_dropout(model: torch.nn.Module, p: float) -> None:
+    """Every dropout of ``model`` to ``p``: its ``nn.Dropout`` modules and the float
+    probabilities attention layers keep for their functional dropout (``dropout_prob``,
+    ``attention_dropout``, ...); ``model.config`` is left as it was."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, p)
+
+
 class TextStudentArch(StageConfig):
     """How a ``transformers`` student is made (the text signals of ``kd-student``):
 
@@ -140,6 +152,10 @@ class TextStudentArch(StageConfig):
     num_heads: PositiveInt | None = None
     student_path: str | None = None
     freeze_embeddings: bool = False  # keep the (teacher's) token embeddings fixed
+    # the student's dropout while it is distilled (its saved config keeps its own): 0 as
+    # TRL's GKD does (its target is the teacher's distribution, not noisy labels), which
+    # also makes the run the same whatever the number of workers; None: the config's own
+    dropout: float | None = Field(0.0, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _student_source(self):
@@ -152,6 +168,8 @@ class TextStudentArch(StageConfig):
         model = self._text_student(teacher_path, use, where)
         if self.freeze_embeddings:
             model.get_input_embeddings().weight.requires_grad_(False)
+        if self.dropout is not None:
+            set_dropout(model, self.dropout)
         return model
 
     def _text_student(self, teacher_path: str, use: str, where: str):

@@ -119,7 +119,8 @@ class KDStudent(Stage):
     version = "7"  # 2: ``loss: taid``; 3: text signals, probabilities; 4: shards in memory;
     # 5: a held share is read by its worker (pyarrow) rather than by Ray Data in the stage;
     # 6: the training harness: a global batch_size, one global permutation per epoch;
-    # 7: text signals take the teacher from the ``teacher`` input, not the signal's info
+    # 7: text signals take the teacher from the ``teacher`` input, not the signal's info;
+    # text students distilled without dropout (``dropout``); a last partial batch dropped
 
     class Config(ClassifierArch, TextStudentArch, AdamWConfig):
         # classifier students: ClassifierArch's fields; text students: TextStudentArch's
@@ -144,6 +145,17 @@ class KDStudent(Stage):
         # hold the training rows in Ray's object store (spilled to disk when large) rather
         # than re-reading the parquet files every epoch (seconds per epoch on small data)
         cache: bool = True
+        execution = ("cache",)  # with the harness's num_workers and max_failures
+
+        def keyed_execution(self) -> dict[str, str]:
+            kept = super().keyed_execution()
+            if self.in_memory_mib == 0:
+                kept["num_workers"] = ("the rows stream (in_memory_mib: 0): each worker "
+                                       "shuffles its own shard")
+            elif self.dropout is None:
+                kept["num_workers"] = ("a text student keeps its config's dropout "
+                                       "(dropout: None), whose masks each worker draws")
+            return kept
 
         @model_validator(mode="after")
         def _taid_interval(self):
@@ -158,6 +170,11 @@ class KDStudent(Stage):
     outputs = {"model": Model}
     metrics = ("train_loss", "train_accuracy", "start_epoch", "taid_t")  # per epoch
     resources = Resources(num_cpus=0)  # only launches Ray Train work
+
+    def content_paths(self) -> dict[str, str]:
+        """A student folder of one's own (``student_init: folder``) is keyed by content."""
+        cfg = self.config
+        return {"student_path": cfg.student_path} if cfg.student_init == "folder" else {}
 
     def run(self, ctx, signal, teacher=None):
         from ray.data.expressions import col

@@ -16,7 +16,9 @@ from pipelines.stage import register, unregister
 def other_value(cfg, name):
     """A valid value of execution field ``name`` other than the current one."""
     value = getattr(cfg, name)
-    for candidate in ((value or 1) * 2, (value or 0) + 1, 1, 2):
+    options = (not value,) if isinstance(value, bool) else ((value or 1) * 2, (value or 0) + 1,
+                                                            1, 2)
+    for candidate in options:
         if candidate == value:
             continue
         try:
@@ -60,6 +62,13 @@ def test_execution_settings_leave_the_key_unless_kept(kind):
                     if n not in cls.Config.execution_fields() and f.annotation in (int, float))
     changed = type(cfg)(**(cfg.model_dump() | {semantic: getattr(cfg, semantic) + 1}))
     assert key_of(kind, changed) != base, (kind, semantic)
+
+
+def test_kd_student_keeps_num_workers_where_its_rows_stream_or_dropout_stays():
+    cls = registry()["kd-student"]
+    assert cls.Config().split_execution()[2] == {}
+    assert "stream" in cls.Config(in_memory_mib=0).split_execution()[2]["num_workers"]
+    assert "dropout" in cls.Config(dropout=None).split_execution()[2]["num_workers"]
 
 
 def test_batch_norm_keeps_num_workers_in_the_key_and_says_why():

@@ -171,3 +171,17 @@ def test_feature_student_with_two_ddp_workers(ray_session, minilm, corpus, tmp_p
     assert student.info["loss"] == "feature_mse" and student.info["num_layers"] == 2
     assert np.isfinite(student.info["train_loss"])
     load_text_model(student.path, "encoder", "test")  # a loadable transformers folder
+
+
+def test_text_students_are_distilled_without_dropout_their_config_keeps_it():
+    import torch
+    from transformers import BertConfig, BertModel
+    from stages.models.text import set_dropout
+    model = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                                 num_attention_heads=2, intermediate_size=32)).train()
+    set_dropout(model, 0.0)
+    assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    assert model.config.hidden_dropout_prob == 0.1  # what a user fine-tuning it gets
+    ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    a, b = (model(input_ids=ids).last_hidden_state for _ in range(2))
+    assert torch.equal(a, b)  # no random masks in training mode
