@@ -3,7 +3,11 @@
 Each repetition uses a fresh store: one cold ``distill run`` (every stage runs, embedded
 Ray started), then the same command again (every stage cached). Both are timed as the
 user sees them: the whole ``distill`` process, interpreter start-up included. The figure
-is the ratio cached / cold, its median over the repetitions and its spread.
+is the ratio cached / cold, its median over the repetitions and its spread, and the
+cached re-run's own median seconds against what it took before verified reads and
+content-keyed inputs came in (issue 20: 6.4-8.1 s on this machine): a fully cached re-run
+must not hash anything. (The cold run halved when the teachers moved to the in-process
+harness, 83 s -> about 41 s, so the ratio rose with the cached seconds unchanged.)
 """
 
 import os
@@ -54,4 +58,8 @@ def run(repetitions: int = 3) -> dict:
         "median_cold_s": statistics.median(r["cold_s"] for r in rows),
         "median_cached_s": statistics.median(r["cached_s"] for r in rows),
         "target": "ratio <= 0.10",
+        "figures": [{"figure": "median seconds of the cached re-run",
+                     "value": statistics.median(r["cached_s"] for r in rows),
+                     "target": "<= 8.1 (before issue 20: 6.4-8.1 s)",
+                     "met": statistics.median(r["cached_s"] for r in rows) <= 8.1}],
     }
