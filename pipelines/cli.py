@@ -262,13 +262,14 @@ def cmd_lineage(args, argv) -> int:
     def walk(m: dict, depth: int, via: str) -> None:
         print(f"{'  ' * depth}{via}{m['kind']} {m['key'][:12]} (stage '{m.get('stage')}', "
               f"version {m['version']})")
-        for inp, ref in sorted(m.get("inputs", {}).items()):
-            key, _, out = ref.partition("/")
-            up = by_key.get(key)
-            if up is None:
-                print(f"{'  ' * (depth + 1)}{inp} <- {key[:12]}/{out} (not in store)")
-            else:
-                walk(up, depth + 1, f"{inp} <- {out} of ")
+        for inp, refs in sorted(m.get("inputs", {}).items()):
+            for ref in refs if isinstance(refs, list) else [refs]:  # a list: Many(...)
+                key, _, out = ref.partition("/")
+                up = by_key.get(key)
+                if up is None:
+                    print(f"{'  ' * (depth + 1)}{inp} <- {key[:12]}/{out} (not in store)")
+                else:
+                    walk(up, depth + 1, f"{inp} <- {out} of ")
 
     walk(found["artifact"], 0, "")
     return 0

@@ -152,8 +152,9 @@ class Pipeline:
                 node.inputs[inp] = self._resolve(where, inp, want, ref, node.name)
                 continue
             if inp in cls.inputs:
+                form = "[<stage>, ...]" if isinstance(want, Many) else "<stage> or <stage>.<output>"
                 raise UserError(f"{where}: input '{inp}' ({want.type_name}) is not wired; "
-                                f"add inputs: {{{inp}: <stage> or <stage>.<output>}}")
+                                f"add inputs: {{{inp}: {form}}}")
 
     def _resolve(self, where: str, inp: str, want: type, ref, name: str) -> tuple[str, str]:
         """``stage`` or ``stage.output`` -> (stage, output), checked against the graph."""

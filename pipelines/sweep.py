@@ -199,6 +199,7 @@ def _tune(pipeline, params, st, trial_stages, metric, mode, samples, scheduler, 
     import ray
 
     from ._internal.board import start_board_actor
+    from ._internal.planner import known_contents
     from ._internal.sweep_trial import run_trial
     tune_log = logging.getLogger("ray.tune")
     level = tune_log.level
@@ -223,7 +224,7 @@ def _tune(pipeline, params, st, trial_stages, metric, mode, samples, scheduler, 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=pipeline, store_root=st.root,
                              stages=tuple(trial_stages), metric=metric, gpus=gpus,
-                             board_actor=board),
+                             board_actor=board, known=known_contents(pipeline)),
         {"cpu": 0.01})
     tuner = tune.Tuner(
         trainable, param_space={p.key: p.tune_domain() for p in params},

@@ -4,7 +4,8 @@ a prompt file): they enter the stage's cache key, so an edited folder re-runs it
 A folder's checksum is sha256 over its files' relative paths and sha256s, in sorted
 order (``.git`` and ``__pycache__`` left out). Hashing a multi-GB pipeline folder on every
 ``plan`` would be slow, so each file's sha256 is remembered in this node's cache together
-with its size and modification time: a file whose size or mtime changed is hashed again.
+with its size, modification and change times and inode: a file that was rewritten or
+replaced (even with its mtime kept, as ``cp -p`` does) is hashed again.
 """
 
 from __future__ import annotations
@@ -74,10 +75,10 @@ def content_checksum(path: str) -> str:
     digest = hashlib.sha256()
     for rel, full in files_of(path):
         st = os.stat(full)
-        stamp = [st.st_size, st.st_mtime_ns]
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
         known = memo.get(full)
-        if known and known[:2] == stamp:
-            sha = known[2]
+        if known and known[:-1] == stamp:
+            sha = known[-1]
         else:
             sha = file_sha256(full)
             memo[full], dirty = stamp + [sha], True

@@ -42,11 +42,12 @@ def classify(exc: BaseException) -> str:
     return "error"
 
 
-def execute_stage(stage, state: dict, store_root: str, inputs: dict[str, tuple[dict, str]],
+def execute_stage(stage, state: dict, store_root: str, inputs: dict,
                   board, num_gpus_available: float, mlflow_run_id: str | None, pipeline: str,
                   replace: bool, clear_work: bool = False) -> dict:
     """``state``: ``StageState.to_record()`` (its config redacted, as manifests keep it).
-    ``inputs``: per input, the committed manifest and the output name it reads, opened
+    ``inputs``: per input, the committed manifest and the output name it reads (a
+    variadic input: a list of (upstream stage, manifest, output), opened as a dict), opened
     here as artifacts whose files are fetched and checked where the stage uses them
     (``fetch``): an input the stage does not touch is never read.
     Returns ``{"ok": True, "manifest": ...}`` or ``{"ok": False, "kind", "message",

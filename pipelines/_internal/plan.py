@@ -4,7 +4,9 @@ key = sha256(kind, version, keyed config, seed, input artifact keys, content che
 the local files the stage reads by path). The keyed config is the config without its
 execution settings (``StageConfig.execution``: actors, workers, ...), which change how the
 work runs, never what it makes. A stage is cached iff an artifact with its key is
-committed and it is not forced. The *reason* it runs is found by comparing with the same
+committed and it is not forced, and the content it was made from is what its upstream
+artifacts hold (``planner.fresh_decision``, and the scheduler once a stage above it that
+re-runs under its old key commits). The *reason* it runs is found by comparing with the same
 stage in the pipeline's previous run (Dagster's "why will this re-run"): config (which
 fields), version, seed, an input or a file's content changed.
 """
@@ -35,9 +37,11 @@ def cache_key(kind: str, version: str, config: dict, seed: int,
 
 def output_content(entry: dict) -> str:
     """The content of a committed output, from its manifest entry: sha256 over its files'
-    sha256s, sorted (names left out: Ray Data names its parquet files afresh each write)."""
+    sha256s, sorted (names left out: Ray Data names its parquet files afresh each write),
+    and its ``info`` (which downstream stages read too)."""
     shas = sorted(f["sha256"] for f in entry.get("files", []))
-    return hashlib.sha256("\n".join(shas).encode()).hexdigest()
+    material = "\n".join(shas) + "\n" + canonical(entry.get("info", {}))
+    return hashlib.sha256(material.encode()).hexdigest()
 
 
 @dataclass(frozen=True)

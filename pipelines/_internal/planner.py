@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from ..errors import UserError, allowed_list, did_you_mean
 from .content import content_checksum
 from .plan import Decision, StageState, code_warning, decide
+from .scheduler import fresh, input_refs
 from .store import Store
 
 
@@ -32,7 +33,9 @@ class Plan:
                 "warnings": self.warnings}
 
 
-def stage_states(pipeline) -> dict[str, StageState]:
+def stage_states(pipeline, known: dict[str, str] | None = None) -> dict[str, StageState]:
+    """Every stage's state, in order; ``known``: content checksums by path already taken
+    (a sweep's trials reuse its driver's, on nodes that may not have the files)."""
     states: dict[str, StageState] = {}
     for name in pipeline.order():
         node = pipeline.nodes[name]
@@ -48,14 +51,17 @@ def stage_states(pipeline) -> dict[str, StageState]:
             name=name, kind=node.kind, version=node.stage.version, config=config,
             seed=pipeline.seed, inputs={i: ref(w, "key") for i, w in node.inputs.items()},
             upstream={i: ref(w, "up") for i, w in node.inputs.items()},
-            execution=execution, kept=kept, contents=contents_of(name, node))
+            execution=execution, kept=kept, contents=contents_of(name, node, known or {}))
     return states
 
 
-def contents_of(name: str, node) -> dict[str, str]:
+def contents_of(name: str, node, known: dict[str, str]) -> dict[str, str]:
     """Checksums of the local files and folders the stage reads by path."""
     out = {}
     for fld, path in node.stage.content_paths().items():
+        if path in known:
+            out[fld] = known[path]
+            continue
         try:
             out[fld] = content_checksum(path)
         except OSError as e:
@@ -65,33 +71,67 @@ def contents_of(name: str, node) -> dict[str, str]:
     return out
 
 
-def make_plan(pipeline, store: Store, force: Iterable[str] = ()) -> Plan:
+def known_contents(pipeline) -> dict[str, str]:
+    """path -> content checksum of every file or folder the pipeline's stages read (a
+    path that cannot be read is left out: planning says so, naming the stage)."""
+    out = {}
+    for node in pipeline.nodes.values():
+        for path in node.stage.content_paths().values():
+            try:
+                out[path] = content_checksum(path)
+            except OSError:
+                continue
+    return out
+
+
+def make_plan(pipeline, store: Store, force: Iterable[str] = (),
+              known: dict[str, str] | None = None) -> Plan:
     force = list(force)
     for f in force:
         if f not in pipeline.nodes:
             raise UserError(f"--force: no stage '{f}'{did_you_mean(f, pipeline.nodes)}; "
                             f"stages: {allowed_list(pipeline.nodes)}")
-    states = stage_states(pipeline)
+    states = stage_states(pipeline, known)
     last = store.last_run(pipeline.name)
     previous = (last or {}).get("states", {})
     decisions: dict[str, Decision] = {}
     warnings: list[str] = []
     running: set[str] = set()
     checks: list[str] = []
+    manifests: dict[str, dict] = {}
     for name, state in states.items():
         manifest = store.manifest(state.kind, state.key)
         d = decide(state, manifest is not None, name in force, previous.get(name), running)
-        if d.status == "run":
-            running.add(name)
-        else:
+        if d.status == "cached":
+            manifests[name] = manifest
             w = code_warning(name, manifest, type(pipeline.nodes[name].stage).code_hash())
             if w:
                 warnings.append(w)
-            forced_above = sorted(f for f in force if name in pipeline.downstream(f))
-            if forced_above:  # freshness by content, decided when they commit
-                checks.append(name)
-                d = Decision(name, d.key, "cached", f"{d.reason}; runs too if forced "
-                             f"{', '.join(repr(f) for f in forced_above)} commits different "
-                             f"content")
+            d = fresh_decision(pipeline, name, d, manifest, manifests, running, checks,
+                               set(force))
+        if d.status == "run":
+            running.add(name)
         decisions[name] = d
     return Plan(pipeline, store, states, decisions, warnings, checks)
+
+
+def fresh_decision(pipeline, name: str, d: Decision, manifest: dict, manifests: dict,
+                   running: set[str], checks: list[str], force: set[str]) -> Decision:
+    """Freshness by content for a cached stage (its key unchanged): below a stage that runs
+    under its old key (forced, or remade after ``verify --repair``), it is checked when that
+    one commits (``checks``); with every upstream cached, it runs if the content it was made
+    from is not what its upstream artifacts hold now (one of them was remade since)."""
+    above = sorted(r for r in running if name in pipeline.downstream(r))
+    if above:
+        checks.append(name)
+        which = ", ".join(f"'{f}'" + (" (forced)" if f in force else "") for f in above)
+        return Decision(name, d.key, "cached", f"{d.reason}; runs too if {which} commits "
+                        f"different content")
+    if manifest.get("input_content") is None:
+        return d
+    changed = fresh(manifest, input_refs(pipeline, name, manifests))
+    if not changed:
+        return d
+    return Decision(name, d.key, "run", f"input content changed: {', '.join(changed)} (an "
+                    f"upstream artifact was remade with other content since this one was "
+                    f"made)", forced=True)

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from ..errors import StageFailed, UserError
 from .planner import Plan, make_plan
 from .progress import Display
-from .scheduler import Hooks, Schedule, run_schedule
+from .scheduler import Hooks, Schedule, input_refs, run_schedule
 from .store import Store
 from .tracking import Tracker, redact, resolve_tracking_uri
 
@@ -80,15 +80,6 @@ def check_feasible(pipeline, names: list[str], available: dict) -> None:
                 raise UserError(f"stage '{name}' ({pipeline.nodes[name].kind}): resources.{attr} "
                                 f"{want:g} is more than the Ray cluster has ({have:g} {key}); "
                                 f"allowed: 0 to {have:g}")
-
-
-def input_refs(pipeline, name: str, manifests: dict) -> dict:
-    """Per input of stage ``name``: the committed manifest it reads and which output (a
-    variadic input: a list of (upstream stage, manifest, output)); the stage's task opens
-    them on its node (``execute_stage``)."""
-    return {inp: [(up, manifests[up], out) for up, out in wired] if isinstance(wired, list)
-            else (manifests[wired[0]], wired[1])
-            for inp, wired in pipeline.nodes[name].inputs.items()}
 
 
 def run_plan(plan: Plan, address: str | None = None, tracking_uri: str | None = None,
@@ -160,8 +151,8 @@ class _RunHooks(Hooks):
 
     def started(self, name, reason):
         state = self.plan.states[name]
-        rid = self.tracker.start_stage(self.run_id, name, state.kind, state.key, state.config,
-                                       "running")
+        rid = self.tracker.start_stage(self.run_id, name, state.kind, state.key,
+                                       {**state.config, **state.execution}, "running")
         self.stage_runs[name] = (rid, time.time())
         self.reasons[name] = reason
         self.display.start(name, state.kind, reason)
@@ -224,7 +215,8 @@ def _run_stages(plan, manifests, results, tracker, run_id, display, address):
 
 
 def record_cached(tracker, run_id, store, name, state, manifest, results, reason) -> None:
-    rid = tracker.start_stage(run_id, name, state.kind, state.key, state.config, "cached")
+    rid = tracker.start_stage(run_id, name, state.kind, state.key,
+                              {**state.config, **state.execution}, "cached")
     _track_stage(tracker, rid, store, manifest, [], "cached", plots=False)
     results[name] = StageResult(name, state.kind, "cached", state.key,
                                 store.artifact_dir(state.kind, state.key), 0.0,

@@ -120,6 +120,12 @@ def _parse_entry(key: str, spec, pipeline, where: str) -> Param:
             raise UserError(f"{where}: key '{key}': stage '{stage}' ({node.kind}) has no config "
                             f"field '{field}'{did_you_mean(part, allowed)}; allowed fields: "
                             f"{allowed_list(allowed)}")
+    execution, kept = model.execution_fields(), node.stage.config.keyed_execution()
+    if parts[0] in execution and parts[0] not in kept:
+        raise UserError(f"{where}: key '{key}': '{parts[0]}' is an execution setting of "
+                        f"{node.kind}: it changes how the stage runs, not what it makes (not in "
+                        f"its cache key), so every trial would share one artifact; allowed: "
+                        f"a field other than {allowed_list(execution)}, or set it with --set")
     w = f"{where}: key '{key}'"
     if not isinstance(spec, dict) or len(spec) != 1:
         raise UserError(f"{w}: {spec!r} is not a distribution; expected one of "

@@ -16,8 +16,7 @@ import time
 
 from .board import RayBoard
 from .planner import make_plan
-from .runner import input_refs
-from .scheduler import Hooks, Schedule, run_schedule
+from .scheduler import Hooks, Schedule, input_refs, run_schedule
 from .store import Store
 from .sweep_space import apply_params
 
@@ -45,17 +44,19 @@ class TrialBoard(RayBoard):
 
 
 def run_trial(config: dict, base=None, store_root: str = "", stages: tuple = (),
-              metric: str = "", gpus: float = 0.0, board_actor=None) -> None:
+              metric: str = "", gpus: float = 0.0, board_actor=None,
+              known: dict | None = None) -> None:
     """``config``: {'stage.field': value} drawn by Tune; ``stages``: the trial's stages
     (the rest of what the metric needs is shared and cached); ``metric``: 'STAGE.NAME';
-    ``board_actor``: the sweep's board (``board.start_board_actor``)."""
+    ``board_actor``: the sweep's board (``board.start_board_actor``); ``known``: the
+    driver's content checksums of the files the stages read by path."""
     from ray import tune
 
     prefix = f"{tune.get_context().get_trial_id()}/"
     metric_stage, metric_name = metric.split(".", 1)
     pipeline = apply_params(base, config)
     store = Store.open(store_root, create=False)
-    plan = make_plan(pipeline, store)
+    plan = make_plan(pipeline, store, known=known)
     manifests: dict[str, dict] = {}
     status: dict[str, str] = {}
     for name in _needed(pipeline, metric_stage):

@@ -45,7 +45,7 @@ class TrajectoryActor:
     def __init__(self, teacher: Model, cfg: dict, seed: int, threads: int, where: str):
         self.device = torch_device()
         if self.device.type == "cpu":
-            torch.set_num_threads(threads)  # same thread count, same arithmetic
+            torch.set_num_threads(threads)  # an execution setting: equal within float tolerance
         # the artifact, never a path: ``.path`` is a verified copy on this actor's node
         self.model = load_diffusion(teacher.path, where).to(self.device)
         self.cfg = DiffusionTrajectories.Config(**cfg)

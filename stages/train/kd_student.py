@@ -142,7 +142,7 @@ class KDStudent(Stage):
         # (what DistributedSampler does, without Ray Data's per-batch cost); larger tables
         # stream through Ray Data every epoch; 0: always stream
         in_memory_mib: int = Field(2048, ge=0)
-        # hold the training rows in Ray's object store (spilled to disk when large) rather
+        # streamed rows: hold them in Ray's object store (spilled to disk when large) rather
         # than re-reading the parquet files every epoch (seconds per epoch on small data)
         cache: bool = True
         execution = ("cache",)  # with the harness's num_workers and max_failures
@@ -152,9 +152,10 @@ class KDStudent(Stage):
             if self.in_memory_mib == 0:
                 kept["num_workers"] = ("the rows stream (in_memory_mib: 0): each worker "
                                        "shuffles its own shard")
-            elif self.dropout is None:
-                kept["num_workers"] = ("a text student keeps its config's dropout "
-                                       "(dropout: None), whose masks each worker draws")
+            elif self.dropout != 0:
+                kept["num_workers"] = (f"a text student trains with dropout ({self.dropout}: "
+                                       f"None is its config's own), whose masks each worker "
+                                       f"draws")
             return kept
 
         @model_validator(mode="after")
@@ -197,8 +198,7 @@ class KDStudent(Stage):
         columns = list(task.columns)
         files = signal.files()
         num_train = parquet(signal).count_rows(filter=pc.field("split") == "train")
-        in_memory = cfg.cache and hold_in_memory(train_share_bytes(files, columns, 1),
-                                                 cfg.in_memory_mib)
+        in_memory = hold_in_memory(train_share_bytes(files, columns, 1), cfg.in_memory_mib)
         if in_memory:  # every worker reads the train rows once (pyarrow)
             rows = Rows(task.columns, files=files, num_rows=num_train)
         else:  # streamed from Ray Data every epoch (cached in the object store)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from pipelines.artifacts import parquet_dataset
+from pipelines.errors import UserError
 
 
 def hold_tables(tables: list, columns: dict) -> dict[str, torch.Tensor]:
@@ -131,8 +132,8 @@ class _HeldRows:
         self.held, self.rank, self.world, self.device = held, rank, world, device
         n = len(next(iter(held.values())))
         if n < world:
-            raise ValueError(f"{n} training rows cannot be split across {world} workers; "
-                             f"allowed: num_workers at most {n}")
+            raise UserError(f"{n} training rows cannot be split across {world} workers; "
+                            f"allowed: num_workers at most {n}")
         self.batch_size = min(batch_size, n)
         self.steps_per_epoch = n // self.batch_size
 

@@ -158,3 +158,15 @@ def test_content_checksums_are_remembered_by_size_and_mtime(tmp_path, monkeypatc
     assert content_checksum(str(f)) == first and calls == []  # remembered
     f.write_text("a dog")
     assert content_checksum(str(f)) != first and calls == [os.path.realpath(f)]
+
+
+def test_a_sweep_over_an_execution_setting_is_refused():
+    from pipelines._internal.sweep_space import parse_space
+    from tests.pipelines import toy_stages  # noqa: F401
+    p = Pipeline.from_dict({"stages": {
+        "nums": {"kind": "test-numbers"},
+        "double": {"kind": "test-scale", "inputs": {"numbers": "nums"}}}})
+    with pytest.raises(UserError, match=r"key 'double.threads': 'threads' is an execution "
+                                        r"setting of test-scale.*every trial would share one "
+                                        r"artifact"):
+        parse_space({"double.threads": {"choice": [1, 2]}}, p)

@@ -80,7 +80,7 @@ def test_force_reruns_one_stage(first_runs):
     open(os.path.join(work, "old-checkpoint"), "w").close()
     p = plan(diamond(), store=store, force=["double"])
     assert p.decisions["sum"].status == "cached"
-    assert "runs too if forced 'double' commits different content" in p.decisions["sum"].reason
+    assert "runs too if 'double' (forced) commits different content" in p.decisions["sum"].reason
     assert p.checks == ["sum"]
     result = run(diamond(), store=store, force=["double"], progress=False)
     # double is deterministic: the same content, so sum's artifact still holds
@@ -241,3 +241,30 @@ def test_a_variadic_input_gets_each_stage_by_name(first_runs):
     assert result["count"].metrics == {"rows/nums": 40, "rows/double": 40}
     m = Store(store).manifest("test-count-many", result["count"].key)
     assert m["inputs"]["parts"] == [f"{cold['nums'].key}/numbers", f"{cold['double'].key}/scaled"]
+    from pipelines.cli import main
+    assert main(["lineage", result["count"].key[:12], "--store", store]) == 0
+
+
+def test_a_stage_made_from_content_that_was_remade_since_runs_again(ray_session, tmp_path,
+                                                                   capsys):
+    """Freshness across runs: another pipeline re-made 'double' (same key, other content);
+    the next plan of the diamond sees that 'sum' was made from the old content."""
+    store = str(tmp_path / "store")
+    noisy = diamond(**{"double.noise": "true"})
+    cold = run(noisy, store=store, progress=False)
+    spec = noisy.to_dict()
+    only = Pipeline.from_dict({"name": "only-double", "seed": spec["seed"], "stages": {
+        n: spec["stages"][n] for n in ("nums", "double")}})
+    again = run(only, store=store, force=["double"], progress=False)
+    assert again["double"].key == cold["double"].key
+    predicted = plan(noisy, store=store)
+    assert predicted.decisions["sum"].status == "run"
+    assert predicted.decisions["sum"].reason.startswith("input content changed: a (an upstream "
+                                                        "artifact was remade")
+    assert predicted.decisions["triple"].status == "cached"
+    result = run(noisy, store=store, progress=False)
+    assert result["sum"].status == "ran" and result["sum"].key == cold["sum"].key
+    assert plan(noisy, store=store).to_run() == []
+    from pipelines.cli import main
+    assert main(["lineage", result["sum"].key[:12], "--store", store]) == 0
+    assert "a <- scaled of test-scale" in capsys.readouterr().out

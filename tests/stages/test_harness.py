@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from pipelines import UserError
 from pipelines.context import StageContext
 from stages.train.drivers import CHECKPOINT, CONFIG
 from stages.train.harness import AdamWConfig, Loss, TrainMethod, fit
@@ -104,7 +105,7 @@ def test_fewer_rows_than_a_batch_make_one_weighted_batch():
     (a, wa), (b, wb) = parts[0][0], parts[1][0]
     assert (len(a["x"]), len(b["x"])) == (4, 3)
     assert wa == pytest.approx(8 / 7) and wb == pytest.approx(6 / 7)  # mean of the 7 rows
-    with pytest.raises(ValueError, match="7 training rows cannot be split across 8 workers"):
+    with pytest.raises(UserError, match="7 training rows cannot be split across 8 workers"):
         rows.for_worker(0, 8, 8, "cpu")
 
 
