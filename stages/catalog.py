@@ -18,6 +18,7 @@ from stages.data import text_corpus  # noqa: F401
 from stages.teacher import pretrained_model  # noqa: F401
 from stages.teacher import fit_causal_lm  # noqa: F401
 from stages.data import mnist  # noqa: F401
+from stages.data import load_prompts  # noqa: F401
 from stages.teacher import expert_trajectories  # noqa: F401
 from stages.distill import random_subset, dm, mtt, herding  # noqa: F401
 from stages.evaluate import evaluate_synthetic  # noqa: F401

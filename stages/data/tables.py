@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pyarrow.compute as pc
 
 from pipelines.errors import bad_value
@@ -46,3 +48,8 @@ def read_split(data, split: str, columns: list[str], where: str) -> dict:
     if not len(cols[columns[0]]):
         raise bad_value(where, f"number of rows with split == {split!r}", 0, "at least one")
     return cols
+
+
+def stable_id(text: str) -> int:
+    """A row id from its text alone (63 bits of sha1): the same text, the same id."""
+    return int.from_bytes(hashlib.sha1(text.encode()).digest()[:8], "big") >> 1

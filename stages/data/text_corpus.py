@@ -15,7 +15,6 @@ The stdlib differs between Python versions: the version is recorded in the info.
 from __future__ import annotations
 
 import ast
-import hashlib
 import os
 import re
 import sys
@@ -26,6 +25,7 @@ from pydantic import Field, model_validator
 
 from pipelines.errors import bad_value
 from pipelines.stage import Dataset, Stage, StageConfig
+from stages.data.tables import stable_id
 
 SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__"}
 CODE_LIKE = re.compile(r"[>{}=\[\]|_`#@$\\]|::|\(\)|\.\.\.|https?:")
@@ -56,10 +56,6 @@ def docstring_sentences(source: str, min_words: int, max_words: int):
                 if (min_words <= len(s.split()) <= max_words and s[:1].isupper()
                         and s.endswith(".") and not CODE_LIKE.search(s)):
                     yield s
-
-
-def stable_id(text: str) -> int:
-    return int.from_bytes(hashlib.sha1(text.encode()).digest()[:8], "big") >> 1
 
 
 class LoadTextCorpus(Stage):
