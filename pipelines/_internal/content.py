@@ -13,16 +13,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
+
+from .fetch import cache_dir, sha256_of
+from .store import write_json_atomic
 
 SKIP = (".git", "__pycache__")
 
 
 def memo_path() -> str:
-    base = os.environ.get("DISTILL_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-        "distillery")
-    return os.path.join(base, "content-hashes.json")
+    return os.path.join(cache_dir(), "content-hashes.json")
 
 
 def _load_memo() -> dict:
@@ -34,23 +33,10 @@ def _load_memo() -> dict:
 
 
 def _save_memo(memo: dict) -> None:
-    path = memo_path()
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{uuid.uuid4().hex[:8]}"
-        with open(tmp, "w") as f:
-            json.dump(memo, f)
-        os.replace(tmp, path)
+        write_json_atomic(memo_path(), memo)
     except OSError:
         pass  # a cache only: the next plan hashes again
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def files_of(path: str) -> list[tuple[str, str]]:
@@ -80,7 +66,7 @@ def content_checksum(path: str) -> str:
         if known and known[:-1] == stamp:
             sha = known[-1]
         else:
-            sha = file_sha256(full)
+            sha = sha256_of(full)[1]
             memo[full], dirty = stamp + [sha], True
         digest.update(f"{rel}:{sha}\n".encode())
     if dirty:

@@ -11,7 +11,7 @@ import traceback
 
 from ..context import StageContext
 from ..errors import UserError, find_corrupt
-from .plan import output_content
+from .plan import input_content
 from .store import Store
 
 LIBRARIES = ("distillery", "ray", "torch", "pyarrow", "numpy", "transformers", "diffusers",
@@ -96,15 +96,6 @@ def failure_message(e: BaseException) -> str:
     if corrupt is not None:
         return str(corrupt)
     return str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
-
-
-def input_content(inputs: dict) -> dict:
-    """Per input, the content checksum of what the stage read (``output_content``): a
-    forced upstream stage that commits different content makes this stage run again."""
-    def one(m, out):
-        return output_content(m["outputs"][out])
-    return {inp: [one(m, out) for _, m, out in ref] if isinstance(ref, list) else one(*ref)
-            for inp, ref in inputs.items()}
 
 
 def check_outputs(cls, name: str, outputs, staging: str) -> None:

@@ -40,12 +40,16 @@ CHUNK = 1 << 22
 VERIFIED = ".verified"
 
 
-def cache_root(uri: str) -> str:
-    """This node's cache directory of the store ``uri``: remote copies and markers."""
-    base = os.environ.get("DISTILL_CACHE_DIR") or os.path.join(
+def cache_dir() -> str:
+    """This node's cache: ``DISTILL_CACHE_DIR``, or ``~/.cache/distillery/stores``."""
+    return os.environ.get("DISTILL_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
         "distillery", "stores")
-    return os.path.join(base, hashlib.sha256(uri.encode()).hexdigest()[:16])
+
+
+def cache_root(uri: str) -> str:
+    """This node's cache directory of the store ``uri``: remote copies and markers."""
+    return os.path.join(cache_dir(), hashlib.sha256(uri.encode()).hexdigest()[:16])
 
 
 def is_remote(location: str) -> bool:

@@ -44,6 +44,33 @@ def output_content(entry: dict) -> str:
     return hashlib.sha256(material.encode()).hexdigest()
 
 
+def input_refs(pipeline, name: str, manifests: dict) -> dict:
+    """Per input of stage ``name``: the committed manifest it reads and which output (a
+    variadic input: a list of (upstream stage, manifest, output)); the stage's task opens
+    them on its node (``execute_stage``)."""
+    return {inp: [(up, manifests[up], out) for up, out in wired] if isinstance(wired, list)
+            else (manifests[wired[0]], wired[1])
+            for inp, wired in pipeline.nodes[name].inputs.items()}
+
+
+def input_content(refs: dict) -> dict:
+    """Per input (``input_refs``), the ``output_content`` it reads (a list for a variadic
+    input): what a manifest records of what its stage was made from."""
+    def one(m, out):
+        return output_content(m["outputs"][out])
+    return {inp: [one(m, out) for _, m, out in ref] if isinstance(ref, list) else one(*ref)
+            for inp, ref in refs.items()}
+
+
+def fresh(manifest: dict, refs: dict) -> list[str]:
+    """The inputs of a committed artifact (its ``manifest``) whose content differs from
+    what it was made from; ``refs``: ``input_refs`` (the manifests committed now). An
+    artifact that did not record its inputs' content counts as changed."""
+    recorded = manifest.get("input_content")
+    return [inp for inp, now in input_content(refs).items()
+            if recorded is None or recorded.get(inp) != now]
+
+
 @dataclass(frozen=True)
 class StageState:
     """What determines a stage's artifact: everything that goes into its key."""

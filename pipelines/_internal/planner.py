@@ -7,8 +7,7 @@ from dataclasses import dataclass, field
 
 from ..errors import UserError, allowed_list, did_you_mean
 from .content import content_checksum
-from .plan import Decision, StageState, code_warning, decide
-from .scheduler import fresh, input_refs
+from .plan import Decision, StageState, code_warning, decide, fresh, input_refs
 from .store import Store
 
 
@@ -40,19 +39,19 @@ def stage_states(pipeline, known: dict[str, str] | None = None) -> dict[str, Sta
     for name in pipeline.order():
         node = pipeline.nodes[name]
         config, execution, kept = node.stage.config.split_execution()
-
-        def ref(wired, field):
-            if isinstance(wired, list):
-                return [ref(w, field) for w in wired]
-            up, out = wired
-            return f"{states[up].key}/{out}" if field == "key" else up
-
         states[name] = StageState(
             name=name, kind=node.kind, version=node.stage.version, config=config,
-            seed=pipeline.seed, inputs={i: ref(w, "key") for i, w in node.inputs.items()},
-            upstream={i: ref(w, "up") for i, w in node.inputs.items()},
+            seed=pipeline.seed,
+            inputs={i: _each(w, lambda up, out: f"{states[up].key}/{out}")
+                    for i, w in node.inputs.items()},
+            upstream={i: _each(w, lambda up, _: up) for i, w in node.inputs.items()},
             execution=execution, kept=kept, contents=contents_of(name, node, known or {}))
     return states
+
+
+def _each(wired, fn):
+    """``fn(stage, output)`` of an input's (stage, output), or of each of a variadic's."""
+    return [fn(*w) for w in wired] if isinstance(wired, list) else fn(*wired)
 
 
 def contents_of(name: str, node, known: dict[str, str]) -> dict[str, str]:

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from ..errors import StageFailed, UserError
 from .planner import Plan, make_plan
 from .progress import Display
-from .scheduler import Hooks, Schedule, input_refs, run_schedule
+from .scheduler import Hooks, Schedule, run_schedule
 from .store import Store
 from .tracking import Tracker, redact, resolve_tracking_uri
 
@@ -207,7 +207,7 @@ def _run_stages(plan, manifests, results, tracker, run_id, display, address):
     schedule = Schedule(plan, manifests, plan.to_run(), list(plan.checks),
                         RayBoard(board_actor), float(available.get("GPU", 0.0)))
     try:
-        return run_schedule(schedule, hooks, input_refs)
+        return run_schedule(schedule, hooks)
     finally:
         for rid, _ in hooks.stage_runs.values():  # interrupted: close its MLflow runs
             tracker.end(rid, "KILLED")

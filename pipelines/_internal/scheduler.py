@@ -14,30 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .execute import execute_stage
-from .plan import output_content, should_retry
-
-
-def input_refs(pipeline, name: str, manifests: dict) -> dict:
-    """Per input of stage ``name``: the committed manifest it reads and which output (a
-    variadic input: a list of (upstream stage, manifest, output)); the stage's task opens
-    them on its node (``execute_stage``)."""
-    return {inp: [(up, manifests[up], out) for up, out in wired] if isinstance(wired, list)
-            else (manifests[wired[0]], wired[1])
-            for inp, wired in pipeline.nodes[name].inputs.items()}
-
-
-def fresh(manifest: dict, refs: dict) -> list[str]:
-    """The inputs of a cached stage (its committed ``manifest``) whose content differs from
-    what it was made from; ``refs``: ``input_refs`` (the manifests committed now).
-    An artifact that did not record its inputs' content counts as changed."""
-    recorded = manifest.get("input_content")
-    changed = []
-    for inp, ref in refs.items():
-        now = ([output_content(m["outputs"][o]) for _, m, o in ref] if isinstance(ref, list)
-               else output_content(ref[0]["outputs"][ref[1]]))
-        if recorded is None or recorded.get(inp) != now:
-            changed.append(inp)
-    return changed
+from .plan import fresh, input_refs, should_retry
 
 
 class Hooks:
@@ -78,7 +55,7 @@ class Schedule:
     failure: tuple | None = None
 
 
-def run_schedule(s: Schedule, hooks: Hooks, input_refs) -> tuple | None:
+def run_schedule(s: Schedule, hooks: Hooks) -> tuple | None:
     """Run ``s`` to the end; returns the first failure ``(stage, out)`` or None. After a
     failure nothing new starts, and stages already running finish (``stop_on_failure``:
     they are cancelled)."""

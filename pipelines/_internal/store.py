@@ -19,6 +19,7 @@ import uuid
 from dataclasses import dataclass
 
 from ..errors import UserError
+from .fetch import sha256_of
 
 MANIFEST = "manifest.json"
 _SPECIAL = ("_staging", "_work", "_runs", "_trash", "mlflow")
@@ -144,7 +145,7 @@ class Store:
         committed the same key first, theirs. ``replace`` (``--force``) swaps out a
         committed artifact of the same key."""
         kind, key = manifest["kind"], manifest["key"]
-        _write_json_atomic(os.path.join(staging, MANIFEST), manifest)
+        write_json_atomic(os.path.join(staging, MANIFEST), manifest)
         final = self.artifact_dir(kind, key)
         os.makedirs(os.path.dirname(final), exist_ok=True)
         for _ in range(3):
@@ -179,7 +180,7 @@ class Store:
     # -- run records -------------------------------------------------------------------
     def write_run(self, record: dict) -> str:
         path = os.path.join(self.runs_dir(), f"{record['run_id']}.json")
-        _write_json_atomic(path, record)
+        write_json_atomic(path, record)
         return path
 
     def runs(self) -> list[dict]:
@@ -214,7 +215,7 @@ def check_writable(root: str) -> None:
                         f"allowed: a directory you can create and write") from None
 
 
-def _write_json_atomic(path: str, obj) -> None:
+def write_json_atomic(path: str, obj) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     with open(tmp, "w") as f:
@@ -231,7 +232,7 @@ def describe_output(path: str, type_name: str, root: str, info: dict) -> dict:
     for dirpath, _, names in sorted(os.walk(path)):
         for name in sorted(names):
             full = os.path.join(dirpath, name)
-            files.append((os.path.relpath(full, path), os.path.getsize(full), _sha256(full)))
+            files.append((os.path.relpath(full, path), *sha256_of(full)))
     return output_entry(os.path.relpath(path, root), files, type_name, info,
                         lambda rel: pq.ParquetFile(os.path.join(path, rel)))
 
@@ -253,12 +254,3 @@ def output_entry(rel_dir: str, files: list[tuple[str, int, str]], type_name: str
         entry["schema"] = (str(parquet[0].schema_arrow).split("\n-- schema metadata")[0]
                            if parquet else "")
     return entry
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-

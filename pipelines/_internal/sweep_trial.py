@@ -16,7 +16,7 @@ import time
 
 from .board import RayBoard
 from .planner import make_plan
-from .scheduler import Hooks, Schedule, input_refs, run_schedule
+from .scheduler import Hooks, Schedule, run_schedule
 from .store import Store
 from .sweep_space import apply_params
 
@@ -71,7 +71,7 @@ def run_trial(config: dict, base=None, store_root: str = "", stages: tuple = (),
     schedule = Schedule(plan, manifests, waiting, board=TrialBoard(board_actor, prefix),
                         gpus=gpus, options={"scheduling_strategy": "DEFAULT"},  # not in
                         stop_on_failure=True)                                # Tune's PG
-    failure = run_schedule(schedule, hooks, input_refs)
+    failure = run_schedule(schedule, hooks)
     if failure is not None:
         raise TrialFailed(f"stage '{failure[0]}' failed: {failure[1]['message']}")
     steps = hooks.steps

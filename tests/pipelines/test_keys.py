@@ -153,8 +153,8 @@ def test_content_checksums_are_remembered_by_size_and_mtime(tmp_path, monkeypatc
     first = content_checksum(str(f))
     calls = []
     import pipelines._internal.content as content
-    real = content.file_sha256
-    monkeypatch.setattr(content, "file_sha256", lambda p: calls.append(p) or real(p))
+    real = content.sha256_of
+    monkeypatch.setattr(content, "sha256_of", lambda p: calls.append(p) or real(p))
     assert content_checksum(str(f)) == first and calls == []  # remembered
     f.write_text("a dog")
     assert content_checksum(str(f)) != first and calls == [os.path.realpath(f)]
