@@ -10,6 +10,10 @@ teacher trajectories into training pairs, no real images needed.
 - ``reflow``: (noise z, final sample x1 = ODE_teacher(z), label) pairs of rectified flow
   (Liu et al. 2022, "Flow Straight and Fast", Sec. 2.2, the "reflow" coupling).
 
+Latent text-to-image trajectories carry their conditioning keys instead of a label:
+``prompt_id``, ``prompt_index`` (the row of the train prompts in the ``encode-prompts``
+output) and ``guidance_scale`` (the row's w), and their model times are floats.
+
 Built with Ray Data ``map_batches`` over the trajectory dataset.
 """
 
@@ -22,14 +26,16 @@ from pipelines.stage import Dataset, Resources, Stage, StageConfig
 from stages.data.tables import parquet, require_columns
 from stages.models.diffusion import where_of
 
-COLUMNS = ["id", "label", "noise", "states", "timesteps", "sample"]
+COLUMNS = ["id", "noise", "states", "timesteps", "sample"]
+KEYS = {"pixel": ["label"], "latent": ["prompt_id", "prompt_index", "guidance_scale"]}
 
 
 def consistency_pairs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     states, ts = np.asarray(batch["states"]), np.asarray(batch["timesteps"])
     n, k = states.shape[:2]
     rep = lambda a: np.repeat(np.asarray(a), k - 1, axis=0)  # noqa: E731
-    return {"id": rep(batch["id"]), "label": rep(batch["label"]),
+    keys = {c: rep(batch[c]) for c in batch if c in KEYS["pixel"] + KEYS["latent"]}
+    return {"id": rep(batch["id"]), **keys,
             "pair": np.tile(np.arange(k - 1), n),
             "x_hi": states[:, :-1].reshape(n * (k - 1), *states.shape[2:]),
             "t_hi": ts[:, :-1].reshape(-1), "t_lo": ts[:, 1:].reshape(-1),
@@ -38,13 +44,13 @@ def consistency_pairs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def reflow_pairs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {"id": batch["id"], "label": batch["label"], "noise": batch["noise"],
-            "sample": batch["sample"]}
+    keys = {c: batch[c] for c in batch if c in KEYS["pixel"] + KEYS["latent"]}
+    return {"id": batch["id"], **keys, "noise": batch["noise"], "sample": batch["sample"]}
 
 
 class DiffusionPairs(Stage):
     kind = "diffusion-pairs"
-    version = "1"
+    version = "2"  # 2: latent trajectories (prompt keys and float model times)
 
     class Config(StageConfig):
         pass
@@ -55,14 +61,18 @@ class DiffusionPairs(Stage):
 
     def run(self, ctx, trajectories):
         where = where_of(ctx, self.kind, "trajectories")
-        require_columns(trajectories, COLUMNS, where)
+        names = parquet(trajectories).schema.names
+        keys = KEYS["latent"] if "prompt_index" in names else KEYS["pixel"]
+        require_columns(trajectories, COLUMNS + keys, where)
         timesteps = trajectories.info.get("timesteps")
         if not timesteps or len(timesteps) < 2:
             raise bad_value(where, "info.timesteps", timesteps,
                             "at least 2 stored states per trajectory (diffusion-trajectories)")
         info = {k: trajectories.info[k] for k in ("num_classes", "shape", "sampler", "steps",
-                                                  "precision") if k in trajectories.info}
-        ds = trajectories.read(columns=COLUMNS)
+                                                  "precision", "pipeline_class", "family",
+                                                  "time", "guidance_scale", "guidance")
+                if k in trajectories.info}
+        ds = trajectories.read(columns=COLUMNS + keys)
         consistency = ctx.write_dataset(
             "consistency", ds.map_batches(consistency_pairs, batch_format="numpy"),
             info={**info, "pairs": "consistency", "timesteps": timesteps})

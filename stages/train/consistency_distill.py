@@ -21,6 +21,16 @@ c = 0.00054 sqrt(dim) when ``huber_c`` is left unset).
   (teacher samples as data) and fresh noise, x_{t_lo} by one teacher DDIM solver step
   (Algorithm 2's Phi), the teacher in the loop.
 
+Latent text-to-image teachers (``stages.models.families``; input ``embeddings``, the
+``encode-prompts`` output): the same loss on latents, conditioned on the stored prompt
+embeddings, in the family's own time (VP timesteps, or t = 1000 sigma for flow-matching
+families, whose x0 is x_t - sigma v; the boundary scalings are the same functions of t).
+In ``online`` mode the teacher's solver step is taken with guidance (LCM's augmented PF-ODE,
+Luo et al. 2023, eq. 10: w per row, or the fixed w), one DDIM / flow-Euler step
+x_lo = alpha_lo x0_hat + sigma_lo eps_hat. ``guidance``, ``guidance_scale`` and ``lora``:
+``stages.train.latent_student``. Saved as a pipeline folder with ``LCMScheduler`` (VP) or
+``FlowMatchLCMScheduler`` (flow), so ``DiffusionPipeline.from_pretrained`` samples it.
+
 The student (the teacher's UNet, or a smaller ``architecture`` started from the teacher
 weights it shares; fresh with ``init: scratch``) is saved as a diffusers folder with
 ``student.json``: multistep consistency sampling (Algorithm 1) in
@@ -35,8 +45,19 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from stages.models.diffusion_sampling import consistency_fn, ddim_step
+from stages.models.diffusion_sampling import consistency_fn, consistency_scalings, ddim_step
+from stages.models.families.sampling import guidance_mode
 from stages.train.diffusion_student import StudentConfig, StudentMethod, StudentStage
+from stages.train.harness import Loss, TrainMethod
+from stages.train.latent_student import LatentStudentMethod
+
+
+def distance(pred, target, kind: str, huber_c: float | None) -> torch.Tensor:
+    diff = (pred - target).flatten(1)
+    if kind == "l2":
+        return diff.pow(2).mean()
+    c = huber_c if huber_c is not None else 0.00054 * math.sqrt(diff.shape[1])
+    return ((diff.pow(2).sum(1) + c * c).sqrt() - c).mean()
 
 
 class ConsistencyLoss(StudentMethod):
@@ -62,16 +83,51 @@ class ConsistencyLoss(StudentMethod):
         pred = consistency_fn(teacher, model, x_hi, t_hi, y)            # 2. f_theta
         with torch.no_grad():
             target = consistency_fn(teacher, ema, x_lo, t_lo, y)        # 3. f_theta-
-        diff = (pred - target).flatten(1)
-        if self.distance == "l2":                                       # 4. distance
-            return diff.pow(2).mean()
-        c = self.huber_c if self.huber_c is not None else 0.00054 * math.sqrt(diff.shape[1])
-        return ((diff.pow(2).sum(1) + c * c).sqrt() - c).mean()
+        return distance(pred, target, self.distance, self.huber_c)   # 4. distance
+
+
+class LatentConsistencyLoss(LatentStudentMethod, TrainMethod):
+    """The same loss for a latent teacher (the module docstring)."""
+
+    def __init__(self, cfg, teacher, embeddings, columns, w_fixed: float, grid: list[float]):
+        super().__init__(cfg, teacher, embeddings, columns, w_fixed)
+        self.grid, self.teacher_in_loop = grid, cfg.mode == "online"
+
+    def f(self, net, x, t, cond, w, mode):
+        """f(x, t) = c_skip(t) x + c_out(t) x0_hat(x, t)."""
+        out = self.model.predict(net, x, t, cond, w, mode)
+        x0, _ = self.model.schedule.x0_eps(out, x, t)
+        c_skip, c_out = consistency_scalings(t, x)
+        return c_skip * x + c_out * x0
+
+    def loss(self, nets, emas, batch, gen):
+        cond, w, mode = self.conditioning(batch)                        # 1. conditioning
+        schedule = self.model.schedule
+        if self.cfg.mode == "trajectory":                               # 2. the pair
+            x_hi, t_hi, x_lo, t_lo = batch["x_hi"], batch["t_hi"], batch["x_lo"], batch["t_lo"]
+        else:
+            x0 = batch["sample"]
+            i = torch.randint(0, len(self.grid) - 1, (len(x0),), generator=gen)
+            grid = torch.tensor(self.grid, dtype=torch.float32)
+            t_hi, t_lo = grid[i].to(x0.device), grid[i + 1].to(x0.device)
+            x_hi = schedule.noised(x0, torch.randn(x0.shape, generator=gen).to(x0.device), t_hi)
+            teacher_w = batch["guidance_scale"] if self.cfg.guidance == "embedded" else w
+            with torch.no_grad():                                       # one guided step
+                out = self.model.predict(self.teacher, x_hi, t_hi, cond, teacher_w,
+                                         guidance_mode(self.model, True))
+                p0, eps = schedule.x0_eps(out, x_hi, t_hi)
+                x_lo = schedule.noised(p0, eps, t_lo)
+        pred = self.f(nets["student"], x_hi, t_hi, cond, w, mode)      # 3. f_theta
+        with torch.no_grad():
+            target = self.f(emas["student"], x_lo, t_lo, cond, w, mode)  # 4. f_theta-
+        loss = distance(pred, target, self.cfg.distance, self.cfg.huber_c)
+        return Loss({"student": loss}, len(x_hi))
 
 
 class ConsistencyDistill(StudentStage):
     kind = "consistency-distill"
-    version = "3"  # 2: the training harness (held pairs, one global permutation per epoch)
+    version = "4"  # 4: latent text-to-image teachers
+    # 2: the training harness (held pairs, one global permutation per epoch)
     # 3: a last partial batch dropped, the same steps whatever the number of workers
 
     class Config(StudentConfig):
@@ -79,7 +135,11 @@ class ConsistencyDistill(StudentStage):
         huber_c: float | None = Field(None, gt=0)
         mode: Literal["trajectory", "online"] = "trajectory"
 
-    def run(self, ctx, pairs, teacher):
+    def run(self, ctx, pairs, teacher, embeddings=None):
+        from stages.models.families import is_latent
+        if is_latent(teacher.path):
+            return self.run_latent(ctx, pairs, teacher, embeddings)
+        self.check_pixel(ctx, self.config, embeddings)
         cfg = self.config
         teacher_model = self.load_inputs(ctx, pairs, teacher, "consistency")
         grid = pairs.info["timesteps"]
@@ -92,3 +152,16 @@ class ConsistencyDistill(StudentStage):
         model = self.train(ctx, cfg, pairs, teacher, method, student,
                            teacher_model.scheduler_config)
         return {"model": model}
+
+    def run_latent(self, ctx, pairs, teacher, embeddings):
+        cfg = self.config
+        model, w = self.load_latent_inputs(ctx, pairs, teacher, embeddings, "consistency")
+        grid = [float(t) for t in pairs.info["timesteps"]]
+        columns = (["x_hi", "t_hi", "x_lo", "t_lo"] if cfg.mode == "trajectory"
+                   else ["sample"]) + ["prompt_index", "guidance_scale"]
+        noisy = [t for t in grid if t != model.schedule.clean]
+        student = {"method": "consistency", "timesteps": noisy, "max_steps": len(noisy),
+                   "distance": cfg.distance, "mode": cfg.mode}
+        method = LatentConsistencyLoss(cfg, teacher, embeddings, columns, w, grid)
+        scheduler = model.family.student_scheduler(model, noisy)
+        return {"model": self.train_latent(ctx, cfg, pairs, model, method, student, scheduler)}

@@ -18,10 +18,12 @@ from stages.data.tables import parquet
 from stages.models.diffusion import (Diffusion, UNetArch, check_shape, load_diffusion,
                                      save_diffusion, where_of)
 from stages.train.harness import Loss, TrainConfig, TrainMethod, fit
+from stages.train.latent_student import (LatentStudentFields, build_student,
+                                         check_latent_student, trainable_params)
 from stages.train.rows import Rows, hold_in_memory, train_share_bytes
 
 
-class StudentConfig(TrainConfig):
+class StudentConfig(LatentStudentFields, TrainConfig):
     """Fields shared by the student stages (the harness's, AdamW, EMA).
 
     ``architecture`` None is the teacher's own UNet. A smaller one (fewer channels, no
@@ -92,6 +94,7 @@ class StudentStage(Stage):
     """Base of the student stages: (pairs, teacher) -> model, Ray Train work only."""
 
     inputs = {"pairs": Dataset, "teacher": Model}
+    optional_inputs = {"embeddings": Dataset}  # latent text-to-image teachers
     outputs = {"model": Model}
     resources = Resources(num_cpus=0)  # only launches Ray Train work
 
@@ -107,18 +110,86 @@ class StudentStage(Stage):
             check_shape(model, pairs.info["shape"], where, "pairs")
         return model
 
+    def pixel_only(self, ctx, teacher, embeddings) -> None:
+        """For the methods that take pixel-space teachers only (so far)."""
+        from stages.models.families import is_latent
+        if is_latent(teacher.path):
+            raise bad_value(where_of(ctx, self.kind, "teacher"), "model", teacher.path,
+                            f"a pixel-space UNet2DModel folder ({self.kind} has no latent "
+                            "text-to-image path yet; consistency-distill has)")
+        self.check_pixel(ctx, self.config, embeddings)
+
+    def check_pixel(self, ctx, cfg: StudentConfig, embeddings) -> None:
+        """A pixel teacher takes none of the latent students' fields."""
+        latent = {"embeddings": embeddings is not None, "guidance": cfg.guidance != "fixed",
+                  "guidance_scale": cfg.guidance_scale is not None,
+                  "lora": cfg.lora is not None}
+        if any(latent.values()):
+            raise bad_value(where_of(ctx, self.kind), [k for k, v in latent.items() if v][0],
+                            "set", "unset for a pixel-space UNet2DModel teacher (a latent "
+                            "text-to-image pipeline's student field)")
+
+    def load_latent_inputs(self, ctx, pairs, teacher, embeddings, pairs_kind: str):
+        """The latent teacher, checked against the pairs, the embeddings and the config
+        before any training; returns (model, the fixed w)."""
+        from stages.models.families import load_latent
+        from stages.models.families.base import check_embeddings
+        where = where_of(ctx, self.kind)
+        model = load_latent(teacher.path, where_of(ctx, self.kind, "teacher"))
+        if embeddings is None:
+            raise bad_value(where, "input 'embeddings'", None, "the encode-prompts output the "
+                            f"trajectories were made with (a {model.pipeline_class} teacher)")
+        check_embeddings(model, embeddings.info, where_of(ctx, self.kind, "embeddings"))
+        pw = where_of(ctx, self.kind, "pairs")
+        if pairs.info.get("pairs") != pairs_kind:
+            raise bad_value(pw, "info.pairs", pairs.info.get("pairs"),
+                            [f"{pairs_kind} (diffusion-pairs output '{pairs_kind}')"])
+        shape = pairs.info.get("shape")
+        if shape is not None and int(shape[0]) != model.latent_shape()[0]:
+            raise bad_value(pw, "latent shape (channels, height, width)", shape,
+                            f"{model.latent_shape()[0]} channels, the teacher's latents")
+        if self.config.architecture is not None or self.config.init != "teacher":
+            raise bad_value(f"{where} config", "architecture / init", "set", "unset for a "
+                            "latent teacher (its student starts from the teacher's denoiser)")
+        w = check_latent_student(model, self.config, pairs.info, f"{where} config")
+        build_student(model, self.config, f"{where} config")  # slot and LoRA targets
+        return model, w
+
+    def rows(self, cfg: StudentConfig, pairs, method) -> Rows:
+        columns = list(method.columns)
+        files = pairs.files()
+        if hold_in_memory(train_share_bytes(files, columns, 1, split=None), cfg.in_memory_mib):
+            return Rows(method.columns, files=files, split=None)
+        return Rows(method.columns, stream=pairs.read(columns=columns).materialize(),  # streamed
+                    num_rows=parquet(pairs).count_rows(), shuffle_buffer=4096)
+
+    def train_latent(self, ctx, cfg: StudentConfig, pairs, model, method, student_info: dict,
+                     scheduler) -> Model:
+        """Fit a latent student and save it as a pipeline folder (``families.export``)."""
+        from stages.models.families.export import save_student
+        trained = fit(ctx, method, self.rows(cfg, pairs, method), cfg)
+        net = build_student(model, cfg, where_of(ctx, self.kind))
+        net.load_state_dict(trained.state["nets"]["student"])
+        trainable = trainable_params(net)
+        student_info = {**student_info, "guidance": cfg.guidance,
+                        "guidance_scale": method.w_fixed if cfg.guidance == "fixed" else None,
+                        "lora": cfg.lora.model_dump() if cfg.lora else None,
+                        "trainable_params": trainable}
+        path = save_student(model, net, scheduler, ctx.output_dir("model"), student_info,
+                            lora=cfg.lora is not None)
+        info = {"method": student_info["method"], "epochs": trained.state["epoch"] + 1,
+                "params": sum(p.numel() for p in net.parameters()),
+                "trainable_params": trainable, "guidance": cfg.guidance,
+                "lora_rank": cfg.lora.rank if cfg.lora else None,
+                "pipeline_class": model.pipeline_class,
+                **{k: float(v) for k, v in trained.metrics.items()}}
+        return Model(path=path, info=info)
+
     def train(self, ctx, cfg: StudentConfig, pairs, teacher, method: StudentMethod,
               student_info: dict, scheduler_config: dict) -> Model:
         """Fit ``method`` on the pairs through the harness and save the student as a
         diffusers folder with ``student.json``."""
-        columns = list(method.columns)
-        files = pairs.files()
-        if hold_in_memory(train_share_bytes(files, columns, 1, split=None), cfg.in_memory_mib):
-            rows = Rows(method.columns, files=files, split=None)
-        else:  # streamed from Ray Data every epoch
-            rows = Rows(method.columns, stream=pairs.read(columns=columns).materialize(),
-                        num_rows=parquet(pairs).count_rows(), shuffle_buffer=4096)
-        trained = fit(ctx, method, rows, cfg)
+        trained = fit(ctx, method, self.rows(cfg, pairs, method), cfg)
         model = load_diffusion(teacher.path, where_of(ctx, self.kind, "teacher"))
         student, from_teacher = init_student(cfg, model)
         student.load_state_dict(trained.state["nets"]["student"])

@@ -108,7 +108,8 @@ class ProgressiveDistill(StudentStage):
                                  "each round halves the steps")
             return self
 
-    def run(self, ctx, pairs, teacher):
+    def run(self, ctx, pairs, teacher, embeddings=None):
+        self.pixel_only(ctx, teacher, embeddings)
         cfg = self.config
         teacher_model = self.load_inputs(ctx, pairs, teacher, "reflow")  # teacher samples
         rounds = round(math.log2(cfg.start_steps / cfg.final_steps))

@@ -41,7 +41,8 @@ class Reflow(StudentStage):
     class Config(StudentConfig):
         pass
 
-    def run(self, ctx, pairs, teacher):
+    def run(self, ctx, pairs, teacher, embeddings=None):
+        self.pixel_only(ctx, teacher, embeddings)
         cfg = self.config
         teacher_model = self.load_inputs(ctx, pairs, teacher, "reflow")
         student = {"method": "reflow", "max_steps": teacher_model.num_train_timesteps}
