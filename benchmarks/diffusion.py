@@ -52,8 +52,8 @@ def _profile() -> str:
     return os.environ.get("DIFFUSION_BENCH_PROFILE", "gpu" if torch.cuda.is_available() else "cpu")
 
 
-def run_example(store: str, overrides: dict, gpus: float,
-                keep: tuple[str, ...] = ()) -> tuple[dict, dict, dict, list]:
+def run_example(store: str, overrides: dict, gpus: float, keep: tuple[str, ...] = (),
+                pipeline: str = PIPELINE) -> tuple[dict, dict, dict, list]:
     """Every stage of the example, in file order (a topological order), in this process.
     A stage whose committed outputs (same config, same inputs) are already in ``store``
     from an earlier invocation is reused, as the orchestrator's cache would. The stages
@@ -68,7 +68,7 @@ def run_example(store: str, overrides: dict, gpus: float,
     from pipelines.context import StageContext
     from pipelines.stage import get_stage_class
 
-    with open(PIPELINE) as f:
+    with open(pipeline) as f:
         spec = yaml.safe_load(f)
     outputs, configs, seconds, keys, reused = {}, {}, {}, {}, []
     for name, node in spec["stages"].items():

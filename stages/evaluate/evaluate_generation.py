@@ -26,6 +26,11 @@ name; ``fid/real/floor``; ``fid/teacher/best``,
 ``class_accuracy/teacher/best``, ``ms_per_image/teacher/best`` and ``steps/teacher/best`` at
 the teacher's best (lowest FID) step count. Plots: a sample grid per model (a row per step
 count, a column per class), FID against steps.
+
+A latent text-to-image teacher (a diffusers pipeline folder of a supported family, with
+the ``encode-prompts`` output as input ``embeddings``) is scored on its held-out prompts
+by ``stages.evaluate.generation_t2i`` (same metrics on the decoded images, plus
+teacher_distance, digit_accuracy, accuracy against w and end-to-end latency).
 """
 
 from __future__ import annotations
@@ -39,74 +44,19 @@ from pydantic import Field, PositiveInt
 
 from pipelines.errors import bad_value
 from pipelines.stage import Dataset, Many, Model, Report, Stage, StageConfig
+from stages.evaluate.generation_metrics import (RESERVED, Features, fid, fid_plot,  # noqa: F401
+                                                kid, precision_recall, real_floor)
 from stages.evaluate.timing import pyplot
 from stages.models.classifiers import load_classifier
 from stages.models.diffusion import check_shape, load_diffusion, where_of
 from stages.models.diffusion_sampling import SAMPLERS, check_student_steps, sample_any
 from stages.models.device import device as torch_device
-
-RESERVED = ("teacher", "real")  # model names of the metrics that are not students
-
-
-# -- metrics ------------------------------------------------------------------------------
-def fid(a: np.ndarray, b: np.ndarray) -> float:
-    from scipy import linalg
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean = linalg.sqrtm(s_a @ s_b)
-    if not np.isfinite(covmean).all():  # near-singular: regularise (as pytorch-fid does)
-        eye = np.eye(len(s_a)) * 1e-6
-        covmean = linalg.sqrtm((s_a + eye) @ (s_b + eye))
-    covmean = covmean.real
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b - 2 * covmean))
-
-
-def kid(a: np.ndarray, b: np.ndarray, subsets: int, size: int, seed: int) -> float:
-    rng = np.random.default_rng(seed)
-    d, m = a.shape[1], min(size, len(a), len(b))
-    values = []
-    for _ in range(subsets):
-        x = a[rng.choice(len(a), m, replace=False)]
-        y = b[rng.choice(len(b), m, replace=False)]
-        kxx, kyy, kxy = ((x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3)
-        off = lambda k: (k.sum() - np.trace(k)) / (m * (m - 1))  # noqa: E731
-        values.append(off(kxx) + off(kyy) - 2 * kxy.mean())
-    return float(np.mean(values))
-
-
-def precision_recall(real: np.ndarray, fake: np.ndarray, k: int) -> tuple[float, float]:
-    real, fake = torch.as_tensor(real), torch.as_tensor(fake)
-
-    def radii(x):  # distance to the k-th nearest neighbour within the set (self excluded)
-        return torch.cdist(x, x).kthvalue(k + 1, dim=1).values
-
-    def coverage(support, r, query):  # share of query points inside some support ball
-        return (torch.cdist(query, support) <= r[None, :]).any(1).float().mean().item()
-
-    return coverage(real, radii(real), fake), coverage(fake, radii(fake), real)
-
-
-class Features:
-    """The classifier's penultimate features (input of its last ``nn.Linear``) and logits."""
-
-    def __init__(self, classifier):
-        self.model = classifier.eval()
-        last = [m for m in classifier.modules() if isinstance(m, torch.nn.Linear)][-1]
-        last.register_forward_hook(lambda mod, inp, out: setattr(self, "_feat", inp[0]))
-
-    @torch.inference_mode()
-    def __call__(self, x01: torch.Tensor, batch: int = 1000):
-        feats, logits = [], []
-        for i in range(0, len(x01), batch):
-            logits.append(self.model(x01[i:i + batch].float()))
-            feats.append(self._feat.flatten(1))
-        return torch.cat(feats).double().numpy(), torch.cat(logits).argmax(1).numpy()
-
+from stages.models.families import is_latent
 
 class EvaluateGeneration(Stage):
     kind = "evaluate-generation"
-    version = "3"  # 2: latency measured side by side in rounds (was one timed pass each)
-    # 3: any number of students, named by their stage
+    version = "4"  # 2: latency measured side by side in rounds (was one timed pass each)
+    # 3: any number of students, named by their stage; 4: latent text-to-image teachers
 
     class Config(StageConfig):
         teacher_steps: list[PositiveInt] = [100, 50, 20, 10, 4, 2, 1]
@@ -120,12 +70,19 @@ class EvaluateGeneration(Stage):
         pr_k: int = Field(3, ge=1)
         latency_batch_size: int = Field(256, ge=1)
         latency_repeats: int = Field(5, ge=1)
+        # latent text-to-image teachers only (``generation_t2i``): the teacher's w, the
+        # w of the accuracy-against-w curve, the image size (default: the pipeline's)
+        guidance_scale: float = Field(4.0, ge=0)
+        guidance_scales: list[float] = Field([1.0, 4.0], min_length=1)
+        height: int | None = Field(None, ge=8)
+        width: int | None = Field(None, ge=8)
 
     inputs = {"teacher": Model, "classifier": Model, "data": Dataset,
               "students": Many(Model)}
+    optional_inputs = {"embeddings": Dataset}  # latent text-to-image teachers
     outputs = {"report": Report}
 
-    def run(self, ctx, teacher, classifier, data, students):
+    def run(self, ctx, teacher, classifier, data, students, embeddings=None):
         cfg = self.config
         where = where_of(ctx, self.kind)
         w = lambda field: (f"{where} input 'students' (stage '{field}')"  # noqa: E731
@@ -134,6 +91,12 @@ class EvaluateGeneration(Stage):
             if name in RESERVED:
                 raise bad_value(w("students"), "student stage name", name,
                                 f"any name but {', '.join(RESERVED)} (metric names use them)")
+        if is_latent(teacher.path):
+            from stages.evaluate.generation_t2i import run_latent
+            return run_latent(self, ctx, teacher, classifier, data, students, embeddings, w)
+        if embeddings is not None:
+            raise bad_value(w("embeddings"), "input", "wired", "unwired for a pixel-space "
+                            "UNet2DModel teacher (embeddings are for text-to-image pipelines)")
         t_model = load_diffusion(teacher.path, w("teacher"))                # 1. load, check
         models = {"teacher": t_model}
         for name in students:
@@ -151,15 +114,7 @@ class EvaluateGeneration(Stage):
         features = Features(net)
         device = torch_device()
 
-        rng = np.random.default_rng(ctx.seed)                                # 2. real halves
-        order = rng.permutation(len(real))
-        half_a, half_b = order[: len(real) // 2], order[len(real) // 2:]
-        n = min(cfg.num_samples or len(half_b), len(half_b))
-        feat_a, _ = features(torch.as_tensor(real[half_a]))
-        feat_b, _ = features(torch.as_tensor(real[half_b[:n]]))
-        metrics = {"fid/real/floor": fid(feat_a, feat_b),
-                   "kid/real/floor": kid(feat_a, feat_b, cfg.kid_subsets, cfg.kid_subset_size,
-                                         ctx.seed)}
+        feat_a, n, metrics = real_floor(features, real, cfg, ctx.seed)  # 2. real halves
 
         gen = torch.Generator().manual_seed(ctx.seed)                         # 3. same noise
         noise = torch.randn((n, *t_model.shape), generator=gen)
@@ -203,7 +158,8 @@ class EvaluateGeneration(Stage):
                                                       metrics[f"ms_per_image/{name}/{steps}"])
         figures = {f"samples_{name}.png": _grid_plot(name, rows, t_model.shape)
                    for name, rows in grids.items()}
-        figures["fid_vs_steps.png"] = _fid_plot(metrics, cfg, best, list(students))
+        figures["fid_vs_steps.png"] = fid_plot(metrics, cfg.teacher_steps, cfg.student_steps,
+                                               best, list(students))
         info = {"num_samples": n, "real_images": len(real), "threads": cfg.threads,
                 "device": str(device), "batch_size": cfg.batch_size, "teacher_best_steps": best,
                 "latency_batch": min(n, cfg.latency_batch_size),
@@ -255,21 +211,4 @@ def _grid_plot(name: str, rows: list, shape):
                 ax.imshow(img[..., 0] if shape[0] == 1 else img, cmap="gray", vmin=0, vmax=1)
         axes[r][0].set_title(f"{steps} steps", fontsize=7, loc="left")
     fig.suptitle(f"{name}: samples (one column per class)")
-    return fig
-
-
-def _fid_plot(metrics: dict, cfg, best: int, students: list[str]):
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    models = ["teacher", *students]
-    for name in models:
-        steps = sorted(cfg.teacher_steps if name == "teacher" else cfg.student_steps)
-        ax.plot(steps, [metrics[f"fid/{name}/{s}"] for s in steps], marker="o", label=name)
-    ax.axhline(metrics["fid/real/floor"], color="gray", ls="--", label="real vs real")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("sampling steps")
-    ax.set_ylabel("FID (classifier features)")
-    ax.set_title(f"FID against steps (teacher best: {best} steps)")
-    ax.legend()
     return fig

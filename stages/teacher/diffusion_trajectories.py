@@ -132,7 +132,8 @@ class DiffusionTrajectories(Stage):
 
     class Config(StageConfig):
         rows: int | None = Field(None, ge=1)  # pixel: default 2000; latent: at most this
-        sampler: Literal[tuple(dict.fromkeys(SAMPLERS + LATENT_SAMPLERS))] = "ddim"
+        # None: DDIM, or flow Euler for flow-matching families; "default": the folder's own
+        sampler: Literal[tuple(dict.fromkeys(SAMPLERS + LATENT_SAMPLERS))] | None = None
         steps: int = Field(20, ge=1)
         keep_states: int | None = Field(None, ge=2)  # K; None keeps all N + 1
         precision: Literal[tuple(DTYPES)] = "float32"
@@ -179,6 +180,7 @@ class DiffusionTrajectories(Stage):
                             "samples_per_prompt", "set", "unset for a pixel-space UNet2DModel "
                             "teacher (they are for latent text-to-image pipelines)")
         rows = cfg.rows or 2000
+        cfg = cfg.model_copy(update={"sampler": cfg.sampler or "ddim"})
         model = load_diffusion(teacher.path, where)          # 1. fail before any work
         if cfg.sampler not in SAMPLERS:
             raise bad_value(f"{where_of(ctx, self.kind)} config", "sampler", cfg.sampler,
@@ -217,6 +219,8 @@ class DiffusionTrajectories(Stage):
         cfg, stage = self.config, where_of(ctx, self.kind)
         where = where_of(ctx, self.kind, "teacher")
         model = load_latent(teacher.path, where)             # 1. fail before any work
+        cfg = cfg.model_copy(update={"sampler": cfg.sampler or (
+            "euler" if model.family.flow else "ddim")})
         if model.student is not None:
             raise bad_value(where, "model", teacher.path, "a teacher (this folder is a "
                             f"{model.student.get('method')} student)")

@@ -55,7 +55,13 @@ class EncodeActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = dict(batch)
-        out.update(self.encode([str(p) for p in batch["prompt"]]))
+        encoded = self.encode([str(p) for p in batch["prompt"]])
+        uncond = np.flatnonzero(np.asarray(batch["id"]) == UNCOND_ID)
+        if len(uncond):  # the unconditional row: the family's own rule for it
+            row = {k: v[uncond] for k, v in encoded.items()}
+            for k, v in self.model.family.unconditional(self.model, self.pipe, row).items():
+                encoded[k][uncond] = v
+        out.update(encoded)
         if "negative_prompt" in batch:
             negatives = self.encode([str(p) for p in batch["negative_prompt"]])
             out.update({f"negative_{k}": v for k, v in negatives.items()})

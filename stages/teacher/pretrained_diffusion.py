@@ -18,7 +18,7 @@ import shutil
 
 from pipelines.stage import Model, Stage, StageConfig
 from stages.models.diffusion import load_diffusion
-from stages.models.families import FAMILIES, PIXEL_PIPELINES, load_latent, read_index
+from stages.models.families import PIXEL_PIPELINES, load_latent, read_index
 
 
 class PretrainedDiffusion(Stage):

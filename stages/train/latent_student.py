@@ -49,7 +49,7 @@ def lora_config(model: LatentModel, net, lora: LoRA, where: str):
              or isinstance(m, torch.nn.Conv2d)]
     if not any(n == t or n.endswith("." + t) for n in names for t in targets):
         some = sorted({n.split(".")[-1] if not n.split(".")[-1].isdigit()
-                       else ".".join(n.split(".")[-2:]) for n in names})[:12]
+                       else ".".join(n.split(".")[-2:]) for n in names})[:30]
         raise bad_value(where, "lora.target_modules", targets,
                         f"module names of the {type(net).__name__}, e.g. {some}")
     return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=targets,
@@ -69,7 +69,12 @@ def build_student(model: LatentModel, cfg, where: str):
     if cfg.lora is None:
         return net.train().requires_grad_(True)
     net.requires_grad_(False)
-    net.add_adapter(lora_config(model, net, cfg.lora, where))
+    config = lora_config(model, net, cfg.lora, where)
+    if hasattr(net, "add_adapter"):  # diffusers' PeftAdapterMixin
+        net.add_adapter(config)
+    else:  # denoisers without it (PixArt, DiT in diffusers 0.42): peft directly
+        from peft import inject_adapter_in_model
+        inject_adapter_in_model(config, net)
     return net.train()
 
 
@@ -85,7 +90,7 @@ def check_latent_student(model: LatentModel, cfg, pairs_info: dict, where: str) 
         raise bad_value(where, "guidance_scale", None, "a number for a fixed-guidance "
                         f"student of pairs whose w is drawn from {stored} (or guidance: "
                         "embedded, or mode: online)")
-    if cfg.mode == "trajectory" and stored != w:
+    if getattr(cfg, "mode", "trajectory") == "trajectory" and stored != w:
         raise bad_value(where, "guidance_scale", w, f"{stored}, the w of the trajectories "
                         "the pairs came from (mode: trajectory reads the teacher's own "
                         "states); or mode: online, where the teacher takes the step at w")

@@ -9,10 +9,16 @@ import os
 
 from pipelines.errors import bad_value
 from stages.models.families.base import Family, LatentModel
+from stages.models.families.dit import DiT
+from stages.models.families.flux import Flux
+from stages.models.families.pixart import PixArt
+from stages.models.families.sana import Sana
 from stages.models.families.sd import StableDiffusion
+from stages.models.families.sd3 import StableDiffusion3
 from stages.models.families.sdxl import StableDiffusionXL
 
-ADAPTERS: tuple[type[Family], ...] = (StableDiffusion, StableDiffusionXL)
+ADAPTERS: tuple[type[Family], ...] = (StableDiffusion, StableDiffusionXL, PixArt, DiT,
+                                      StableDiffusion3, Flux, Sana)
 
 
 def _registry() -> dict[str, Family]:

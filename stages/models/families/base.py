@@ -161,7 +161,8 @@ class LatentModel:
         cfg = os.path.join(self.path, "vae", "config.json")
         if not os.path.isfile(cfg):
             return 8
-        blocks = read_json(cfg).get("block_out_channels", [0] * 4)
+        vae = read_json(cfg)  # AutoencoderKL: block_out_channels; AutoencoderDC: encoder_...
+        blocks = vae.get("block_out_channels") or vae.get("encoder_block_out_channels") or [0] * 4
         return 2 ** (len(blocks) - 1)
 
     def latent_shape(self, height: int | None = None, width: int | None = None):
@@ -235,6 +236,11 @@ class Family:
     def encode(self, model: LatentModel, pipe, prompts: list[str]) -> dict[str, np.ndarray]:
         """Per-prompt conditioning arrays (first axis = prompt), e.g. ``prompt_embeds``."""
         raise NotImplementedError
+
+    def unconditional(self, model: LatentModel, pipe, encoded: dict) -> dict:
+        """The unconditional branch's conditioning from the encoded empty prompt (SDXL
+        uses zeros instead when its pipeline says ``force_zeros_for_empty_prompt``)."""
+        return encoded
 
     def latent_shape(self, model: LatentModel, height, width) -> tuple[int, int, int]:
         c = int(model.denoiser_config["in_channels"])

@@ -25,10 +25,40 @@ def lora_layers(net) -> dict:
     return convert_state_dict_to_diffusers(get_peft_model_state_dict(net))
 
 
+def fuse_lora(net):
+    """Merge every LoRA layer into its base layer and put the base layer back: the plain
+    denoiser, with W + (alpha / r) B A as its weights."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    for name, module in list(net.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(net.get_submodule(parent) if parent else net, child, module.get_base_layer())
+    if "peft_config" in vars(net):
+        del net.peft_config
+    if hasattr(net, "_hf_peft_config_loaded"):
+        net._hf_peft_config_loaded = False
+    return net
+
+
+def save_lora(model: LatentModel, net, path: str) -> None:
+    """``pytorch_lora_weights.safetensors`` in the diffusers format, through the pipeline
+    class's own ``save_lora_weights`` where it has one (keys ``<denoiser>.…``)."""
+    import diffusers
+    from safetensors.torch import save_file
+    layers = lora_layers(net)
+    pipeline_cls = getattr(diffusers, model.pipeline_class)
+    if hasattr(pipeline_cls, "save_lora_weights"):
+        pipeline_cls.save_lora_weights(path, **{f"{model.family.denoiser}_lora_layers": layers},
+                                       safe_serialization=True)
+    else:
+        save_file({f"{model.family.denoiser}.{k}": v.contiguous() for k, v in layers.items()},
+                  os.path.join(path, LORA_FILE))
+
+
 def save_student(model: LatentModel, net, scheduler, path: str, student: dict,
                  lora: bool = False) -> str:
     """Write the student pipeline folder at ``path`` (see the module docstring)."""
-    import diffusers
     denoiser = model.family.denoiser
     skip = {denoiser, "scheduler", STUDENT_FILE, LORA_FILE, "model_index.json"}
     for name in os.listdir(model.path):                      # 1. the teacher's other parts
@@ -38,11 +68,8 @@ def save_student(model: LatentModel, net, scheduler, path: str, student: dict,
         (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, dst)
     net = getattr(net, "module", net)
     if lora:                                                 # 2. LoRA weights, then fused
-        pipeline_cls = getattr(diffusers, model.pipeline_class)
-        pipeline_cls.save_lora_weights(path, **{f"{denoiser}_lora_layers": lora_layers(net)},
-                                       safe_serialization=True)
-        net.fuse_lora()
-        net.unload_lora()
+        save_lora(model, net, path)
+        fuse_lora(net)
     net.save_pretrained(os.path.join(path, denoiser))        # 3. denoiser, scheduler, index
     scheduler.save_pretrained(os.path.join(path, "scheduler"))
     index = dict(model.index)

@@ -61,10 +61,10 @@ def sample_teacher(model: LatentModel, net, noise, cond, w, sched, mode: str,
     """Deterministic teacher sampling from x_T = noise with the prepared scheduler.
     Returns (final latent, the states at indices ``keep`` of the N + 1, their times)."""
     device = next(net.parameters()).device
-    x = noise.to(device) * sched.init_noise_sigma
+    x = noise.to(device) * getattr(sched, "init_noise_sigma", 1.0)
     steps = len(sched.timesteps)
     keep = set(range(steps + 1) if keep is None else keep)
-    karras = float(sched.init_noise_sigma) != 1.0 and not model.family.flow
+    karras = float(getattr(sched, "init_noise_sigma", 1.0)) != 1.0 and not model.family.flow
     times = [float(t) for t in sched.timesteps] + [model.schedule.clean]
     states = []
     for i, t in enumerate(sched.timesteps):
@@ -90,7 +90,7 @@ def sample_student(model: LatentModel, net, noise, cond, w, steps: int, generato
         model.scheduler_config)
     model.family.set_timesteps(model, sched, steps, tuple(noise.shape[1:]))
     device = next(net.parameters()).device
-    x = noise.to(device) * sched.init_noise_sigma
+    x = noise.to(device) * getattr(sched, "init_noise_sigma", 1.0)
     mode = "embedded" if info.get("guidance") == "embedded" else "none"
     for t in sched.timesteps:
         inp = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x

@@ -8,6 +8,7 @@ prediction. Embedded guidance as for SD 1.x (``time_cond_proj_dim``).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from stages.models.families.sd import StableDiffusion
@@ -24,6 +25,11 @@ class StableDiffusionXL(StableDiffusion):
                                                       num_images_per_prompt=1,
                                                       do_classifier_free_guidance=False)
         return {"prompt_embeds": embeds.float().numpy(), "pooled_embeds": pooled.float().numpy()}
+
+    def unconditional(self, model, pipe, encoded):
+        if getattr(pipe.config, "force_zeros_for_empty_prompt", True):
+            return {k: np.zeros_like(v) for k, v in encoded.items()}
+        return encoded
 
     def unet_kwargs(self, model, net, x, cond, w):
         kwargs = super().unet_kwargs(model, net, x, cond, w)

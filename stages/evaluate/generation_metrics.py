@@ -1,0 +1,140 @@
+"""What both paths of ``evaluate-generation`` (pixel-space and latent text-to-image) share:
+the sample-quality metrics on classifier features, the feature extractor and its input,
+the label accuracy, and the FID plot. The formulas are in
+``stages.evaluate.evaluate_generation``'s docstring."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import torch
+
+from stages.data.tables import parquet
+from stages.evaluate.timing import pyplot
+
+RESERVED = ("teacher", "real")  # model names of the metrics that are not students
+LUMA = (0.299, 0.587, 0.114)    # ITU-R BT.601
+
+
+def fid(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy import linalg
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = linalg.sqrtm(s_a @ s_b)
+    if not np.isfinite(covmean).all():  # near-singular: regularise (as pytorch-fid does)
+        eye = np.eye(len(s_a)) * 1e-6
+        covmean = linalg.sqrtm((s_a + eye) @ (s_b + eye))
+    covmean = covmean.real
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b - 2 * covmean))
+
+
+def kid(a: np.ndarray, b: np.ndarray, subsets: int, size: int, seed: int) -> float:
+    rng = np.random.default_rng(seed)
+    d, m = a.shape[1], min(size, len(a), len(b))
+    values = []
+    for _ in range(subsets):
+        x = a[rng.choice(len(a), m, replace=False)]
+        y = b[rng.choice(len(b), m, replace=False)]
+        kxx, kyy, kxy = ((x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3)
+        off = lambda k: (k.sum() - np.trace(k)) / (m * (m - 1))  # noqa: E731
+        values.append(off(kxx) + off(kyy) - 2 * kxy.mean())
+    return float(np.mean(values))
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int) -> tuple[float, float]:
+    real, fake = torch.as_tensor(real), torch.as_tensor(fake)
+
+    def radii(x):  # distance to the k-th nearest neighbour within the set (self excluded)
+        return torch.cdist(x, x).kthvalue(k + 1, dim=1).values
+
+    def coverage(support, r, query):  # share of query points inside some support ball
+        return (torch.cdist(query, support) <= r[None, :]).any(1).float().mean().item()
+
+    return coverage(real, radii(real), fake), coverage(fake, radii(fake), real)
+
+
+class Features:
+    """The classifier's penultimate features (input of its last ``nn.Linear``) and logits."""
+
+    def __init__(self, classifier):
+        self.model = classifier.eval()
+        last = [m for m in classifier.modules() if isinstance(m, torch.nn.Linear)][-1]
+        last.register_forward_hook(lambda mod, inp, out: setattr(self, "_feat", inp[0]))
+
+    @torch.inference_mode()
+    def __call__(self, x01: torch.Tensor, batch: int = 1000):
+        feats, logits = [], []
+        for i in range(0, len(x01), batch):
+            logits.append(self.model(x01[i:i + batch].float()))
+            feats.append(self._feat.flatten(1))
+        return torch.cat(feats).double().numpy(), torch.cat(logits).argmax(1).numpy()
+
+
+def real_floor(features, real: np.ndarray, cfg, seed: int):
+    """The real images split in two random halves A and B (seeded): the features of A, the
+    generated-set size n (``num_samples``, at most |B|) and the real-vs-real floors
+    FID(A, B[:n]) and KID."""
+    order = np.random.default_rng(seed).permutation(len(real))
+    half_a, half_b = order[: len(real) // 2], order[len(real) // 2:]
+    n = min(cfg.num_samples or len(half_b), len(half_b))
+    feat_a, _ = features(torch.as_tensor(real[half_a]))
+    feat_b, _ = features(torch.as_tensor(real[half_b[:n]]))
+    floors = {"fid/real/floor": fid(feat_a, feat_b),
+              "kid/real/floor": kid(feat_a, feat_b, cfg.kid_subsets, cfg.kid_subset_size, seed)}
+    return feat_a, n, floors
+
+
+def prompt_labels(data, prompts: list[str]) -> np.ndarray | None:
+    """Each prompt's label, the majority label of the data rows with that prompt (-1:
+    none); None when ``data`` has no ``prompt`` and ``label`` columns."""
+    if not {"prompt", "label"} <= set(parquet(data).schema.names):
+        return None
+    cols = data.to_numpy(["prompt", "label"])
+    counts: dict[str, Counter] = {}
+    for p, y in zip(cols["prompt"], cols["label"]):
+        counts.setdefault(str(p), Counter())[int(y)] += 1
+    return np.array([counts[p].most_common(1)[0][0] if p in counts else -1 for p in prompts])
+
+
+def accuracy(metrics: dict, key: str, pred, row_label) -> None:
+    """The accuracy on the labelled rows as ``metrics[key]``; nothing when none is."""
+    if row_label is not None and (row_label >= 0).any():
+        mask = row_label >= 0
+        metrics[key] = float((pred[mask] == row_label[mask]).mean())
+
+
+def to_classifier(images: torch.Tensor, in_shape) -> torch.Tensor:
+    """Images in [0, 1] (B, 3, H, W) as the classifier's input (c, h, w)."""
+    c, h, w = in_shape
+    if c == 1 and images.shape[1] == 3:  # grey
+        images = (images * torch.tensor(LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    big_h, big_w = images.shape[-2:]
+    if big_h * w > big_w * h:           # too tall: crop rows around the centre
+        keep = round(big_w * h / w)
+        images = images[..., (big_h - keep) // 2:(big_h - keep) // 2 + keep, :]
+    elif big_h * w < big_w * h:         # too wide: crop columns
+        keep = round(big_h * w / h)
+        images = images[..., (big_w - keep) // 2:(big_w - keep) // 2 + keep]
+    if tuple(images.shape[-2:]) != (h, w):
+        images = torch.nn.functional.interpolate(images.float(), size=(h, w), mode="bilinear",
+                                                 antialias=True, align_corners=False)
+    return images.float().clamp(0, 1)
+
+
+def fid_plot(metrics: dict, teacher_steps, student_steps, best: int, students: list[str],
+             best_label: str = "teacher best"):
+    """FID against sampling steps, one line per model, the real-vs-real floor dashed."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in ["teacher", *students]:
+        steps = sorted(teacher_steps if name == "teacher" else student_steps)
+        ax.plot(steps, [metrics[f"fid/{name}/{s}"] for s in steps], marker="o", label=name)
+    ax.axhline(metrics["fid/real/floor"], color="gray", ls="--", label="real vs real")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sampling steps")
+    ax.set_ylabel("FID (classifier features)")
+    ax.set_title(f"FID against steps ({best_label}: {best} steps)")
+    ax.legend()
+    return fig
