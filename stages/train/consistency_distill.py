@@ -155,7 +155,8 @@ class ConsistencyDistill(StudentStage):
 
     def run_latent(self, ctx, pairs, teacher, embeddings):
         cfg = self.config
-        model, w = self.load_latent_inputs(ctx, pairs, teacher, embeddings, "consistency")
+        model, w = self.load_latent_inputs(ctx, pairs, teacher, embeddings, "consistency",
+                                           online=cfg.mode == "online")
         grid = [float(t) for t in pairs.info["timesteps"]]
         columns = (["x_hi", "t_hi", "x_lo", "t_lo"] if cfg.mode == "trajectory"
                    else ["sample"]) + ["prompt_index", "guidance_scale"]

@@ -129,7 +129,8 @@ class StudentStage(Stage):
                             "set", "unset for a pixel-space UNet2DModel teacher (a latent "
                             "text-to-image pipeline's student field)")
 
-    def load_latent_inputs(self, ctx, pairs, teacher, embeddings, pairs_kind: str):
+    def load_latent_inputs(self, ctx, pairs, teacher, embeddings, pairs_kind: str,
+                           online: bool = False):
         """The latent teacher, checked against the pairs, the embeddings and the config
         before any training; returns (model, the fixed w)."""
         from stages.models.families import load_latent
@@ -151,7 +152,7 @@ class StudentStage(Stage):
         if self.config.architecture is not None or self.config.init != "teacher":
             raise bad_value(f"{where} config", "architecture / init", "set", "unset for a "
                             "latent teacher (its student starts from the teacher's denoiser)")
-        w = check_latent_student(model, self.config, pairs.info, f"{where} config")
+        w = check_latent_student(model, self.config, pairs.info, f"{where} config", online)
         build_student(model, self.config, f"{where} config")  # slot and LoRA targets
         return model, w
 

@@ -78,8 +78,11 @@ def build_student(model: LatentModel, cfg, where: str):
     return net.train()
 
 
-def check_latent_student(model: LatentModel, cfg, pairs_info: dict, where: str) -> float:
-    """Every check before training; returns the w of a fixed student."""
+def check_latent_student(model: LatentModel, cfg, pairs_info: dict, where: str,
+                         online: bool) -> float:
+    """Every check before training; returns the w of a fixed student. Without the
+    teacher in the loop (``online`` False) a fixed w must be the one the pairs were made
+    with."""
     if cfg.guidance == "embedded":
         if not model.family.guidance_slot:  # the base adapter's error lists the families
             model.family.with_guidance_slot(model, None)
@@ -90,10 +93,11 @@ def check_latent_student(model: LatentModel, cfg, pairs_info: dict, where: str) 
         raise bad_value(where, "guidance_scale", None, "a number for a fixed-guidance "
                         f"student of pairs whose w is drawn from {stored} (or guidance: "
                         "embedded, or mode: online)")
-    if getattr(cfg, "mode", "trajectory") == "trajectory" and stored != w:
+    if not online and stored != w:
         raise bad_value(where, "guidance_scale", w, f"{stored}, the w of the trajectories "
-                        "the pairs came from (mode: trajectory reads the teacher's own "
-                        "states); or mode: online, where the teacher takes the step at w")
+                        "the pairs came from (the pairs are the teacher's own states); or "
+                        "consistency-distill's mode: online, where the teacher takes the "
+                        "step at w")
     return float(w)
 
 

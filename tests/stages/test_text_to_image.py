@@ -23,6 +23,7 @@ from stages.teacher.diffusion_trajectories import DiffusionTrajectories
 from stages.teacher.encode_prompts import EncodePrompts
 from stages.teacher.pretrained_diffusion import PretrainedDiffusion
 from stages.train.consistency_distill import ConsistencyDistill
+from stages.train.progressive_distill import ProgressiveDistill
 from stages.train.reflow import Reflow
 from tests.stages.conftest import run_stage
 from tests.stages.t2i_tiny import build, call_kwargs
@@ -83,6 +84,13 @@ def students(chains):
                                    sd.root / "reflow", "reflow", teacher=sd.teacher,
                                    pairs=sd.pairs["reflow"], embeddings=sd.embeddings
                                    )[0]["model"]
+    out["sd3_progressive"] = run_stage(ProgressiveDistill,
+                                       {**STUDENT, "start_steps": 4, "final_steps": 2,
+                                        "guidance_scale": 3.0},
+                                       chains["sd3"].root / "pd", "progressive",
+                                       teacher=chains["sd3"].teacher,
+                                       pairs=chains["sd3"].pairs["reflow"],
+                                       embeddings=chains["sd3"].embeddings)[0]["model"]
     return out
 
 
@@ -117,7 +125,10 @@ def test_students_load_with_plain_diffusers_and_sample_in_two_steps(students, tm
         family = name.split("_")[0]
         assert pipe_class == FAMILIES[pipe_class].pipelines[0] or pipe_class in FAMILIES
         flow = FAMILIES[pipe_class].flow
-        if name.endswith("reflow"):  # rectified flow: flow Euler (as DPM-Solver++ order 1)
+        if name.endswith("progressive"):  # DDIM (VP) or the teacher's flow Euler
+            assert scheduler == ("FlowMatchEulerDiscreteScheduler" if flow
+                                 else "DDIMScheduler"), name
+        elif name.endswith("reflow"):  # rectified flow: flow Euler (as DPM-Solver++ order 1)
             assert scheduler == ("FlowMatchEulerDiscreteScheduler" if flow
                                  else "DPMSolverMultistepScheduler"), name
         else:
@@ -126,7 +137,7 @@ def test_students_load_with_plain_diffusers_and_sample_in_two_steps(students, tm
     assert set(out) == set(students)
     for name, model in students.items():
         info = json.load(open(os.path.join(model.path, "student.json")))
-        if not name.endswith("reflow"):
+        if not name.endswith(("reflow", "progressive")):
             assert info["method"] == "consistency" and info["max_steps"] == 2  # 3 states kept
 
 
