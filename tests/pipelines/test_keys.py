@@ -3,6 +3,8 @@ the ones a config keeps in it with why, and local folders read by path keyed by 
 
 import os
 
+import typing
+
 import pytest
 
 from pipelines import Pipeline, Stage, StageConfig, UserError, plan, registry
@@ -57,11 +59,18 @@ def test_execution_settings_leave_the_key_unless_kept(kind):
         changed, value = other_value(cfg, name)
         same = key_of(kind, changed) == base
         assert same == (name not in kept), (kind, name, value, kept)
-    # a semantic field still changes the key
-    semantic = next(n for n, f in cls.Config.model_fields.items()
-                    if n not in cls.Config.execution_fields() and f.annotation in (int, float))
-    changed = type(cfg)(**(cfg.model_dump() | {semantic: getattr(cfg, semantic) + 1}))
-    assert key_of(kind, changed) != base, (kind, semantic)
+    # a semantic field still changes the key (a number, or else another Literal choice)
+    fields = [(n, f) for n, f in cls.Config.model_fields.items()
+              if n not in cls.Config.execution_fields()]
+    number = next((n for n, f in fields if f.annotation in (int, float)), None)
+    if number is not None:
+        update = {number: getattr(cfg, number) + 1}
+    else:
+        name, choices = next((n, typing.get_args(f.annotation)) for n, f in fields
+                             if typing.get_origin(f.annotation) is typing.Literal)
+        update = {name: next(c for c in choices if c != getattr(cfg, name))}
+    changed = type(cfg)(**(cfg.model_dump() | update))
+    assert key_of(kind, changed) != base, (kind, update)
 
 
 def test_kd_student_keeps_num_workers_where_its_rows_stream_or_dropout_stays():
