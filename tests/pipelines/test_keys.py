@@ -2,7 +2,6 @@
 the ones a config keeps in it with why, and local folders read by path keyed by content."""
 
 import os
-
 import typing
 
 import pytest
