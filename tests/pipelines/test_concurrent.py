@@ -3,7 +3,6 @@ Ray cluster: both succeed, every artifact key is committed exactly once (the run
 a commit adopts the winner's artifact), nothing is left half-written, and MLflow holds both
 runs."""
 
-import json
 import os
 import subprocess
 import sys
