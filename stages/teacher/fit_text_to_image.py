@@ -138,7 +138,7 @@ class LatentDenoising(TrainMethod):
 
 class FitTextToImageTeacher(Stage):
     kind = "fit-text-to-image-teacher"
-    version = "1"
+    version = "2"  # 2: steps_offset 1 in the saved scheduler, shorter default budgets
 
     class Config(TrainConfig):
         # the prompts: a word-level CLIP tokenizer made from the training prompts
@@ -149,10 +149,10 @@ class FitTextToImageTeacher(Stage):
         vae_channels: list[PositiveInt] = [16, 32, 64]  # one block per level; a halving each
         latent_channels: int = Field(4, ge=1)
         kl_weight: float = Field(1e-4, ge=0)      # beta, on the KL per latent element
-        vae_epochs: int = Field(40, ge=1)
+        vae_epochs: int = Field(12, ge=1)
         vae_batch_size: int = Field(64, ge=1)
         vae_lr: float = Field(1e-3, gt=0)
-        vae_max_minutes: float | None = Field(4.0, gt=0)  # stop phase 1 after this wall time
+        vae_max_minutes: float | None = Field(6.0, gt=0)  # stop phase 1 after this wall time
         # phase 2: the text encoder (a CLIP text transformer) and the UNet
         text_width: int = Field(64, ge=1)
         text_layers: int = Field(2, ge=1)
@@ -163,12 +163,12 @@ class FitTextToImageTeacher(Stage):
         attention_heads: int = Field(8, ge=1)
         prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
         cond_drop: float = Field(0.1, ge=0, lt=1)  # share of prompts replaced by ""
-        epochs: int = Field(400, ge=1)
+        epochs: int = Field(55, ge=1)
         batch_size: int = Field(128, ge=1)
         lr: float = Field(1e-3, gt=0)
         ema_decay: float = Field(0.998, ge=0, lt=1)
         grad_clip: float | None = Field(1.0, gt=0)
-        max_minutes: float | None = Field(16.0, gt=0)   # stop phase 2 after this wall time
+        max_minutes: float | None = Field(18.0, gt=0)   # stop phase 2 after this wall time
         threads: int | None = Field(None, ge=1)  # torch CPU threads; None: torch's default
         num_workers: int = Field(0, ge=0)  # 0: in the stage's process; N: Ray Train workers
         execution = ("threads",)
@@ -247,7 +247,8 @@ class FitTextToImageTeacher(Stage):
         scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085,  # 5. UNet
                                   beta_end=0.012, beta_schedule="scaled_linear",
                                   prediction_type=cfg.prediction_type, clip_sample=False,
-                                  set_alpha_to_one=False, timestep_spacing="trailing")
+                                  set_alpha_to_one=False, timestep_spacing="trailing",
+                                  steps_offset=1)  # what the SD pipeline expects
         configs = {"text": lt.text_config(tok, cfg.text_width, cfg.text_layers, cfg.text_heads),
                    "unet": lt.unet_config(size, cfg.latent_channels, cfg.unet_channels,
                                           cfg.cross_attention, cfg.layers_per_block,

@@ -24,7 +24,7 @@ TINY = {"vae_epochs": 1, "vae_channels": [8, 16, 16], "vae_batch_size": 128,
 
 @pytest.fixture(scope="module")
 def captioned(tmp_path_factory):
-    return run_stage(LoadMNIST, {"captions": True, "test_fraction": 0.9},
+    return run_stage(LoadMNIST, {"captions": True, "test_fraction": 0.95},
                      tmp_path_factory.mktemp("mnist"), "data")[0]["data"]
 
 
