@@ -3,7 +3,7 @@
 Runs the stages of ``examples/text_to_image.yaml`` in order, in this process (each with its
 own stage context; Ray Data and Ray Train work on an embedded local Ray): a latent
 ``StableDiffusionPipeline`` teacher trained here on captioned digits -> encode-prompts ->
-trajectories (w drawn from [1.5, 8]) -> pairs -> a guidance-embedded LCM student and an
+trajectories (w drawn from [1, 8]) -> pairs -> a guidance-embedded LCM student and an
 LCM-LoRA student -> evaluate-generation on held-out prompts against the teacher at 25 steps,
 w = 4. Then: the first trajectory rows regenerated with 1 actor and compared with the
 example's 2-actor rows, and every saved student loaded with

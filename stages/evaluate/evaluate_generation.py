@@ -44,7 +44,7 @@ from pydantic import Field, PositiveInt
 
 from pipelines.errors import bad_value
 from pipelines.stage import Dataset, Many, Model, Report, Stage, StageConfig
-from stages.evaluate.generation_metrics import (RESERVED, Features, fid, fid_plot,  # noqa: F401
+from stages.evaluate.generation_metrics import (CLASSIFIER_VIEWS, RESERVED, Features, fid, fid_plot,  # noqa: F401
                                                 kid, precision_recall, real_floor)
 from stages.evaluate.timing import pyplot
 from stages.models.classifiers import load_classifier
@@ -76,6 +76,11 @@ class EvaluateGeneration(Stage):
         guidance_scales: list[float] = Field([1.0, 4.0], min_length=1)
         height: int | None = Field(None, ge=8)
         width: int | None = Field(None, ge=8)
+        # how a generated image meets the classifier: "resize" (centre-cropped to its
+        # aspect ratio, then resized) or "crop" (its centre crop of the classifier's size,
+        # for a teacher trained on the real images padded, e.g. 28 -> 32 pixels; resized
+        # only where it is smaller)
+        classifier_view: Literal[CLASSIFIER_VIEWS] = "resize"
 
     inputs = {"teacher": Model, "classifier": Model, "data": Dataset,
               "students": Many(Model)}

@@ -104,11 +104,21 @@ def accuracy(metrics: dict, key: str, pred, row_label) -> None:
         metrics[key] = float((pred[mask] == row_label[mask]).mean())
 
 
-def to_classifier(images: torch.Tensor, in_shape) -> torch.Tensor:
-    """Images in [0, 1] (B, 3, H, W) as the classifier's input (c, h, w)."""
+CLASSIFIER_VIEWS = ("resize", "crop")
+
+
+def to_classifier(images: torch.Tensor, in_shape, view: str = "resize") -> torch.Tensor:
+    """Images in [0, 1] (B, 3, H, W) as the classifier's input (c, h, w): grey (BT.601
+    luma) for a one-channel classifier; ``view`` "resize": centre-cropped to its aspect
+    ratio, then resized (bilinear, antialiased); "crop": the centre (h, w) crop where the
+    image is larger (a teacher trained on padded images), resized only where smaller."""
     c, h, w = in_shape
     if c == 1 and images.shape[1] == 3:  # grey
         images = (images * torch.tensor(LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    if view == "crop":
+        big_h, big_w = images.shape[-2:]
+        top, left = max(big_h - h, 0) // 2, max(big_w - w, 0) // 2
+        images = images[..., top:top + min(h, big_h), left:left + min(w, big_w)]
     big_h, big_w = images.shape[-2:]
     if big_h * w > big_w * h:           # too tall: crop rows around the centre
         keep = round(big_w * h / w)

@@ -11,8 +11,9 @@ Quality, on the stored embeddings (no text encoder): the teacher at each of
 family's embedded guidance), students with their own scheduler at ``student_steps``
 (``guidance: embedded``: w through the slot; ``fixed``: no guidance). Latents decoded by
 the teacher's VAE, D(z / scaling_factor + shift_factor), to [0, 1]; for the classifier
-(``fit-classifier``) grey (BT.601 luma) if it takes one channel, centre-cropped to its
-aspect ratio, resized (bilinear, antialiased) to its size. Metrics ``<metric>/<model>/
+(``fit-classifier``) grey (BT.601 luma) if it takes one channel, then ``classifier_view``:
+centre-cropped to its aspect ratio and resized (bilinear, antialiased) to its size, or
+(``crop``, a teacher trained on padded images) its centre crop of the classifier's size. Metrics ``<metric>/<model>/
 <steps>``: ``fid``, ``kid``, ``precision``, ``recall`` against A (``fid/real/floor``: FID(A,
 B) at n); ``teacher_distance``: per-row RMSE over pixels in [0, 1] to the reference
 teacher's image (the largest ``teacher_steps``) from the same noise and prompt, averaged
@@ -117,7 +118,7 @@ def run_latent(stage, ctx, teacher, classifier, data, students, embeddings, w) -
         for i, (name, steps) in enumerate(runs):                            # 3. quality
             feats, pred, dist = [], [], []
             for a, images in sampler.images(name, steps, ws[name]):
-                f, p = features(to_classifier(images, in_shape))
+                f, p = features(to_classifier(images, in_shape, cfg.classifier_view))
                 feats.append(f)
                 pred.append(p)
                 images = images.half()   # compared as stored: the reference to itself is 0
@@ -145,7 +146,7 @@ def run_latent(stage, ctx, teacher, classifier, data, students, embeddings, w) -
             for name, steps in curves.items():
                 for gw in cfg.guidance_scales:
                     p = preds[(name, steps)] if gw == cfg.guidance_scale else np.concatenate(
-                        [features(to_classifier(x, in_shape))[1]
+                        [features(to_classifier(x, in_shape, cfg.classifier_view))[1]
                          for _, x in sampler.images(name, steps, gw)])
                     accuracy(metrics, f"digit_accuracy_w/{name}/{gw:g}", p, row_label)
         sampler.release()

@@ -125,3 +125,15 @@ def test_t2i_helpers(chain):
     assert torch.allclose(white, torch.ones_like(white), atol=1e-5)
     labels = prompt_labels(chain["data"], ["a digit 3", "a cat", "a digit 7"])
     assert labels.tolist() == [3, -1, 7]
+
+
+def test_t2i_classifier_view_crop():
+    """A teacher trained on 28-pixel images padded to 32 is seen through the centre crop:
+    the padded image maps back to the original exactly (resizing would shrink the digit)."""
+    import torch
+    digit = torch.rand(3, 1, 28, 28)
+    padded = torch.nn.functional.pad(digit, (2, 2, 2, 2)).expand(-1, 3, -1, -1)
+    assert torch.allclose(to_classifier(padded, (1, 28, 28), "crop"), digit, atol=1e-6)
+    assert not torch.allclose(to_classifier(padded, (1, 28, 28), "resize"), digit, atol=1e-2)
+    small = to_classifier(torch.rand(2, 3, 16, 16), (1, 28, 28), "crop")  # smaller: resized
+    assert small.shape == (2, 1, 28, 28)
