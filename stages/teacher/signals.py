@@ -84,7 +84,7 @@ def write_signal(ctx, ds, cfg: InferenceConfig, num_classes: int, data, signal="
     return write_rows(ctx, ds, info, shards)
 
 
-def resumable(ctx, data, shard_rows: int):
+def resumable(ctx, data, shard_rows: int, output: str = "signal"):
     """``(rows, shards)``: the input rows still to run the teacher on, in blocks of at most
     about ``shard_rows`` rows (each becomes a shard), and the signal's shards that outlive
     a failed attempt (``ctx.resumable_write``); without an ``id`` column, every row and
@@ -95,14 +95,14 @@ def resumable(ctx, data, shard_rows: int):
     rows = data.read(override_num_blocks=blocks) if blocks > groups else data.read()
     if "id" not in table.schema.names:
         return rows, None
-    shards = ctx.resumable_write("signal", "id")
+    shards = ctx.resumable_write(output, "id")
     if shards.done_rows:
         ctx.progress(shards.done_rows, None, "rows resumed from earlier shards", force=True)
     return shards.remaining(rows), shards
 
 
-def write_rows(ctx, ds, info: dict, shards=None):
-    signal = shards.write(ds, info) if shards else ctx.write_dataset("signal", ds, info=info)
+def write_rows(ctx, ds, info: dict, shards=None, output: str = "signal"):
+    signal = shards.write(ds, info) if shards else ctx.write_dataset(output, ds, info=info)
     rows = parquet(signal).count_rows()
     if not rows:
         raise bad_value(f"stage '{ctx.name}' ({ctx.kind}) input 'data'", "rows", 0,
@@ -110,3 +110,16 @@ def write_rows(ctx, ds, info: dict, shards=None):
     ctx.progress(rows, rows, "rows", force=True)
     ctx.log_metrics({"rows": rows, "rows_resumed": shards.done_rows if shards else 0})
     return signal
+
+
+def describe(model: Model) -> dict:
+    """The teacher a text signal was made from, for the record, for ``kd-student``'s check
+    that its ``teacher`` input is that artifact, and for its advice on wiring it:
+    ``teacher`` (``<kind>/<key>`` of the committed input) and ``teacher_stage`` (the
+    stage that made it); None for a model given by path (a unit test). Never a path to
+    load from: a student gets the teacher as its own input, fetched on every node that
+    uses it."""
+    source = getattr(model, "source", None)
+    if source is None:
+        return {"teacher": None, "teacher_stage": None}
+    return {"teacher": f"{source.kind}/{source.key}", "teacher_stage": source.stage}

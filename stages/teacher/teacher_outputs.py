@@ -38,8 +38,9 @@ from pipelines.stage import Dataset, Model, Resources, Stage
 from stages.data.tables import require_columns
 from stages.models.classifiers import load_classifier
 from stages.models.text import is_transformers_folder, load_text_model
-from stages.teacher.signals import (CLASSIFIER_SIGNALS, SIGNALS, InferenceConfig, resumable,
-                                    with_teacher, with_teacher_logits, write_rows, write_signal)
+from stages.teacher.signals import (CLASSIFIER_SIGNALS, SIGNALS, InferenceConfig, describe,
+                                    resumable, with_teacher, with_teacher_logits, write_rows,
+                                    write_signal)
 from stages.teacher.signals import TeacherActor  # noqa: F401  (the actor this stage runs)
 from stages.teacher.text_teacher import TEXT_SIGNALS, TextTeacherActor
 
@@ -111,15 +112,3 @@ class TeacherOutputs(Stage):
             info["layers"] = [i % n_states for i in cfg.layers]
         return write_rows(ctx, ds, info, shards)
 
-
-def describe(model: Model) -> dict:
-    """The teacher a text signal was made from, for the record, for ``kd-student``'s check
-    that its ``teacher`` input is that artifact, and for its advice on wiring it:
-    ``teacher`` (``<kind>/<key>`` of the committed input) and ``teacher_stage`` (the
-    stage that made it); None for a model given by path (a unit test). Never a path to
-    load from: a student gets the teacher as its own input, fetched on every node that
-    uses it."""
-    source = getattr(model, "source", None)
-    if source is None:
-        return {"teacher": None, "teacher_stage": None}
-    return {"teacher": f"{source.kind}/{source.key}", "teacher_stage": source.stage}

@@ -42,25 +42,31 @@ def shard_ids(shards_dir: str) -> list[int]:
     return ids
 
 
-def test_driver_killed_mid_teacher_generation_resumes_from_its_shards(ray_session, tmp_path):
-    path, store = tmp_path / "p.yaml", str(tmp_path / "store")
-    path.write_text(SPEC)
-    p = Pipeline.from_yaml(str(path))
-    key = plan(p, store=store).states["teacher_outputs"].key
-    shards = os.path.join(store, "_work", "teacher-outputs", key, "shards", "signal")
+def kill_when_sharded(ray_session, path, store: str, shards: str, rows: int) -> list[int]:
+    """``distill run`` of ``path`` on the session's Ray, its driver SIGKILLed once the
+    complete shards under ``shards`` hold ``rows`` rows; the ids they hold then."""
     address = ray_session.get_runtime_context().gcs_address
     proc = subprocess.Popen([sys.executable, "-c", LAUNCH, "run", str(path), "--store", store,
                              "--address", address, "--quiet"], cwd=ROOT, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=os.environ | {"PYTHONPATH": ROOT})
     deadline = time.time() + 300
-    while time.time() < deadline and len(shard_ids(shards)) < 50:
+    while time.time() < deadline and len(shard_ids(shards)) < rows:
         assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.2)
+        time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver, mid-pass
     proc.wait(timeout=30)
     time.sleep(2.0)  # Ray ends the dead driver's tasks and actors
-    done = shard_ids(shards)
+    return shard_ids(shards)
+
+
+def test_driver_killed_mid_teacher_generation_resumes_from_its_shards(ray_session, tmp_path):
+    path, store = tmp_path / "p.yaml", str(tmp_path / "store")
+    path.write_text(SPEC)
+    p = Pipeline.from_yaml(str(path))
+    key = plan(p, store=store).states["teacher_outputs"].key
+    shards = os.path.join(store, "_work", "teacher-outputs", key, "shards", "signal")
+    done = kill_when_sharded(ray_session, path, store, shards, 50)
     assert 50 <= len(done) < 300, len(done)
     st = Store(store)
     assert not st.is_committed("teacher-outputs", key)
