@@ -4,8 +4,8 @@ From a local file (field ``path``: ``.txt`` one prompt a line, ``.csv``, ``.json
 ``.parquet``, the prompts in column ``column``), or from the text column ``column`` of a
 dataset input ``data``. Steps:
 
-1. read the prompts (and ``negative_column``'s, if given); blank prompts are dropped and
-   counted;
+1. read the prompts (and ``negative_column``'s and ``reference_column``'s, if given);
+   blank prompts are dropped and counted;
 2. de-duplicate (the first of equal prompts is kept; ``duplicates`` counts the rest);
 3. a stable ``id`` from the text alone (``tables.stable_id``), so the same prompt keeps
    its id whatever file or order it came in;
@@ -18,8 +18,9 @@ dataset input ``data``. Steps:
 
 Output columns: ``id``, ``prompt`` (a chat prompt, a list of ``{role, content}`` messages
 in a ``.jsonl`` file: ``messages``, as JSON text), ``negative_prompt`` (with
-``negative_column``) and ``split``. The file is keyed by content: an edited prompt file
-re-runs the stage.
+``negative_column``), ``reference`` (with ``reference_column``: each prompt's reference
+answer, as text, ``""`` where missing) and ``split``. The file is keyed by content: an
+edited prompt file re-runs the stage.
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ class LoadPrompts(Stage):
         path: str | None = None               # a local prompt file; or wire input 'data'
         column: str = "prompt"
         negative_column: str | None = None
+        reference_column: str | None = None   # reference answers, as 'reference'
         test_fraction: float = Field(0.1, ge=0, lt=1)
 
     optional_inputs = {"data": Dataset, "pipeline": Model}
@@ -117,7 +119,8 @@ class LoadPrompts(Stage):
             source = f"field 'path' ({cfg.path})"
         else:
             table, source = data.to_arrow(), "input 'data'"
-        for fld, c in (("column", cfg.column), ("negative_column", cfg.negative_column)):
+        for fld, c in (("column", cfg.column), ("negative_column", cfg.negative_column),
+                       ("reference_column", cfg.reference_column)):
             if c is not None and c not in table.column_names:
                 have = allowed_list(table.column_names) or "(none: it is empty)"
                 raise bad_value(f"{where} field '{fld}'", "column", c,
@@ -125,9 +128,11 @@ class LoadPrompts(Stage):
         prompts = table.column(cfg.column).to_pylist()
         negatives = (table.column(cfg.negative_column).to_pylist() if cfg.negative_column
                      else [None] * len(prompts))
-        texts, negs, seen, blank = [], [], set(), 0                        # 2. dedupe
+        answers = (table.column(cfg.reference_column).to_pylist() if cfg.reference_column
+                   else [None] * len(prompts))
+        texts, negs, refs, seen, blank = [], [], [], set(), 0              # 2. dedupe
         chat = any(isinstance(p, (list, tuple)) for p in prompts)
-        for p, n in zip(prompts, negatives):
+        for p, n, r in zip(prompts, negatives, answers):
             text = as_text(p)
             if text is None:
                 blank += 1
@@ -137,6 +142,7 @@ class LoadPrompts(Stage):
             seen.add(text)
             texts.append(text)
             negs.append(as_text(n) or "")
+            refs.append(as_text(r) or "")
         if not texts:
             raise bad_value(where, f"prompts in {source}", 0,
                             f"at least one non-blank prompt in column '{cfg.column}'")
@@ -152,6 +158,8 @@ class LoadPrompts(Stage):
         columns = {"id": ids, ("messages" if chat else "prompt"): np.array(texts, dtype=object)}
         if cfg.negative_column:
             columns["negative_prompt"] = np.array(negs, dtype=object)
+        if cfg.reference_column:
+            columns["reference"] = np.array(refs, dtype=object)
         columns["split"] = split
         info = {"text_column": "messages" if chat else "prompt", "source": source,
                 **{k: v for k, v in metrics.items()}}
