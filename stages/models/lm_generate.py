@@ -85,43 +85,64 @@ def row_generators(seed: int, ids) -> list:
             for i in ids]
 
 
+def left_padded(id_lists: list, pad_id: int) -> dict:
+    """Token id lists as a left-padded batch (``input_ids``, ``attention_mask``)."""
+    width = max(len(ids) for ids in id_lists)
+    ids = torch.full((len(id_lists), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(id_lists), width), dtype=torch.long)
+    for i, row in enumerate(id_lists):
+        if len(row):
+            ids[i, width - len(row):] = torch.as_tensor(list(row), dtype=torch.long)
+            mask[i, width - len(row):] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def generate(model, tokenizer, texts: list[str], *, max_prompt_tokens: int = 1024, **kwargs):
+    """Responses to ``texts`` (already formatted); see ``generate_ids``."""
+    enc = encode_prompts(tokenizer, texts, max_prompt_tokens)
+    return generate_ids(model, tokenizer, enc["input_ids"], enc["attention_mask"], **kwargs)
+
+
 @torch.inference_mode()
-def generate(model, tokenizer, texts: list[str], *, max_new_tokens: int,
-             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, ids=None,
-             top_k: int = 0, max_prompt_tokens: int = 1024):
-    """Responses to ``texts`` (already formatted): a list of dicts with ``prompt_ids``,
+def generate_ids(model, tokenizer, input_ids, attention_mask, *, max_new_tokens: int,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, ids=None,
+                 top_k: int = 0):
+    """Responses to a left-padded batch of prompts: a list of dicts with ``prompt_ids``,
     ``response_ids`` (up to and including the end-of-sequence token when generated),
     ``finish`` ("stop" or "length") and, with ``top_k``, ``topk_ids`` / ``topk_logprobs``
-    of shape (response tokens, top_k)."""
+    of shape (response tokens, top_k). ``ids``: the rows' ids, for their generators."""
     from transformers import LogitsProcessorList
     device = next(model.parameters()).device
-    enc = encode_prompts(tokenizer, texts, max_prompt_tokens).to(device)
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     eos = model.generation_config.eos_token_id
     eos = set([eos] if isinstance(eos, int) else (eos or [])) | {tokenizer.eos_token_id}
     eos.discard(None)
     kwargs = {}
     if temperature > 0:
-        ids = range(len(texts)) if ids is None else ids
+        ids = range(len(input_ids)) if ids is None else ids
         kwargs["logits_processor"] = LogitsProcessorList(
             [RowSampler(row_generators(seed, ids), temperature, top_p)])
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                         max_new_tokens=max_new_tokens, do_sample=False,
                          num_beams=1, pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=sorted(eos), return_dict_in_generate=True,
                          output_logits=top_k > 0, temperature=None, top_p=None, top_k=None,
                          **kwargs)
-    width = enc["input_ids"].shape[1]
+    width = input_ids.shape[1]
     new = out.sequences[:, width:].cpu()
     if top_k > 0:
         logp = torch.stack(out.logits, dim=1).float().log_softmax(-1)  # (B, T, V)
         top = logp.topk(top_k, dim=-1)
         top_ids, top_lp = top.indices.cpu(), top.values.cpu()
     rows = []
-    for r in range(len(texts)):
+    for r in range(len(input_ids)):
         tokens = new[r].tolist()
         stop = next((i for i, t in enumerate(tokens) if t in eos), None)
         n = len(tokens) if stop is None else stop + 1
-        mask = enc["attention_mask"][r].bool().cpu()
-        row = {"prompt_ids": enc["input_ids"][r].cpu()[mask].numpy().astype(np.int32),
+        mask = attention_mask[r].bool().cpu()
+        row = {"prompt_ids": input_ids[r].cpu()[mask].numpy().astype(np.int32),
                "response_ids": np.asarray(tokens[:n], dtype=np.int32),
                "finish": "length" if stop is None else "stop"}
         if top_k > 0:

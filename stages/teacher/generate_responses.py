@@ -141,7 +141,7 @@ class GenerateResponses(Stage):
                   "where": f"{where} input 'model'"}
         ds = with_teacher(rows, ResponseActor, kwargs, cfg, ctx)            # 2.
         c = teacher.config
-        info = {"text_column": column, "model_type": c.model_type,
+        info = {"signal": "responses", "text_column": column, "model_type": c.model_type,
                 "vocab_size": int(c.vocab_size), "num_layers": int(c.num_hidden_layers),
                 "teacher_params": sum(p.numel() for p in teacher.parameters()),
                 "chat_template": bool(getattr(tokenizer, "chat_template", None)),

@@ -53,11 +53,14 @@ from stages.data.tables import parquet, require_columns
 from stages.models.classifiers import ArchName, ClassifierArch
 from stages.models.text import TextStudentArch
 from stages.train.harness import AdamWConfig, Loss, TrainMethod, fit, over_workers
-from stages.train.kd_tasks import (TASKS, ClassifierTask, hinton_kd_loss,  # noqa: F401
+from stages.train.kd_responses import ResponseTask
+from stages.train.kd_tasks import TASKS as SIGNAL_TASKS
+from stages.train.kd_tasks import (ClassifierTask, hinton_kd_loss,  # noqa: F401
                                    missing_teacher, wrong_teacher)
 from stages.train.rows import Rows, hold_in_memory, train_share_bytes
 from stages.train.taid import TAIDSchedule
 
+TASKS = {**SIGNAL_TASKS, "responses": ResponseTask}  # generate-responses' output
 LOSSES = tuple(dict.fromkeys(loss for task in TASKS.values() for loss in task.losses))
 
 
@@ -87,6 +90,8 @@ class Distill(TrainMethod):
         return {"model": self.cfg.adamw(nets["model"])}
 
     def loss(self, nets, emas, batch, gen):
+        if hasattr(self.task, "bind"):  # on-policy draws come from the worker's generator
+            self.task.bind(gen)
         loss, logits, labels = self.task.loss(nets["model"], batch, self.taid)
         if self.taid:
             mean = over_workers(loss.detach(), loss.device, "mean")  # the same t everywhere
@@ -116,11 +121,12 @@ def _taid_schedule(cfg, state: dict | None) -> TAIDSchedule | None:
 
 class KDStudent(Stage):
     kind = "kd-student"
-    version = "7"  # 2: ``loss: taid``; 3: text signals, probabilities; 4: shards in memory;
+    version = "8"  # 2: ``loss: taid``; 3: text signals, probabilities; 4: shards in memory;
     # 5: a held share is read by its worker (pyarrow) rather than by Ray Data in the stage;
     # 6: the training harness: a global batch_size, one global permutation per epoch;
     # 7: text signals take the teacher from the ``teacher`` input, not the signal's info;
-    # text students distilled without dropout (``dropout``); a last partial batch dropped
+    # text students distilled without dropout (``dropout``); a last partial batch dropped;
+    # 8: a teacher's responses (sft, token-level divergences, on-policy GKD)
 
     class Config(ClassifierArch, TextStudentArch, AdamWConfig):
         # classifier students: ClassifierArch's fields; text students: TextStudentArch's
@@ -131,6 +137,15 @@ class KDStudent(Stage):
         alpha: float = Field(0.9, ge=0, le=1)
         loss: Literal[LOSSES] | None = None   # None: the first loss the signal allows
         topk_rest: Literal["uniform", "renormalize"] = "uniform"  # top-k LM signals
+        # a teacher's responses (``stages.train.kd_responses``): jsd's beta, the weight of
+        # the cross-entropy added to a divergence, on-policy GKD's lmbda and sampling,
+        # tokens per sequence (prompt + response)
+        beta: float = Field(0.5, ge=0, le=1)
+        ce_weight: float = Field(0.0, ge=0)
+        lmbda: float = Field(0.0, ge=0, le=1)
+        student_temperature: float = Field(1.0, gt=0)
+        max_new_tokens: PositiveInt | None = None  # on-policy; None: the responses' own
+        max_length: int = Field(512, ge=8)
         # TAID (stages.train.taid): t rises from t_start to t_end, never slower than linear
         taid_t_start: float = Field(0.4, ge=0, le=1)
         taid_t_end: float = Field(1.0, ge=0, le=1)
@@ -199,6 +214,11 @@ class KDStudent(Stage):
         files = signal.files()
         num_train = parquet(signal).count_rows(filter=pc.field("split") == "train")
         in_memory = hold_in_memory(train_share_bytes(files, columns, 1), cfg.in_memory_mib)
+        if task_cls is ResponseTask and not in_memory:  # ragged token lists: held only
+            raise bad_value(f"{where} field 'in_memory_mib'", "in_memory_mib",
+                            cfg.in_memory_mib, f"at least the train rows' size "
+                            f"({train_share_bytes(files, columns, 1) / 2**20:.0f} MiB): a "
+                            f"responses signal is held in memory")
         if in_memory:  # every worker reads the train rows once (pyarrow)
             rows = Rows(task.columns, files=files, num_rows=num_train)
         else:  # streamed from Ray Data every epoch (cached in the object store)

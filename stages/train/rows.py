@@ -12,20 +12,33 @@ from pipelines.artifacts import parquet_dataset
 from pipelines.errors import UserError
 
 
+RAGGED_PAD = -1  # what pads a row of a ragged list column (a response's tokens) at its end
+
+
 def hold_tables(tables: list, columns: dict) -> dict[str, torch.Tensor]:
     """Arrow tables (a worker's blocks) as one CPU tensor per column, of ``columns``' dtypes.
     Blocks may differ in how they store a tensor column (Ray's tensor extension v1 or v2,
-    lists), so each is converted on its own."""
-    import numpy as np
+    lists), so each is converted on its own. A list column whose rows differ in length
+    (token ids of responses) is padded at the end with ``RAGGED_PAD`` to its longest row."""
     from pipelines.artifacts import column_to_numpy
 
-    def array(table, k):
-        a = column_to_numpy(table.column(k))
-        return np.stack([np.asarray(r) for r in a]) if a.dtype == object else a  # lists
-
     tables = [t for t in tables if t.num_rows]
-    return {k: torch.as_tensor(np.concatenate([array(t, k) for t in tables]), dtype=dtype)
-            for k, dtype in columns.items()}
+    return {k: torch.as_tensor(_stacked([column_to_numpy(t.column(k)) for t in tables]),
+                               dtype=dtype) for k, dtype in columns.items()}
+
+
+def _stacked(parts: list):
+    import numpy as np
+    if all(p.dtype != object for p in parts):
+        return np.concatenate(parts)
+    rows = [np.asarray(r) for p in parts for r in p]  # lists
+    if len({r.shape for r in rows}) == 1:
+        return np.stack(rows)
+    out = np.full((len(rows), max(len(r) for r in rows)), RAGGED_PAD,
+                  dtype=np.result_type(*rows))
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out
 
 
 def permuted_batches(held: dict, batch_size: int, seed: int, device):

@@ -69,11 +69,16 @@ def config(arch: str, layers: int = 4, vocab_pad: int = 0):
                bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False)
 
 
-def build(arch: str, path: str, layers: int = 4, seed: int = 0, vocab_pad: int = 0) -> str:
-    """A tiny random causal LM folder of ``arch`` (llama, qwen2, gpt2) at ``path``."""
+def build(arch: str, path: str, layers: int = 4, seed: int = 0, vocab_pad: int = 0,
+          sharpness: float = 1.0) -> str:
+    """A tiny random causal LM folder of ``arch`` (llama, qwen2, gpt2) at ``path``; its
+    output head scaled by ``sharpness`` (a random model's next-token distribution is
+    nearly uniform; a teacher worth distilling has peaked ones)."""
     from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config(arch, layers, vocab_pad))
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(sharpness)
     model.generation_config.pad_token_id = 2
     model.save_pretrained(path)
     tokenizer(path)

@@ -114,7 +114,7 @@ def test_refuses_a_signal_it_cannot_use(signal, digits, tmp_path):
     wrong = type(signal)(path=signal.path, info={**signal.info, "signal": "topk-logprobs"})
     with pytest.raises(UserError, match=r"stage 'kd' \(kd-student\) input 'signal'.*"
                                         r"'topk-logprobs'.*allowed: embeddings, hidden_states, "
-                                        r"logits, probabilities, topk_logprobs "
+                                        r"logits, probabilities, responses, topk_logprobs "
                                         r"\(did you mean 'topk_logprobs'\?\)"):
         run_stage(KDStudent, {}, tmp_path, "kd", signal=wrong)
     no_logits = type(digits)(path=digits.path, info={"signal": "logits"})
