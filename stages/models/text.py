@@ -7,6 +7,11 @@ models), tokenising, mean pooling, and students built from a teacher.
 - ``student_from_teacher``: DistilBERT's initialisation (Sanh et al. 2019, arXiv
   1910.01108, section 3): the student keeps the teacher's embeddings and a subset of its
   layers (every n-th one, or a given list) with their weights.
+- ``depth_pruned_layers``: depth pruning by block importance (ShortGPT, Men et al. 2024,
+  arXiv 2403.03853, eq. 2; Minitron's depth axis, Muralidharan et al. 2024, arXiv
+  2407.14679): BI_l = 1 - E_tokens cos(h_l, h_{l+1}), h_l the input of layer l and h_{l+1}
+  its output, measured on sample sequences; the layers of highest BI are kept (in order),
+  the ones that change their input least are dropped.
 """
 
 from __future__ import annotations
@@ -111,6 +116,42 @@ def student_from_teacher(teacher_path: str, use: str, keep: list[int]):
     return student
 
 
+@torch.no_grad()
+def block_importance(model, sequences: list, batch_size: int = 8) -> list[float]:
+    """BI_l of every layer of ``model`` over the tokens of ``sequences`` (1-D id tensors);
+    transformers' last hidden state is after the final norm, so the last layer's output is
+    compared normalised (cosine is scale-free; only the norm's weights differ)."""
+    n_layers = int(model.config.num_hidden_layers)
+    total, count = torch.zeros(n_layers, dtype=torch.float64), 0
+    for i in range(0, len(sequences), batch_size):
+        rows = sequences[i:i + batch_size]
+        width = max(len(r) for r in rows)
+        ids = torch.zeros((len(rows), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, r in enumerate(rows):
+            ids[j, :len(r)], mask[j, :len(r)] = torch.as_tensor(r), 1
+        hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        keep = mask.bool()
+        for layer in range(n_layers):
+            cos = torch.nn.functional.cosine_similarity(hidden[layer][keep].double(),
+                                                        hidden[layer + 1][keep].double(), -1)
+            total[layer] += (1 - cos).sum()
+        count += int(keep.sum())
+    return (total / max(count, 1)).tolist()
+
+
+def depth_pruned_layers(teacher_path: str, use: str, sequences: list, count: int,
+                        where: str) -> tuple[list[int], list[float]]:
+    """(the ``count`` layers of highest block importance, in order; every layer's BI)."""
+    teacher, _ = load_text_model(teacher_path, use, where)
+    importance = block_importance(teacher, sequences)
+    if not 1 <= count <= len(importance):
+        raise bad_value(where, "num_layers", count, f"1..{len(importance)} (the teacher's "
+                        f"layers) for student_init depth-prune")
+    ranked = sorted(range(len(importance)), key=lambda i: -importance[i])
+    return sorted(ranked[:count]), importance
+
+
 def student_from_config(teacher_path: str, use: str, overrides: dict):
     """A fresh model of the teacher's type with the teacher's config changed by
     ``overrides`` (e.g. fewer layers, a smaller hidden size); random weights."""
@@ -141,10 +182,15 @@ class TextStudentArch(StageConfig):
     - ``config``: the teacher's config with ``num_layers`` / ``hidden_size`` /
       ``num_heads`` changed, random weights;
     - ``folder``: a local model folder ``student_path`` (a user's own small model), loaded
-      with ``from_pretrained``; its vocabulary must be the teacher's.
+      with ``from_pretrained``; its vocabulary must be the teacher's;
+    - ``depth-prune``: the teacher's ``num_layers`` layers (default: as many as
+      ``keep_every`` keeps) of highest block importance on the signal's sequences
+      (``depth_pruned_layers``); the stage measures them and records the layers kept in
+      ``teacher_layers`` of the resolved config.
     """
 
-    student_init: Literal["teacher-layers", "config", "folder"] = "teacher-layers"
+    student_init: Literal["teacher-layers", "config", "folder", "depth-prune"] = \
+        "teacher-layers"
     teacher_layers: list[int] | None = None
     keep_every: PositiveInt = 2
     num_layers: PositiveInt | None = None
@@ -182,5 +228,12 @@ class TextStudentArch(StageConfig):
                                        {k: v for k, v in changes.items() if v is not None})
         import transformers
         total = transformers.AutoConfig.from_pretrained(teacher_path).num_hidden_layers
+        if self.student_init == "depth-prune" and not self.teacher_layers:
+            raise UserError(f"{where}: student_init depth-prune needs the layers its stage "
+                            f"measures (teacher_layers is set from the signal's sequences)")
         keep = chosen_layers(total, self.keep_every, self.teacher_layers, where)
         return student_from_teacher(teacher_path, use, keep)
+
+    def pruned_count(self, total: int) -> int:
+        """How many layers a depth-pruned student keeps."""
+        return self.num_layers or len(range(0, total, self.keep_every))

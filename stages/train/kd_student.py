@@ -109,6 +109,33 @@ class Distill(TrainMethod):
         self.taid = _taid_schedule(self.cfg, state)
 
 
+PRUNE_SAMPLES = 64  # sequences the block importance of depth-prune is measured on
+
+
+def depth_prune(cfg, signal, teacher_path: str, use: str, where: str) -> dict:
+    """The teacher layers a depth-pruned student keeps, from the block importance on the
+    first ``PRUNE_SAMPLES`` train sequences of the signal (a response's prompt and response
+    tokens, or a text row's tokens); with every layer's importance, for the record."""
+    import transformers
+
+    from stages.models.text import depth_pruned_layers
+    from stages.train.rows import RAGGED_PAD
+    responses = signal.info.get("signal") == "responses"
+    columns = ["prompt_ids", "response_ids"] if responses else ["input_ids", "attention_mask"]
+    rows = parquet(signal).head(PRUNE_SAMPLES, columns=columns,
+                                filter=pc.field("split") == "train").to_pylist()
+    if responses:
+        sequences = [r["prompt_ids"] + r["response_ids"] for r in rows]
+    else:
+        sequences = [[t for t, m in zip(r["input_ids"], r["attention_mask"]) if m]
+                     for r in rows]
+    sequences = [[t for t in s if t != RAGGED_PAD] for s in sequences if s]
+    total = transformers.AutoConfig.from_pretrained(teacher_path).num_hidden_layers
+    keep, importance = depth_pruned_layers(teacher_path, use, sequences,
+                                           cfg.pruned_count(total), where)
+    return {"pruned_layers": keep, "block_importance": [round(b, 5) for b in importance]}
+
+
 def _taid_schedule(cfg, state: dict | None) -> TAIDSchedule | None:
     """The TAID schedule for ``loss: taid`` (None for Hinton), resumed from the checkpoint."""
     if cfg.loss != "taid":
@@ -208,6 +235,11 @@ class KDStudent(Stage):
             raise missing_teacher(where, signal)
         elif error := wrong_teacher(where, signal, teacher):
             raise error
+        pruned = {}
+        if cfg.student_init == "depth-prune":  # the layers to keep, measured once, here
+            pruned = depth_prune(cfg, signal, teacher.path, task_cls.use, f"{where} field "
+                                 f"'student_init'")
+            cfg = cfg.model_copy(update={"teacher_layers": pruned["pruned_layers"]})
         task = task_cls(cfg, meta, teacher)
         task.build(where)  # a student that does not fit the signal fails before training
         columns = list(task.columns)
@@ -232,7 +264,7 @@ class KDStudent(Stage):
         model.load_state_dict(trained.state["nets"]["model"])
         out = ctx.output_dir("model")
         info = {**task.save(model, out), "signal": meta["signal"], "loss": cfg.loss,
-                "epochs": trained.state["epoch"] + 1, "shard_in_memory": in_memory,
+                "epochs": trained.state["epoch"] + 1, "shard_in_memory": in_memory, **pruned,
                 **trained.metrics}
         return {"model": Model(path=out, info=info)}
 

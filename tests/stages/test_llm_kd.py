@@ -119,3 +119,30 @@ def test_bad_input(chain, tmp_path):
     with pytest.raises(UserError, match=r"field 'loss': 'tvd' needs the teacher's top-k"):
         run_stage(KDStudent, {"loss": "tvd", "num_workers": 0}, tmp_path, "s", signal=plain,
                   teacher=chain["teacher"])
+
+
+def test_depth_prune_drops_the_layers_that_change_their_input_least(chain, tmp_path):
+    """Layers 1 and 3 of a copy of the teacher made identities (attention and MLP outputs
+    zeroed): their block importance is 0, so the 2-layer pruned student keeps 0 and 2."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(chain["teacher"].path)
+    with torch.no_grad():
+        for i in (1, 3):
+            model.model.layers[i].self_attn.o_proj.weight.zero_()
+            model.model.layers[i].mlp.down_proj.weight.zero_()
+    folder = tmp_path / "holey"
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(chain["teacher"].path).save_pretrained(folder)
+    holey = Model(path=str(folder), info={})
+    out, _ = run_stage(KDStudent, {"student_init": "depth-prune", "keep_every": 2,
+                                   "epochs": 1, "batch_size": 8, "num_workers": 0,
+                                   "loss": "forward_kl"}, tmp_path / "s", "student",
+                       signal=chain["responses"], teacher=holey)
+    info = out["model"].info
+    assert info["pruned_layers"] == [0, 2] and info["num_layers"] == 2
+    bi = info["block_importance"]
+    assert len(bi) == 4 and bi[1] == bi[3] == 0 and min(bi[0], bi[2]) > 0
+    with pytest.raises(UserError, match=r"field 'student_init'.*num_layers.*9.*1\.\.4"):
+        run_stage(KDStudent, {"student_init": "depth-prune", "num_layers": 9,
+                              "num_workers": 0}, tmp_path / "s9", "student",
+                  signal=chain["responses"], teacher=holey)
