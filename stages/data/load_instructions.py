@@ -48,7 +48,7 @@ from pydantic import Field, model_validator
 from pipelines.errors import bad_value, did_you_mean
 from pipelines.stage import Dataset, Stage, StageConfig
 from stages.data.tables import stable_id
-from stages.data.text_corpus import stdlib_files
+from stages.data.stdlib import stdlib_files
 
 TEMPLATES = {
     "function": ("Explain what `{}` does.", "What is `{}` used for in Python?",

@@ -15,7 +15,6 @@ The stdlib differs between Python versions: the version is recorded in the info.
 from __future__ import annotations
 
 import ast
-import os
 import re
 import sys
 import sysconfig
@@ -25,19 +24,11 @@ from pydantic import Field, model_validator
 
 from pipelines.errors import bad_value
 from pipelines.stage import Dataset, Stage, StageConfig
+from stages.data.stdlib import stdlib_files
 from stages.data.tables import stable_id
 
-SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__"}
 CODE_LIKE = re.compile(r"[>{}=\[\]|_`#@$\\]|::|\(\)|\.\.\.|https?:")
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
-
-
-def stdlib_files(root: str) -> list[str]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
-        out += [os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py")]
-    return sorted(out)
 
 
 def docstring_sentences(source: str, min_words: int, max_words: int):
