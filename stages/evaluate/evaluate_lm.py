@@ -8,6 +8,14 @@ tokenizer; each sentence ends with the end-of-text token, as in training):
   in nats per token;
 - ``speedup`` = latency_t / latency_s of a forward pass over the same batch, same thread
   count, interleaved (``evaluate-classifier``'s protocol); ``param_ratio``.
+
+With a ``generate-responses`` output as ``data`` (``info.signal == "responses"``), the
+instruction-model evaluation of ``stages.evaluate.lm_responses`` instead: on the held-out
+prompts, the student's perplexity on the teacher's responses, top-1 agreement and KL per
+token under teacher forcing, ROUGE-L of the greedy answers (``max_new_tokens``) against
+the teacher's and the reference, and generation tokens/s of both at
+``generation_batch_size`` prompts (``max_length`` and ``latency_batch_size`` are the
+sentence path's).
 """
 
 from __future__ import annotations
@@ -21,6 +29,8 @@ from pydantic import Field
 from pipelines.errors import bad_value
 from pipelines.stage import Dataset, Model, Report, Stage
 from stages.data.tables import read_split
+from stages.evaluate.lm_responses import METRICS as RESPONSE_METRICS
+from stages.evaluate.lm_responses import evaluate_responses
 from stages.evaluate.timing import LatencyConfig, pyplot
 from stages.models.text import load_text_model, tokenize
 
@@ -36,7 +46,7 @@ class Forward(torch.nn.Module):
 
 class EvaluateLM(Stage):
     kind = "evaluate-lm"
-    version = "1"
+    version = "2"  # 2: responses data (generate-responses) -> the instruction-model evaluation
 
     class Config(LatencyConfig):
         max_length: int = Field(48, ge=2)
@@ -44,16 +54,23 @@ class EvaluateLM(Stage):
         batch_size: int = Field(64, ge=1)
         repeats: int = Field(10, ge=3)
         latency_batch_size: int = Field(32, ge=1)
+        # responses data only: greedy answers and the generation speed
+        max_new_tokens: int = Field(64, ge=1)
+        generation_batch_size: int = Field(8, ge=1)
+        max_eval_prompts: int | None = Field(None, ge=1)  # the first N held-out rows by id
 
     inputs = {"student": Model, "teacher": Model, "data": Dataset}
     outputs = {"report": Report}
-    metrics = ("perplexity", "teacher_perplexity", "kl_to_teacher", "speedup", "param_ratio",
-               "student_ms_per_sample", "teacher_ms_per_sample", "student_params",
-               "teacher_params")
+    metrics = tuple(dict.fromkeys((  # both paths' (responses data: RESPONSE_METRICS)
+        "perplexity", "teacher_perplexity", "kl_to_teacher", "speedup", "param_ratio",
+        "student_ms_per_sample", "teacher_ms_per_sample", "student_params", "teacher_params",
+        *RESPONSE_METRICS)))
 
     def run(self, ctx, student, teacher, data):
         cfg = self.config
         where = f"stage '{ctx.name}' ({self.kind})"
+        if data.info.get("signal") == "responses":
+            return {"report": evaluate_responses(cfg, ctx, student, teacher, data, where)}
         s_model, _ = load_text_model(student.path, "causal-lm", f"{where} input 'student'")
         t_model, tokenizer = load_text_model(teacher.path, "causal-lm", f"{where} input 'teacher'")
         if s_model.config.vocab_size != t_model.config.vocab_size:

@@ -100,3 +100,31 @@ def emb_signal(ray_session, minilm, corpus, tmp_path_factory):
     return run_stage(TeacherOutputs, {"signal": "embeddings", "max_length": 24},
                      tmp_path_factory.mktemp("emb"), "emb", model=minilm,
                      data=corpus)[0]["signal"]
+
+
+@pytest.fixture(scope="session")
+def llm_chain(ray_session, tmp_path_factory):
+    """A tiny instruct teacher (random Llama, 4 layers, peaked next-token distributions)
+    -> 48 prompts with reference answers (one blank; a quarter held out) -> its greedy
+    responses with each token's top-8 log-probabilities: what the [llm] students and
+    evaluate-lm are tested on."""
+    import json
+
+    from pipelines.stage import Model
+    from stages.data.load_prompts import LoadPrompts
+    from stages.teacher.generate_responses import GenerateResponses
+    from tests.stages import lm_tiny
+    root = tmp_path_factory.mktemp("llm")
+    teacher = Model(path=lm_tiny.build("llama", str(root / "teacher"), layers=4,
+                                       sharpness=40.0), info={})
+    path = root / "q.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": f"Explain what `m{i}.f` does.",
+                                          "answer": "" if i == 0 else f"it returns {i} items"})
+                              for i in range(48)) + "\n")
+    prompts = run_stage(LoadPrompts, {"path": str(path), "reference_column": "answer",
+                                      "test_fraction": 0.25}, root / "p", "prompts")[0]
+    responses = run_stage(GenerateResponses, {"max_new_tokens": 12, "top_k": 8,
+                                              "batch_size": 16}, root / "r", "responses",
+                          model=teacher, prompts=prompts["prompts"])[0]
+    return {"teacher": teacher, "responses": responses["responses"], "root": root,
+            "prompts": prompts["prompts"]}

@@ -10,7 +10,6 @@ import torch
 
 from pipelines import UserError
 from pipelines.stage import Model
-from stages.data.load_prompts import LoadPrompts
 from stages.teacher.generate_responses import GenerateResponses
 from stages.train.kd_responses import divergence, packed, response_logits
 from stages.train.kd_student import KDStudent
@@ -19,17 +18,8 @@ from tests.stages.conftest import run_stage
 
 
 @pytest.fixture(scope="module")
-def chain(ray_session, tmp_path_factory):
-    root = tmp_path_factory.mktemp("llmkd")
-    teacher = Model(path=lm_tiny.build("llama", str(root / "teacher"), layers=4,
-                                           sharpness=40.0), info={})
-    path = root / "q.txt"
-    path.write_text("\n".join(f"Explain what `m{i}.f` does." for i in range(48)) + "\n")
-    prompts = run_stage(LoadPrompts, {"path": str(path)}, root / "p", "prompts")[0]["prompts"]
-    responses = run_stage(GenerateResponses, {"max_new_tokens": 12, "top_k": 8,
-                                              "batch_size": 16},
-                          root / "r", "responses", model=teacher, prompts=prompts)[0]
-    return {"teacher": teacher, "responses": responses["responses"], "root": root}
+def chain(llm_chain):
+    return llm_chain
 
 
 def student(chain, tmp_path, **config):
@@ -111,11 +101,9 @@ def test_bad_input(chain, tmp_path):
         KDStudent({"lmbda": 1.5})
     with pytest.raises(Exception, match="beta"):
         KDStudent({"beta": -0.1})
-    root = chain["root"]
-    plain = run_stage(GenerateResponses, {"max_new_tokens": 4}, root / "plain", "responses",
-                      model=chain["teacher"],
-                      prompts=run_stage(LoadPrompts, {"path": str(root / "q.txt")},
-                                        root / "p2", "prompts")[0]["prompts"])[0]["responses"]
+    plain = run_stage(GenerateResponses, {"max_new_tokens": 4}, tmp_path / "plain",
+                      "responses", model=chain["teacher"],
+                      prompts=chain["prompts"])[0]["responses"]
     with pytest.raises(UserError, match=r"field 'loss': 'tvd' needs the teacher's top-k"):
         run_stage(KDStudent, {"loss": "tvd", "num_workers": 0}, tmp_path, "s", signal=plain,
                   teacher=chain["teacher"])
