@@ -90,6 +90,30 @@ def start_ray() -> float:
     return time.perf_counter() - t0
 
 
+def example_ray() -> float:
+    """For a benchmark that runs an example's stages in its own process: torch at 1 thread
+    and an embedded local Ray (at least 4 CPUs, so the actor pools and Ray Train workers
+    fit on 2 cores); the GPUs Ray reports."""
+    import tempfile
+
+    import ray
+    import torch
+    torch.set_num_threads(1)
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
+                 log_to_driver=False, configure_logging=False,
+                 _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    return ray.cluster_resources().get("GPU", 0.0)
+
+
+def commit() -> str:
+    """The checked-out commit, short."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, cwd=root).stdout.strip()
+
+
 def stop_ray() -> None:
     import ray
     if ray.is_initialized():

@@ -21,13 +21,13 @@ those whose key is unchanged).
 from __future__ import annotations
 
 import os
-import subprocess
 import tempfile
 import time
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from benchmarks.common import commit, example_ray
 from benchmarks.diffusion import run_example
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,25 +108,15 @@ def write_markdown(result: dict, path: str) -> None:
 
 
 def run(repetitions: int = 1) -> dict:
-    import ray
-    import torch
-
     from benchmarks.machine import machine
 
-    torch.set_num_threads(1)
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
-                 log_to_driver=False, configure_logging=False,
-                 _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
-    gpus = ray.cluster_resources().get("GPU", 0.0)
+    gpus = example_ray()
     store = os.environ.get("KD_LLM_BENCH_STORE") or tempfile.mkdtemp(prefix="bench-kdllm-")
     start = time.perf_counter()
     outputs, configs, seconds, reused = run_example(store, {}, gpus, pipeline=PIPELINE)
     identical = same_rows(outputs, configs, store, gpus)
     metrics = {name: outputs[f"eval_{name}"]["report"].metrics() for name in STUDENTS}
     info = machine()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=ROOT).stdout.strip()
     s, t = metrics["sft"], metrics["token_kd"]
     ratio = t["response_perplexity"] / s["response_perplexity"]
     result = {
@@ -137,7 +127,7 @@ def run(repetitions: int = 1) -> dict:
         "median_ratio": ratio, "spread": [ratio, ratio], "target": "< 1 (and kd_llm.md)",
         "metrics": metrics, "acceptance": acceptance(metrics, identical),
         "stage_seconds": {k: round(v, 1) for k, v in seconds.items()}, "reused": reused,
-        "seconds": round(time.perf_counter() - start, 1), "commit": commit,
+        "seconds": round(time.perf_counter() - start, 1), "commit": commit(),
         "machine_line": f"{info['cores']} cores, {info['memory_gib']} GiB, GPU: {info['gpu']}",
     }
     os.makedirs(RESULTS, exist_ok=True)
