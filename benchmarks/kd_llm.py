@@ -112,7 +112,7 @@ def run(repetitions: int = 1) -> dict:
 
     gpus = example_ray()
     store = os.environ.get("KD_LLM_BENCH_STORE") or tempfile.mkdtemp(prefix="bench-kdllm-")
-    start = time.perf_counter()
+    start, code = time.perf_counter(), commit()  # the code that runs: the commit at the start
     outputs, configs, seconds, reused = run_example(store, {}, gpus, pipeline=PIPELINE)
     identical = same_rows(outputs, configs, store, gpus)
     metrics = {name: outputs[f"eval_{name}"]["report"].metrics() for name in STUDENTS}
@@ -127,7 +127,7 @@ def run(repetitions: int = 1) -> dict:
         "median_ratio": ratio, "spread": [ratio, ratio], "target": "< 1 (and kd_llm.md)",
         "metrics": metrics, "acceptance": acceptance(metrics, identical),
         "stage_seconds": {k: round(v, 1) for k, v in seconds.items()}, "reused": reused,
-        "seconds": round(time.perf_counter() - start, 1), "commit": commit(),
+        "seconds": round(time.perf_counter() - start, 1), "commit": code,
         "machine_line": f"{info['cores']} cores, {info['memory_gib']} GiB, GPU: {info['gpu']}",
     }
     os.makedirs(RESULTS, exist_ok=True)

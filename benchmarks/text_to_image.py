@@ -31,6 +31,7 @@ import time
 
 import numpy as np
 
+from benchmarks.common import commit
 from benchmarks.diffusion import run_example
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -174,7 +175,7 @@ def run(repetitions: int = 1) -> dict:
     gpus = ray.cluster_resources().get("GPU", 0.0)
     store = os.environ.get("T2I_BENCH_STORE") or tempfile.mkdtemp(prefix="bench-t2i-")
     keep = tuple(n for n in os.environ.get("T2I_BENCH_KEEP", "").split(",") if n)
-    start = time.perf_counter()
+    start, code = time.perf_counter(), commit()  # the code that runs: the commit at the start
     outputs, configs, seconds, reused = run_example(store, {}, gpus, keep, pipeline=PIPELINE)
     identical = same_rows(outputs, configs, store, gpus)
     students = {n: outputs[n]["model"] for n in (EMBEDDED, LORA)}
@@ -189,8 +190,6 @@ def run(repetitions: int = 1) -> dict:
             plots.append(f"text_to_image_{png}")
     table = acceptance(metrics, identical, loaded, students[LORA].info["trainable_params"])
     info = machine()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=ROOT).stdout.strip()
     ratio = metrics[f"fid/{EMBEDDED}/4"] / metrics["fid/teacher/25"]
     result = {
         "name": "text_to_image",
@@ -201,7 +200,7 @@ def run(repetitions: int = 1) -> dict:
         "acceptance": table, "all_ok": all(r["ok"] for r in table), "metrics": metrics,
         "configs": configs, "stage_seconds": seconds, "reused": reused, "loaded": loaded,
         "students": {n: s.info for n, s in students.items()}, "plots": plots,
-        "total_s": round(time.perf_counter() - start, 1), "commit": commit,
+        "total_s": round(time.perf_counter() - start, 1), "commit": code,
         "machine_line": f"{info['cores']} cores, {info['memory_gib']} GiB, GPU: {info['gpu']}",
     }
     write_markdown(result, os.path.join(RESULTS, "text_to_image.md"))

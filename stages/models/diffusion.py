@@ -31,6 +31,22 @@ SUPPORTED_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteSchedule
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 
 
+
+def vp_alpha_sigma(alphas_cumprod: torch.Tensor, num_train_timesteps: int, t: torch.Tensor,
+                   like: torch.Tensor):
+    """A variance-preserving schedule's alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t)
+    at (float) timesteps t, abar interpolated linearly between table entries; t < 0 is
+    clean (1, 0); shaped to broadcast against ``like``."""
+    t = t.to(torch.float64).cpu()
+    tc = t.clamp(0, num_train_timesteps - 1)
+    lo = tc.floor().long()
+    hi = (lo + 1).clamp(max=num_train_timesteps - 1)
+    w = tc - lo
+    ab = alphas_cumprod[lo] * (1 - w) + alphas_cumprod[hi] * w
+    ab = torch.where(t < 0, torch.ones_like(ab), ab)
+    shape = (-1,) + (1,) * (like.ndim - 1)
+    return ab.sqrt().to(like).view(shape), (1 - ab).clamp(min=0).sqrt().to(like).view(shape)
+
 class UNetArch(StageConfig):
     """The ``UNet2DModel`` fields of a stage that builds one."""
 
@@ -81,17 +97,7 @@ class Diffusion:
     def alpha_sigma(self, t: torch.Tensor, like: torch.Tensor):
         """alpha_t, sigma_t broadcastable to ``like``; t = -1 is clean; float t (reflow)
         interpolates the table linearly."""
-        t = t.to(torch.float64).cpu()
-        tc = t.clamp(0, self.num_train_timesteps - 1)
-        lo = tc.floor().long()
-        hi = (lo + 1).clamp(max=self.num_train_timesteps - 1)
-        w = tc - lo
-        ab = self.alphas_cumprod[lo] * (1 - w) + self.alphas_cumprod[hi] * w
-        ab = torch.where(t < 0, torch.ones_like(ab), ab)
-        shape = (-1,) + (1,) * (like.ndim - 1)
-        a = ab.sqrt().to(like).view(shape)
-        s = (1 - ab).clamp(min=0).sqrt().to(like).view(shape)
-        return a, s
+        return vp_alpha_sigma(self.alphas_cumprod, self.num_train_timesteps, t, like)
 
     def model_out(self, unet, x, t, labels):
         t_in = t.clamp(min=0).to(x.device)

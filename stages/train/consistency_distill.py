@@ -60,6 +60,15 @@ def distance(pred, target, kind: str, huber_c: float | None) -> torch.Tensor:
     return ((diff.pow(2).sum(1) + c * c).sqrt() - c).mean()
 
 
+def online_pair(x0: torch.Tensor, grid: list, gen):
+    """``online`` mode's pair times and noise: per row a random adjacent pair (t_hi, t_lo)
+    of the grid, and z ~ N(0, I) for x_{t_hi} = alpha x0 + sigma z."""
+    i = torch.randint(0, len(grid) - 1, (len(x0),), generator=gen)
+    g = torch.tensor(grid, dtype=torch.float32)
+    return (g[i].to(x0.device), g[i + 1].to(x0.device),
+            torch.randn(x0.shape, generator=gen).to(x0.device))
+
+
 class ConsistencyLoss(StudentMethod):
     def __init__(self, cfg, teacher, columns: list[str], grid: list[int]):
         super().__init__(cfg, teacher, columns)
@@ -72,11 +81,9 @@ class ConsistencyLoss(StudentMethod):
             x_hi, t_hi, x_lo, t_lo = batch["x_hi"], batch["t_hi"], batch["x_lo"], batch["t_lo"]
         else:
             x0 = batch["sample"]
-            i = torch.randint(0, len(self.grid) - 1, (len(x0),), generator=gen)
-            grid = torch.tensor(self.grid, dtype=torch.float32)
-            t_hi, t_lo = grid[i].to(x0.device), grid[i + 1].to(x0.device)
+            t_hi, t_lo, z = online_pair(x0, self.grid, gen)
             a, s = teacher.alpha_sigma(t_hi, x0)
-            x_hi = a * x0 + s * torch.randn(x0.shape, generator=gen).to(x0.device)
+            x_hi = a * x0 + s * z
             with torch.no_grad():                                       # one solver step
                 p0, eps = teacher.predict_x0(teacher.unet, x_hi, t_hi, y)
                 x_lo = ddim_step(teacher, x_hi, p0, eps, t_hi, t_lo)
@@ -107,10 +114,8 @@ class LatentConsistencyLoss(LatentStudentMethod, TrainMethod):
             x_hi, t_hi, x_lo, t_lo = batch["x_hi"], batch["t_hi"], batch["x_lo"], batch["t_lo"]
         else:
             x0 = batch["sample"]
-            i = torch.randint(0, len(self.grid) - 1, (len(x0),), generator=gen)
-            grid = torch.tensor(self.grid, dtype=torch.float32)
-            t_hi, t_lo = grid[i].to(x0.device), grid[i + 1].to(x0.device)
-            x_hi = schedule.noised(x0, torch.randn(x0.shape, generator=gen).to(x0.device), t_hi)
+            t_hi, t_lo, z = online_pair(x0, self.grid, gen)
+            x_hi = schedule.noised(x0, z, t_hi)
             teacher_w = batch["guidance_scale"] if self.cfg.guidance == "embedded" else w
             with torch.no_grad():                                       # one guided step
                 out = self.model.predict(self.teacher, x_hi, t_hi, cond, teacher_w,

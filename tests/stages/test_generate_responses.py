@@ -124,33 +124,33 @@ stages:
   teacher: {{kind: pretrained-model, config: {{path: {llama}, use: causal-lm}}}}
   responses:
     kind: generate-responses
-    config: {{max_new_tokens: 48, batch_size: 2, shard_rows: 4, actors: 1}}
+    config: {{max_new_tokens: 32, batch_size: 2, shard_rows: 4, actors: 1}}
     inputs: {{model: teacher, prompts: prompts}}
 """
 
 
 def test_killed_mid_generation_resumes_from_its_shards(ray_session, llama, tmp_path):
     qfile = tmp_path / "q.txt"
-    qfile.write_text("\n".join(f"question number {i} about `x{i}`" for i in range(60)) + "\n")
+    qfile.write_text("\n".join(f"question number {i} about `x{i}`" for i in range(40)) + "\n")
     path, store = tmp_path / "p.yaml", str(tmp_path / "store")
     path.write_text(SPEC.format(prompts=qfile, llama=llama))
     p = Pipeline.from_yaml(str(path))
     key = plan(p, store=store).states["responses"].key
     shards = os.path.join(store, "_work", "generate-responses", key, "shards", "responses")
     done = kill_when_sharded(ray_session, path, store, shards, 8)
-    assert 8 <= len(done) < 60, len(done)
+    assert 8 <= len(done) < 40, len(done)
     result = run(p, store=store, progress=False)
     assert [s.status for s in result.stages] == ["cached", "cached", "ran"]
     metrics = result["responses"].metrics
-    assert metrics["rows_resumed"] == len(done) and metrics["rows"] == 60
+    assert metrics["rows_resumed"] == len(done) and metrics["rows"] == 40
     st = Store(store)
     m = st.manifest("generate-responses", key)["outputs"]["responses"]
     out = pq.read_table(os.path.join(st.artifact_dir("generate-responses", key),
                                      m["path"])).to_pylist()
-    assert len(out) == len({r["id"] for r in out}) == 60
+    assert len(out) == len({r["id"] for r in out}) == 40
     # the resumed rows are the rows an uninterrupted pass writes
     again, _ = run_stage(LoadPrompts, {"path": str(qfile)}, tmp_path / "pq", "prompts")
-    fresh, _ = generate(tmp_path / "fresh", llama, again["prompts"], max_new_tokens=48,
+    fresh, _ = generate(tmp_path / "fresh", llama, again["prompts"], max_new_tokens=32,
                         batch_size=2)
     assert {r["id"]: r["response_ids"] for r in out} == {
         i: r["response_ids"] for i, r in rows(fresh).items()}

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from pipelines.errors import UserError, bad_value
+from stages.models.diffusion import vp_alpha_sigma
 
 CLEAN = {"vp": -1.0, "flow": 0.0}
 
@@ -72,13 +73,7 @@ class Schedule:
         if self.flow:
             s = (t / self.num_train_timesteps).clamp(0, 1)
             return (1 - s).to(like).view(shape), s.to(like).view(shape)
-        tc = t.clamp(0, self.num_train_timesteps - 1)
-        lo = tc.floor().long()
-        hi = (lo + 1).clamp(max=self.num_train_timesteps - 1)
-        frac = tc - lo
-        ab = self.alphas_cumprod[lo] * (1 - frac) + self.alphas_cumprod[hi] * frac
-        ab = torch.where(t < 0, torch.ones_like(ab), ab)
-        return ab.sqrt().to(like).view(shape), (1 - ab).clamp(min=0).sqrt().to(like).view(shape)
+        return vp_alpha_sigma(self.alphas_cumprod, self.num_train_timesteps, t, like)
 
     def x0_eps(self, out, x, t):
         """(x0, eps) from the network output under the family's prediction."""
