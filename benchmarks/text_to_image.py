@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 
-from benchmarks.common import commit
+from benchmarks.common import commit, example_ray
 from benchmarks.diffusion import run_example
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -162,17 +162,9 @@ def write_markdown(result: dict, path: str) -> None:
 
 
 def run(repetitions: int = 1) -> dict:
-    import ray
-    import torch
-
     from benchmarks.machine import machine
 
-    torch.set_num_threads(1)
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
-                 log_to_driver=False, configure_logging=False,
-                 _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
-    gpus = ray.cluster_resources().get("GPU", 0.0)
+    gpus = example_ray()
     store = os.environ.get("T2I_BENCH_STORE") or tempfile.mkdtemp(prefix="bench-t2i-")
     keep = tuple(n for n in os.environ.get("T2I_BENCH_KEEP", "").split(",") if n)
     start, code = time.perf_counter(), commit()  # the code that runs: the commit at the start

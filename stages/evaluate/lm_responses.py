@@ -41,7 +41,7 @@ import torch
 from pipelines.errors import bad_value
 from stages.data.tables import require_columns
 from stages.evaluate.timing import pyplot
-from stages.models.lm_generate import generate_ids, left_padded
+from stages.models.lm_generate import generate_ids, left_padded, pad_id
 from stages.models.text import load_text_model
 from stages.train.kd_responses import aligned_vocab, divergence, packed, response_logits
 
@@ -176,10 +176,10 @@ def evaluate_responses(cfg, ctx, student, teacher, data, where: str):
         raise bad_value(f"{where} input 'data'", "largest token id", top,
                         f"below the models' vocabulary size {vocab} (responses written "
                         f"with the teacher's tokenizer)")
-    pad_id = t_tok.pad_token_id if t_tok.pad_token_id is not None else t_tok.eos_token_id
+    pad = pad_id(t_tok)
     max_length = context_length(s_model, t_model)
 
-    f = teacher_forced(s_model, t_model, rows, vocab, pad_id, cfg.batch_size, max_length)  # 1.
+    f = teacher_forced(s_model, t_model, rows, vocab, pad, cfg.batch_size, max_length)  # 1.
     if not f["tokens"]:
         raise bad_value(f"{where} input 'data'", "number of held-out response tokens", 0,
                         "at least one")
@@ -189,7 +189,7 @@ def evaluate_responses(cfg, ctx, student, teacher, data, where: str):
                "top1_agreement": f["agree"] / n, "kl_to_teacher": f["kl"] / n}
 
     prompts = [list(r["prompt_ids"]) for r in rows]                                      # 2.
-    said = {name: greedy_answers(m, tok, prompts, pad_id, cfg.max_new_tokens,
+    said = {name: greedy_answers(m, tok, prompts, pad, cfg.max_new_tokens,
                                  cfg.generation_batch_size)
             for name, m, tok in (("student", s_model, s_tok), ("teacher", t_model, t_tok))}
     metrics["rougeL_vs_teacher"] = statistics.fmean(
@@ -202,7 +202,7 @@ def evaluate_responses(cfg, ctx, student, teacher, data, where: str):
             metrics[key] = statistics.fmean(rouge_l(said[name][i], ref) for i, ref in refs)
 
     batch = [prompts[i % len(prompts)] for i in range(cfg.generation_batch_size)]          # 3.
-    s_speed, t_speed = tokens_per_s([s_model, t_model], batch, pad_id, cfg.max_new_tokens,
+    s_speed, t_speed = tokens_per_s([s_model, t_model], batch, pad, cfg.max_new_tokens,
                                     min(cfg.repeats, 3), cfg.threads)
     s_params = sum(p.numel() for p in s_model.parameters())
     t_params = sum(p.numel() for p in t_model.parameters())

@@ -48,11 +48,18 @@ def prompt_text(tokenizer, prompt: str, chat: bool, messages: bool,
     return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
 
 
+def pad_id(tokenizer) -> int:
+    """The tokenizer's padding id; its end-of-sequence token (set as its pad token) when
+    it has none."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer.pad_token_id
+
+
 def encode_prompts(tokenizer, texts: list[str], max_prompt_tokens: int):
     """Left-padded ids and mask; a prompt longer than ``max_prompt_tokens`` keeps its end
     (the generation prompt)."""
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    pad_id(tokenizer)
     tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
     return tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
                      max_length=max_prompt_tokens, add_special_tokens=False)
@@ -114,8 +121,6 @@ def generate_ids(model, tokenizer, input_ids, attention_mask, *, max_new_tokens:
     from transformers import LogitsProcessorList
     device = next(model.parameters()).device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     eos = model.generation_config.eos_token_id
     eos = set([eos] if isinstance(eos, int) else (eos or [])) | {tokenizer.eos_token_id}
     eos.discard(None)
@@ -126,7 +131,7 @@ def generate_ids(model, tokenizer, input_ids, attention_mask, *, max_new_tokens:
             [RowSampler(row_generators(seed, ids), temperature, top_p)])
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
                          max_new_tokens=max_new_tokens, do_sample=False,
-                         num_beams=1, pad_token_id=tokenizer.pad_token_id,
+                         num_beams=1, pad_token_id=pad_id(tokenizer),
                          eos_token_id=sorted(eos), return_dict_in_generate=True,
                          output_logits=top_k > 0, temperature=None, top_p=None, top_k=None,
                          **kwargs)

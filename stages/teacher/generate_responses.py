@@ -55,13 +55,11 @@ class ResponseActor:
     """Ray Data actor: one teacher in memory; a batch of prompt rows -> responses."""
 
     def __init__(self, model: Model, cfg: dict, seed: int, text_column: str, where: str):
-        import torch
         self.model, self.tokenizer = load_text_model(model.path, "causal-lm", where)
         self.model.to(torch_device())
         self.cfg, self.seed, self.column = cfg, seed, text_column
         self.messages = text_column == "messages"
         self.chat = wants_chat(self.tokenizer, cfg["chat"], self.messages, where)
-        self.torch = torch
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cfg = self.cfg
@@ -93,7 +91,7 @@ def check_engine(engine: str, gpus: float, where: str) -> None:
                                     "vLLM is not installed"),
                                    (gpus > 0, "Ray reports no GPU")) if not ok]
     if missing:
-        raise bad_value(where, "engine", engine, f"{', '.join(ENGINES[:1])} here "
+        raise bad_value(where, "engine", engine, f"{ENGINES[0]} here "
                         f"({' and '.join(missing)}; vllm needs both)")
 
 

@@ -147,8 +147,8 @@ class ResponseTask(TextTask):
 
     @property
     def pad_id(self) -> int:
-        tok = self._tokenizer
-        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        from stages.models.lm_generate import pad_id
+        return pad_id(self._tokenizer)
 
     def bind(self, gen: torch.Generator) -> None:
         """The worker's generator (on-policy draws and sampling)."""
