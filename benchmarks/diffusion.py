@@ -36,9 +36,9 @@ STUDENTS = ("consistency", "progressive", "reflow")
 
 # per-profile overrides of the example's stage configs
 PROFILES = {
-    "gpu": {"teacher": {"epochs": 3000, "max_minutes": 3.0},
+    "gpu": {"teacher": {"epochs": 1500, "max_minutes": 15.0},
             "trajectories": {"rows": 6000}},
-    "cpu": {"teacher": {"epochs": 2000, "max_minutes": 15.0, "threads": 1},
+    "cpu": {"teacher": {"epochs": 300, "max_minutes": 40.0, "threads": 1},
             "trajectories": {"rows": 1000, "keep_states": 9},
             "consistency": {"epochs": 6}, "progressive": {"start_steps": 8, "epochs": 3},
             "reflow": {"epochs": 15},

@@ -61,6 +61,12 @@ class EvaluateGeneration(Stage):
     class Config(StageConfig):
         teacher_steps: list[PositiveInt] = [100, 50, 20, 10, 4, 2, 1]
         student_steps: list[PositiveInt] = [1, 2, 4]
+        # a student's own step counts (by its stage name), e.g. {dmd: [1]} for a
+        # generator trained for one step; the others take student_steps
+        steps_for: dict[str, list[PositiveInt]] = {}
+
+        def steps_of(self, name: str) -> list[int]:
+            return self.steps_for.get(name, self.student_steps)
         sampler: Literal[SAMPLERS] = "ddim"
         num_samples: int | None = Field(None, ge=10)  # default: half the real images
         batch_size: int = Field(1000, ge=1)
@@ -96,6 +102,10 @@ class EvaluateGeneration(Stage):
             if name in RESERVED:
                 raise bad_value(w("students"), "student stage name", name,
                                 f"any name but {', '.join(RESERVED)} (metric names use them)")
+        for name in cfg.steps_for:
+            if name not in students:
+                raise bad_value(f"{where} config steps_for", "student", name,
+                                list(students))
         if is_latent(teacher.path):
             from stages.evaluate.generation_t2i import run_latent
             return run_latent(self, ctx, teacher, classifier, data, students, embeddings, w)
@@ -110,7 +120,7 @@ class EvaluateGeneration(Stage):
                 raise bad_value(w(name), "model", students[name].path,
                                 "a student folder (with student.json)")
             check_shape(t_model, models[name].shape, w(name), "student")
-            for steps in cfg.student_steps:
+            for steps in cfg.steps_of(name):
                 check_student_steps(models[name], steps, w(name) + " config student_steps")
         net = load_classifier(classifier.path, w("classifier"))
         check_shape(t_model, net.in_shape, w("classifier"), "classifier input")
@@ -126,7 +136,7 @@ class EvaluateGeneration(Stage):
         num_classes = t_model.num_classes
         labels = np.arange(n) % num_classes if num_classes else np.zeros(n, np.int64)
         runs = [("teacher", s) for s in cfg.teacher_steps] + \
-               [(name, s) for name in students for s in cfg.student_steps]
+               [(name, s) for name in students for s in cfg.steps_of(name)]
         threads = torch.get_num_threads()
         torch.set_num_threads(cfg.threads)
         grids: dict[str, list] = {}
@@ -158,12 +168,13 @@ class EvaluateGeneration(Stage):
             if f"{m}/teacher/{best}" in metrics:
                 metrics[f"{m}/teacher/best"] = metrics[f"{m}/teacher/{best}"]
         for name in students:
-            for steps in cfg.student_steps:
+            for steps in cfg.steps_of(name):
                 metrics[f"speedup/{name}/{steps}"] = (metrics["ms_per_image/teacher/best"] /
                                                       metrics[f"ms_per_image/{name}/{steps}"])
         figures = {f"samples_{name}.png": _grid_plot(name, rows, t_model.shape)
                    for name, rows in grids.items()}
-        figures["fid_vs_steps.png"] = fid_plot(metrics, cfg.teacher_steps, cfg.student_steps,
+        figures["fid_vs_steps.png"] = fid_plot(metrics, cfg.teacher_steps,
+                                               {n: cfg.steps_of(n) for n in students},
                                                best, list(students))
         info = {"num_samples": n, "real_images": len(real), "threads": cfg.threads,
                 "device": str(device), "batch_size": cfg.batch_size, "teacher_best_steps": best,

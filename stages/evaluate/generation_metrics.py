@@ -132,13 +132,14 @@ def to_classifier(images: torch.Tensor, in_shape, view: str = "resize") -> torch
     return images.float().clamp(0, 1)
 
 
-def fid_plot(metrics: dict, teacher_steps, student_steps, best: int, students: list[str],
-             best_label: str = "teacher best"):
-    """FID against sampling steps, one line per model, the real-vs-real floor dashed."""
+def fid_plot(metrics: dict, teacher_steps, student_steps: dict, best: int,
+             students: list[str], best_label: str = "teacher best"):
+    """FID against sampling steps, one line per model (``student_steps``: each student's
+    step counts), the real-vs-real floor dashed."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in ["teacher", *students]:
-        steps = sorted(teacher_steps if name == "teacher" else student_steps)
+        steps = sorted(teacher_steps if name == "teacher" else student_steps[name])
         ax.plot(steps, [metrics[f"fid/{name}/{s}"] for s in steps], marker="o", label=name)
     ax.axhline(metrics["fid/real/floor"], color="gray", ls="--", label="real vs real")
     ax.set_xscale("log", base=2)

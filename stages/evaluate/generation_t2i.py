@@ -82,7 +82,7 @@ def run_latent(stage, ctx, teacher, classifier, data, students, embeddings, w) -
         if theirs != (model.pipeline_class, list(shape)):
             raise bad_value(w(name), "pipeline class and latent shape", theirs,
                             f"the teacher's {(model.pipeline_class, list(shape))}")
-        for steps in cfg.student_steps:
+        for steps in cfg.steps_of(name):
             check_student_steps(s, steps, f"{w(name)} config student_steps")
     net = load_classifier(classifier.path, w("classifier"))
     in_shape = tuple(int(v) for v in net.in_shape)
@@ -105,7 +105,7 @@ def run_latent(stage, ctx, teacher, classifier, data, students, embeddings, w) -
     ws = {name: cfg.guidance_scale if name == "teacher" or name in embedded else 1.0
           for name in models}
     runs = list(dict.fromkeys([("teacher", ref)] + [("teacher", s) for s in cfg.teacher_steps]
-                              + [(s, k) for s in students for k in cfg.student_steps]))
+                              + [(s, k) for s in students for k in cfg.steps_of(s)]))
     rows = np.arange(n)
     row_label = labels[rows % len(cond)] if labels is not None else None
     sampler = Sampler(models, cond, torch.as_tensor(rows % len(cond)),
@@ -141,7 +141,7 @@ def run_latent(stage, ctx, teacher, classifier, data, students, embeddings, w) -
             metrics[f"teacher_distance/{key}"] = float(torch.cat(dist).mean())
             accuracy(metrics, f"digit_accuracy/{key}", preds[(name, steps)], row_label)
             ctx.progress(i + 1, len(runs), "model x steps")
-        curves = {"teacher": ref, **{s: max(cfg.student_steps) for s in embedded}}
+        curves = {"teacher": ref, **{s: max(cfg.steps_of(s)) for s in embedded}}
         if row_label is not None and (row_label >= 0).any():                # 4. against w
             for name, steps in curves.items():
                 for gw in cfg.guidance_scales:
@@ -162,7 +162,8 @@ def run_latent(stage, ctx, teacher, classifier, data, students, embeddings, w) -
                                                            den[(name, steps)])
     metrics["steps/teacher/reference"] = ref
     figures = {"samples.png": grid_plot(grids, runs, cond.prompts),         # 6. plots
-               "fid_vs_steps.png": fid_plot(metrics, cfg.teacher_steps, cfg.student_steps,
+               "fid_vs_steps.png": fid_plot(metrics, cfg.teacher_steps,
+                                            {n: cfg.steps_of(n) for n in students},
                                             ref, list(students), "teacher reference")}
     if any(k.startswith("digit_accuracy_w/") for k in metrics):
         figures["accuracy_vs_w.png"] = w_plot(metrics, curves, cfg.guidance_scales)

@@ -11,7 +11,12 @@ function and the few-step student samplers (notation: ``stages.models.diffusion`
   c_out = k t / sqrt((k t)^2 + s_d^2), s_d = 0.5, k = 10; f(x, 0) = x.
 - Students: ``consistency`` (multistep consistency sampling, Song et al. 2023 Algorithm 1),
   ``progressive`` (DDIM on the student, Salimans & Ho 2022), ``reflow`` (Euler on the
-  rectified flow dx/ds = v(x, s), Liu et al. 2022 eq. 1).
+  rectified flow dx/ds = v(x, s), Liu et al. 2022 eq. 1), and the x0 chains of ``dmd``
+  (DMD2's few-step generator, Yin et al. 2024 Sec. 4.4) and ``scm`` (sCM's multistep
+  sampling, Lu & Song 2024 Algorithm 1): at each of the step count's timesteps the
+  network's x0 prediction, re-noised with fresh noise to the next timestep.
+  Their ``student.json`` holds ``timesteps``: for each step count its training covered
+  (a string key), the VP timesteps of that chain, e.g. ``{"1": [999], "2": [999, 499]}``.
 """
 
 from __future__ import annotations
@@ -120,6 +125,15 @@ def check_student_steps(model: Diffusion, steps: int, where: str) -> None:
                         f"at most {info['max_steps']}, the steps its training covered")
 
 
+X0_CHAINS = ("dmd", "scm")  # students sampled by chain_timesteps' x0 chain
+STUDENT_METHODS = ("consistency", "progressive", "reflow") + X0_CHAINS
+
+
+def chain_timesteps(student: dict, steps: int) -> list[float]:
+    """The timesteps of an x0-chain student's ``steps``-step sampler."""
+    return [float(t) for t in student["timesteps"][str(steps)]]
+
+
 @torch.inference_mode()
 def sample_student(model: Diffusion, noise: torch.Tensor, labels, steps: int,
                    generator: torch.Generator | None = None, where: str = "sampler"):
@@ -155,8 +169,18 @@ def sample_student(model: Diffusion, noise: torch.Tensor, labels, steps: int,
             x0, eps = model.predict_x0(unet, x, tt, labels, clip=True)
             x = ddim_step(model, x, x0, eps, tt, torch.full((n,), t_next, device=device))
         return x.clamp(-1, 1).float().cpu()
+    if method in X0_CHAINS:  # x0 at each timestep, re-noised to the next
+        x0 = None
+        for i, t in enumerate(chain_timesteps(model.student, steps)):
+            tt = torch.full((n,), t, device=device)
+            if i:
+                z = torch.randn(x.shape, generator=generator).to(device)
+                a, s = model.alpha_sigma(tt, x)
+                x = a * x0 + s * z
+            x0 = model.predict_x0(unet, x, tt, labels, clip=True)[0]
+        return x0.float().cpu()
     raise UserError(f"{where}: unknown student method {method!r}; allowed: "
-                    f"{allowed_list(('consistency', 'progressive', 'reflow'))}")
+                    f"{allowed_list(STUDENT_METHODS)}")
 
 
 def reflow_velocity(model: Diffusion, unet, x, s, labels):

@@ -15,7 +15,12 @@ The noise schedule is the cosine one (Nichol & Dhariwal 2021, eq. 17). An EMA of
 weights (decay ``ema_decay``) is what gets saved. Images can be zero-padded to
 ``pad_to`` pixels when a deeper UNet needs a larger input. Trained through the training
 harness (``stages.train.harness``; in the stage's process by default): a killed run resumes
-from its last epoch, with the time it had used, so a ``max_minutes`` budget holds.
+from its last epoch, with the time it had used.
+
+The run always trains ``epochs`` epochs, so the teacher (and every student of it) is the
+same on any machine under one cache key. ``max_minutes`` is a time budget that fails the
+run with a clear error once spent, never shortens it; it is an execution setting (not in
+the key): the checkpoint is kept, and a re-run with a larger budget resumes.
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ class Denoising(TrainMethod):
         return {"unet": torch.optim.AdamW(nets["unet"].parameters(), lr=self.cfg.lr)}
 
     def lr_factor(self, progress: float) -> float:
-        """5% linear warm-up, then cosine to zero over the run (steps or max_minutes)."""
+        """5% linear warm-up, then cosine to zero over the run's steps."""
         if progress < 0.05:
             return max(progress / 0.05, 0.01)
         return 0.5 * (1 + math.cos(math.pi * (progress - 0.05) / 0.95))
@@ -77,8 +82,9 @@ class Denoising(TrainMethod):
 
 class FitDiffusionTeacher(Stage):
     kind = "fit-diffusion-teacher"
-    version = "3"  # 2: the training harness (per-row noise from its generator, resume)
+    version = "4"  # 2: the training harness (per-row noise from its generator, resume)
     # 3: a last partial batch dropped, the same steps whatever the number of workers
+    # 4: a fixed number of epochs; max_minutes fails the run instead of shortening it
 
     class Config(UNetArch, TrainConfig):
         prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
@@ -86,7 +92,7 @@ class FitDiffusionTeacher(Stage):
         num_train_timesteps: int = Field(1000, ge=2)
         conditional: bool = True
         epochs: int = Field(200, ge=1)
-        max_minutes: float | None = Field(None, gt=0)  # stop early after this wall time
+        max_minutes: float | None = Field(None, gt=0)  # fail (never shorten) past this
         batch_size: int = Field(128, ge=1)
         lr: float = Field(1e-3, gt=0)
         ema_decay: float = Field(0.999, ge=0, lt=1)
@@ -94,7 +100,7 @@ class FitDiffusionTeacher(Stage):
         pad_to: int | None = Field(None, ge=1)
         threads: int | None = Field(None, ge=1)  # torch CPU threads; None: torch's default
         num_workers: int = Field(0, ge=0)  # 0: in the stage's process; N: Ray Train workers
-        execution = ("threads",)
+        execution = ("threads", "max_minutes")
 
         def keyed_execution(self) -> dict[str, str]:
             return {**super().keyed_execution(),
@@ -128,7 +134,7 @@ class FitDiffusionTeacher(Stage):
         classes = num_classes if cfg.conditional else None
         method = Denoising(cfg, x.shape[1:], classes, dict(scheduler.config))
         trained = fit(ctx, method, Rows(COLUMNS, tensors={"x": x, "label": y}), cfg,  # 3.
-                      max_minutes=cfg.max_minutes)
+                      deadline_minutes=cfg.max_minutes)
 
         unet = cfg.build(x.shape[2], x.shape[1], classes)                      # 4. save EMA
         unet.load_state_dict(trained.state["emas"]["unet"])

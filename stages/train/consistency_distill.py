@@ -31,6 +31,21 @@ x_lo = alpha_lo x0_hat + sigma_lo eps_hat. ``guidance``, ``guidance_scale`` and 
 ``stages.train.latent_student``. Saved as a pipeline folder with ``LCMScheduler`` (VP) or
 ``FlowMatchLCMScheduler`` (flow), so ``DiffusionPipeline.from_pretrained`` samples it.
 
+``segments`` (e.g. ``[8, 4, 2, 1]``, ``epochs`` per phase): Hyper-SD's trajectory-segmented
+consistency distillation (TSCD; Ren et al. 2024, arXiv 2404.13686, Sec. 3.1). Phase i
+splits the stored grid t_0 > ... > t_{K-1} (clean) into k_i equal segments whose
+boundaries s_0 > s_1 > ... > s_k are stored timesteps; a pair (t_hi, t_lo) lies inside one
+segment [s_{j+1}, s_j] and the consistency function maps to that segment's lower end:
+
+    f_seg(x, t) = alpha_s x0_hat(x, t) + sigma_s eps_hat(x, t)   (a DDIM jump to s = s_{j+1})
+    f_seg(x, s) = x                                                (the boundary condition)
+    L = d( f_seg_theta(x_{t_hi}, t_hi), stopgrad f_seg_{theta-}(x_{t_lo}, t_lo) )
+
+with the segment ending at clean using the LCM form above. Phases run in order in one
+training run (k reduced phase by phase, each starting from the last phase's weights and
+EMA); the last (k = 1) is ordinary consistency distillation, so the student samples like
+any consistency student.
+
 The student (the teacher's UNet, or a smaller ``architecture`` started from the teacher
 weights it shares; fresh with ``init: scratch``) is saved as a diffusers folder with
 ``student.json``: multistep consistency sampling (Algorithm 1) in
@@ -43,8 +58,9 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, PositiveInt, field_validator
 
+from pipelines.errors import bad_value
 from stages.models.diffusion_sampling import consistency_fn, consistency_scalings, ddim_step
 from stages.models.families.sampling import guidance_mode
 from stages.train.diffusion_student import StudentConfig, StudentMethod, StudentStage
@@ -69,11 +85,54 @@ def online_pair(x0: torch.Tensor, grid: list, gen):
             torch.randn(x0.shape, generator=gen).to(x0.device))
 
 
-class ConsistencyLoss(StudentMethod):
+def segment_boundaries(grid: list, k: int) -> list:
+    """The k + 1 boundaries of k equal segments of the stored grid (its first and last
+    points included)."""
+    return list(grid[::(len(grid) - 1) // k])
+
+
+def segment_ends(t_lo: torch.Tensor, boundaries: list) -> torch.Tensor:
+    """For each t_lo, the lower end s of its segment: the largest boundary <= t_lo."""
+    b = torch.tensor(boundaries, dtype=torch.float32, device=t_lo.device)
+    below = b.view(1, -1) <= t_lo.float().view(-1, 1) + 1e-4
+    return torch.where(below, b.view(1, -1), torch.full_like(below, -1e9, dtype=b.dtype)
+                       ).max(1).values
+
+
+class Segments:
+    """Mixin of the phase schedule of ``segments`` (Hyper-SD's TSCD)."""
+
+    segments: list | None = None
+
+    def begin_epoch(self, epoch, nets):
+        self.phase = min(epoch // self.epochs_per_phase, len(self.segments) - 1) \
+            if self.segments else 0
+
+    def boundaries(self) -> list | None:
+        """This phase's boundaries, or None when it is the ordinary (k = 1) loss."""
+        if not self.segments or self.segments[self.phase] == 1:
+            return None
+        return segment_boundaries(self.grid, self.segments[self.phase])
+
+    def epoch_metrics(self, nets):
+        return {"segments": self.segments[self.phase]} if self.segments else {}
+
+
+class ConsistencyLoss(Segments, StudentMethod):
     def __init__(self, cfg, teacher, columns: list[str], grid: list[int]):
         super().__init__(cfg, teacher, columns)
         self.distance, self.huber_c, self.mode, self.grid = (cfg.distance, cfg.huber_c,
                                                              cfg.mode, grid)
+        self.segments, self.epochs_per_phase, self.phase = cfg.segments, cfg.epochs, 0
+
+    def f(self, teacher, net, x, t, y, ends):
+        """f(x, t), or f_seg(x, t) to the segment ends ``ends`` (None: to x0)."""
+        if ends is None:
+            return consistency_fn(teacher, net, x, t, y)
+        x0, eps = teacher.predict_x0(net, x, t, y)
+        jump = torch.where((ends < 0).view(-1, 1, 1, 1), consistency_fn(teacher, net, x, t, y),
+                           ddim_step(teacher, x, x0, eps, t, ends))
+        return torch.where((t <= ends + 1e-4).view(-1, 1, 1, 1), x, jump)
 
     def student_loss(self, model, ema, teacher, batch, gen):
         y = batch["label"]
@@ -87,25 +146,36 @@ class ConsistencyLoss(StudentMethod):
             with torch.no_grad():                                       # one solver step
                 p0, eps = teacher.predict_x0(teacher.unet, x_hi, t_hi, y)
                 x_lo = ddim_step(teacher, x_hi, p0, eps, t_hi, t_lo)
-        pred = consistency_fn(teacher, model, x_hi, t_hi, y)            # 2. f_theta
+        bounds = self.boundaries()                                      # 2. the segment
+        ends = None if bounds is None else segment_ends(t_lo, bounds)
+        pred = self.f(teacher, model, x_hi, t_hi, y, ends)              # 3. f_theta
         with torch.no_grad():
-            target = consistency_fn(teacher, ema, x_lo, t_lo, y)        # 3. f_theta-
-        return distance(pred, target, self.distance, self.huber_c)   # 4. distance
+            target = self.f(teacher, ema, x_lo, t_lo, y, ends)          # 4. f_theta-
+        return distance(pred, target, self.distance, self.huber_c)   # 5. distance
 
 
-class LatentConsistencyLoss(LatentStudentMethod, TrainMethod):
+class LatentConsistencyLoss(Segments, LatentStudentMethod, TrainMethod):
     """The same loss for a latent teacher (the module docstring)."""
 
     def __init__(self, cfg, teacher, embeddings, columns, w_fixed: float, grid: list[float]):
         super().__init__(cfg, teacher, embeddings, columns, w_fixed)
         self.grid, self.teacher_in_loop = grid, cfg.mode == "online"
+        self.segments, self.epochs_per_phase, self.phase = cfg.segments, cfg.epochs, 0
 
-    def f(self, net, x, t, cond, w, mode):
-        """f(x, t) = c_skip(t) x + c_out(t) x0_hat(x, t)."""
+    def f(self, net, x, t, cond, w, mode, ends=None):
+        """f(x, t) = c_skip(t) x + c_out(t) x0_hat(x, t); with segment ends, the DDIM /
+        flow-Euler jump to them (x itself at an end)."""
         out = self.model.predict(net, x, t, cond, w, mode)
-        x0, _ = self.model.schedule.x0_eps(out, x, t)
+        x0, eps = self.model.schedule.x0_eps(out, x, t)
         c_skip, c_out = consistency_scalings(t, x)
-        return c_skip * x + c_out * x0
+        full = c_skip * x + c_out * x0
+        if ends is None:
+            return full
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        clean = self.model.schedule.clean
+        jump = torch.where((ends <= clean + 1e-4).view(shape), full,
+                           self.model.schedule.noised(x0, eps, ends))
+        return torch.where((t <= ends + 1e-4).view(shape), x, jump)
 
     def loss(self, nets, emas, batch, gen):
         cond, w, mode = self.conditioning(batch)                        # 1. conditioning
@@ -122,23 +192,50 @@ class LatentConsistencyLoss(LatentStudentMethod, TrainMethod):
                                          guidance_mode(self.model, True))
                 p0, eps = schedule.x0_eps(out, x_hi, t_hi)
                 x_lo = schedule.noised(p0, eps, t_lo)
-        pred = self.f(nets["student"], x_hi, t_hi, cond, w, mode)      # 3. f_theta
+        bounds = self.boundaries()                                      # 3. the segment
+        ends = None if bounds is None else segment_ends(t_lo, bounds)
+        pred = self.f(nets["student"], x_hi, t_hi, cond, w, mode, ends)  # 4. f_theta
         with torch.no_grad():
-            target = self.f(emas["student"], x_lo, t_lo, cond, w, mode)  # 4. f_theta-
+            target = self.f(emas["student"], x_lo, t_lo, cond, w, mode, ends)  # 5. f_theta-
         loss = distance(pred, target, self.cfg.distance, self.cfg.huber_c)
         return Loss({"student": loss}, len(x_hi))
 
 
 class ConsistencyDistill(StudentStage):
     kind = "consistency-distill"
-    version = "4"  # 4: latent text-to-image teachers
+    version = "5"  # 5: segments (phases)
     # 2: the training harness (held pairs, one global permutation per epoch)
     # 3: a last partial batch dropped, the same steps whatever the number of workers
+    # 4: latent text-to-image teachers
 
     class Config(StudentConfig):
         distance: Literal["l2", "pseudo_huber"] = "pseudo_huber"
         huber_c: float | None = Field(None, gt=0)
         mode: Literal["trajectory", "online"] = "trajectory"
+        segments: list[PositiveInt] | None = None  # Hyper-SD phases; epochs is per phase
+
+        @field_validator("segments")
+        @classmethod
+        def _decreasing_to_one(cls, v):
+            if v is not None and (any(a <= b for a, b in zip(v, v[1:])) or v[-1] != 1):
+                raise ValueError(f"segments {v} must decrease phase by phase and end in 1 "
+                                 "(e.g. [8, 4, 2, 1]): the last phase is ordinary "
+                                 "consistency distillation")
+            return v
+
+    def check_segments(self, ctx, grid: list) -> None:
+        """Every phase's k must divide the stored intervals: boundaries are stored states."""
+        intervals = len(grid) - 1
+        for k in self.config.segments or ():
+            if intervals % k:
+                fits = [d for d in range(1, intervals + 1) if intervals % d == 0]
+                raise bad_value(f"stage '{ctx.name}' ({self.kind}) config", "segments", k,
+                                f"a divisor of the {intervals} intervals between the stored "
+                                f"timesteps {grid}: one of {fits}")
+
+    def total(self, cfg):
+        """The whole run's config: ``epochs`` per phase."""
+        return cfg.model_copy(update={"epochs": cfg.epochs * len(cfg.segments or [1])})
 
     def run(self, ctx, pairs, teacher, embeddings=None):
         from stages.models.families import is_latent
@@ -148,13 +245,14 @@ class ConsistencyDistill(StudentStage):
         cfg = self.config
         teacher_model = self.load_inputs(ctx, pairs, teacher, "consistency")
         grid = pairs.info["timesteps"]
+        self.check_segments(ctx, grid)
         columns = (["x_hi", "t_hi", "x_lo", "t_lo", "label"] if cfg.mode == "trajectory"
                    else ["sample", "label"])
         noisy = [t for t in grid if t >= 0]
         student = {"method": "consistency", "timesteps": noisy, "max_steps": len(noisy),
-                   "distance": cfg.distance, "mode": cfg.mode}
+                   "distance": cfg.distance, "mode": cfg.mode, "segments": cfg.segments}
         method = ConsistencyLoss(cfg, teacher, columns, grid)
-        model = self.train(ctx, cfg, pairs, teacher, method, student,
+        model = self.train(ctx, self.total(cfg), pairs, teacher, method, student,
                            teacher_model.scheduler_config)
         return {"model": model}
 
@@ -163,11 +261,13 @@ class ConsistencyDistill(StudentStage):
         model, w = self.load_latent_inputs(ctx, pairs, teacher, embeddings, "consistency",
                                            online=cfg.mode == "online")
         grid = [float(t) for t in pairs.info["timesteps"]]
+        self.check_segments(ctx, grid)
         columns = (["x_hi", "t_hi", "x_lo", "t_lo"] if cfg.mode == "trajectory"
                    else ["sample"]) + ["prompt_index", "guidance_scale"]
         noisy = [t for t in grid if t != model.schedule.clean]
         student = {"method": "consistency", "timesteps": noisy, "max_steps": len(noisy),
-                   "distance": cfg.distance, "mode": cfg.mode}
+                   "distance": cfg.distance, "mode": cfg.mode, "segments": cfg.segments}
         method = LatentConsistencyLoss(cfg, teacher, embeddings, columns, w, grid)
         scheduler = model.family.student_scheduler(model, noisy)
-        return {"model": self.train_latent(ctx, cfg, pairs, model, method, student, scheduler)}
+        return {"model": self.train_latent(ctx, self.total(cfg), pairs, model, method,
+                                           student, scheduler)}

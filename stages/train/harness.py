@@ -19,7 +19,10 @@ steps of ``train_loop`` below:
    EMA updates;
 5. every epoch: metrics to the run (so Tune's schedulers can stop a trial early), a
    checkpoint with the resolved config (rank 0), the elapsed time kept in it so a
-   ``max_minutes`` budget survives a resume.
+   ``max_minutes`` budget survives a resume. A budget either stops the run early
+   (``max_minutes``: the result depends on the machine's speed) or, as ``deadline_minutes``,
+   fails it with a clear error once spent, the checkpoint kept (a run of fixed length:
+   the result never depends on the machine; a re-run with a larger budget resumes).
 
 Two drivers run the loop: Ray Train (``num_workers`` >= 1, a ``TorchTrainer`` built here
 and nowhere else; checkpoints in ``ctx.train_storage``, restarts under ``max_failures``)
@@ -41,6 +44,7 @@ from dataclasses import dataclass, field
 import torch
 from pydantic import Field, model_validator
 
+from pipelines.errors import UserError
 from pipelines.stage import StageConfig
 from stages.train.rows import Rows
 
@@ -156,6 +160,23 @@ class _Run:
     ctx: object
     rows: Rows
     max_minutes: float | None = None
+    deadline_minutes: float | None = None
+
+
+class BudgetSpent(UserError):
+    """A fixed-length run ran past its time budget (``deadline_minutes``)."""
+
+
+def check_deadline(elapsed_s: float, deadline_minutes: float | None, epoch: int,
+                   epochs: int, where: str) -> None:
+    """Fail, never shorten: ``deadline_minutes`` spent before ``epoch`` (of ``epochs``)."""
+    if deadline_minutes and elapsed_s > 60 * deadline_minutes:
+        raise BudgetSpent(
+            f"{where}: max_minutes {deadline_minutes:g} spent after {epoch} of {epochs} "
+            f"epochs ({elapsed_s / 60:.1f} minutes); the run trains a fixed number of epochs "
+            "and is never cut short. Its checkpoint is kept: run again with a larger "
+            "max_minutes (an execution setting, not in the cache key) to resume, or lower "
+            "epochs")
 
 
 def train_loop(run: _Run, method: TrainMethod, session) -> None:
@@ -195,6 +216,8 @@ def train_loop(run: _Run, method: TrainMethod, session) -> None:
                 time.monotonic() - began, device) > 60 * run.max_minutes:
             break  # the budget is spent (also by a run resumed after it): every worker
             # stops before the same epoch
+        check_deadline(over_workers(time.monotonic() - began, device), run.deadline_minutes,
+                       epoch, cfg.epochs, f"stage '{ctx.name}' ({ctx.kind})")
         method.begin_epoch(epoch, nets)
         for net in wrapped.values():
             net.train()
@@ -266,11 +289,14 @@ def _epoch_metrics(totals: dict, sums: dict, seen: int, names: list[str]) -> dic
     return metrics
 
 
-def fit(ctx, method: TrainMethod, rows: Rows, cfg: TrainConfig, max_minutes=None) -> Trained:
+def fit(ctx, method: TrainMethod, rows: Rows, cfg: TrainConfig, max_minutes=None,
+        deadline_minutes=None) -> Trained:
     """Train ``method`` on ``rows`` with the driver ``cfg.num_workers`` asks for; returns
-    the last checkpoint (a re-run of the same artifact key resumes from it)."""
+    the last checkpoint (a re-run of the same artifact key resumes from it).
+    ``max_minutes`` stops early; ``deadline_minutes`` fails (``BudgetSpent``) instead."""
     from stages.train.drivers import run_in_process, run_ray_train
-    run = _Run(cfg=cfg, ctx=ctx, rows=rows, max_minutes=max_minutes)
+    run = _Run(cfg=cfg, ctx=ctx, rows=rows, max_minutes=max_minutes,
+               deadline_minutes=deadline_minutes)
     if cfg.num_workers == 0:
         return run_in_process(run, method)
     return run_ray_train(run, method)

@@ -128,3 +128,55 @@ def llm_chain(ray_session, tmp_path_factory):
                           model=teacher, prompts=prompts["prompts"])[0]
     return {"teacher": teacher, "responses": responses["responses"], "root": root,
             "prompts": prompts["prompts"]}
+
+
+# -- diffusion: one tiny pixel teacher and one tiny latent SD 1.5 pipeline, with their
+# trajectories and pairs, shared by the one-step students' tests ---------------------------
+TINY_UNET = {"block_out_channels": [16, 32], "layers_per_block": 1, "attention": False}
+
+
+@pytest.fixture(scope="session")
+def tiny_diffusion(ray_session, digits, tmp_path_factory):
+    """{teacher, trajectories, pairs} (pairs: the diffusion-pairs outputs by name): a
+    one-epoch class-conditional UNet2DModel on digits, 24 DDIM trajectories of 4 steps
+    keeping 5 states (4 intervals)."""
+    from stages.distill.diffusion_pairs import DiffusionPairs
+    from stages.teacher.diffusion_trajectories import DiffusionTrajectories
+    from stages.teacher.fit_diffusion_teacher import FitDiffusionTeacher
+    root = tmp_path_factory.mktemp("tiny_diffusion")
+    teacher = run_stage(FitDiffusionTeacher, {**TINY_UNET, "epochs": 1, "batch_size": 256},
+                        root / "t", "dteacher", data=digits)[0]["model"]
+    traj = run_stage(DiffusionTrajectories, {"rows": 24, "steps": 4, "shard_size": 12},
+                     root / "tr", "traj", seed=3, teacher=teacher)[0]["trajectories"]
+    pairs = run_stage(DiffusionPairs, {}, root / "p", "pairs", trajectories=traj)[0]
+    return {"teacher": teacher, "trajectories": traj, "pairs": pairs}
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15(ray_session, tmp_path_factory):
+    """{teacher, embeddings, trajectories, pairs} of a tiny random StableDiffusionPipeline
+    (tests/stages/t2i_tiny.py): 8 prompts, 2 trajectories each of 4 steps at w in [1.5, 4]."""
+    from stages.data.load_prompts import LoadPrompts
+    from stages.distill.diffusion_pairs import DiffusionPairs
+    from stages.teacher.diffusion_trajectories import DiffusionTrajectories
+    from stages.teacher.encode_prompts import EncodePrompts
+    from stages.teacher.pretrained_diffusion import PretrainedDiffusion
+    from tests.stages.t2i_tiny import build
+    root = tmp_path_factory.mktemp("tiny_sd15")
+    (root / "p.txt").write_text("\n".join(["a cat", "a dog", "a red car", "a blue house",
+                                           "a tree", "a horse", "the cat on a car",
+                                           "a photo of a dog"]) + "\n")
+    prompts = run_stage(LoadPrompts, {"path": str(root / "p.txt"), "test_fraction": 0.25},
+                        root / "pr", "prompts")[0]["prompts"]
+    teacher = run_stage(PretrainedDiffusion, {"path": build("sd15", str(root / "src"))},
+                        root / "t", "teacher")[0]["model"]
+    embeddings = run_stage(EncodePrompts, {"batch_size": 4}, root / "e", "emb",
+                           pipeline=teacher, prompts=prompts)[0]["embeddings"]
+    traj = run_stage(DiffusionTrajectories, {"steps": 4, "keep_states": 3,
+                                             "samples_per_prompt": 2,
+                                             "guidance_scale": [1.5, 4.0], "shard_size": 4},
+                     root / "tr", "traj", seed=1, teacher=teacher,
+                     embeddings=embeddings)[0]["trajectories"]
+    pairs = run_stage(DiffusionPairs, {}, root / "p", "pairs", trajectories=traj)[0]
+    return {"teacher": teacher, "embeddings": embeddings, "trajectories": traj,
+            "pairs": pairs}

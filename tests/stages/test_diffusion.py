@@ -178,14 +178,16 @@ def test_evaluate_generation_names_and_plots(tmp_path, students, dteacher, teach
     out, _ = run_stage(EvaluateGeneration,
                        {"teacher_steps": [4, 1], "student_steps": [1, 2], "num_samples": 40,
                         "kid_subsets": 3, "kid_subset_size": 20, "batch_size": 16,
-                        "latency_batch_size": 16, "latency_repeats": 3},
+                        "latency_batch_size": 16, "latency_repeats": 3,
+                        "steps_for": {"progressive": [1]}},
                        tmp_path, "eval", teacher=dteacher, classifier=teacher, data=digits,
                        students={n: students[n] for n in STUDENTS})
     m = out["report"].metrics()
     for metric in ("fid", "kid", "precision", "recall", "class_accuracy", "ms_per_image"):
-        for key in ["teacher/4", "teacher/1", "teacher/best"] + \
-                   [f"{n}/{s}" for n in STUDENTS for s in (1, 2)]:
+        for key in ["teacher/4", "teacher/1", "teacher/best", "progressive/1"] + \
+                   [f"{n}/{s}" for n in ("consistency", "reflow") for s in (1, 2)]:
             assert f"{metric}/{key}" in m, f"{metric}/{key}"
+    assert "fid/progressive/2" not in m  # its own step counts (steps_for)
     assert m["steps/teacher/best"] in (4, 1)
     assert m["fid/teacher/best"] == min(m["fid/teacher/4"], m["fid/teacher/1"])
     assert 0 < m["fid/real/floor"] < m["fid/teacher/best"]  # a 1-epoch teacher is poor
@@ -231,5 +233,10 @@ def test_more_steps_than_trained(tmp_path, students, dteacher, teacher, digits):
                                         r"\(stage 'consistency'\).*"
                                         r"steps for the consistency student 4.*at most 3"):
         run_stage(EvaluateGeneration, {"student_steps": [4]}, tmp_path, "eval",
+                  teacher=dteacher, classifier=teacher, data=digits,
+                  students={n: students[n] for n in STUDENTS})
+    with pytest.raises(UserError, match=r"config steps_for.*'progresive'.*did you mean "
+                                        r"'progressive'"):
+        run_stage(EvaluateGeneration, {"steps_for": {"progresive": [1]}}, tmp_path, "eval",
                   teacher=dteacher, classifier=teacher, data=digits,
                   students={n: students[n] for n in STUDENTS})

@@ -180,3 +180,26 @@ def test_two_ray_train_workers_train_as_one_with_the_global_batch(ray_session, t
         for k in weights[1]:
             assert torch.allclose(weights[0][k], weights[1][k], atol=1e-6), (n, k)
             assert torch.allclose(weights[1][k], weights[2][k], atol=1e-5), (n, k)
+
+
+class Slow(Regression):
+    """Each epoch takes at least 0.2 s."""
+
+    def begin_epoch(self, epoch, nets):
+        import time
+        time.sleep(0.2)
+
+
+def test_a_deadline_fails_a_fixed_length_run_and_a_larger_one_resumes_it(tmp_path):
+    from stages.train.harness import BudgetSpent
+    ctx = StageContext.for_testing(tmp_path, name="toy", kind="toy")
+    cfg = config(epochs=6)
+    with pytest.raises(BudgetSpent) as e:  # 0.3 s: spent after the second epoch
+        fit(ctx, Slow(cfg), toy_rows(), cfg, deadline_minutes=0.005)
+    message = str(e.value)
+    assert "stage 'toy'" in message and "max_minutes 0.005" in message
+    assert "of 6 epochs" in message and "resume" in message
+    saved = torch.load(ctx.work_files.get(CHECKPOINT), weights_only=True)
+    assert 1 <= saved["epoch"] < 5  # the checkpoint kept, the run not cut short silently
+    done = fit(ctx, Slow(cfg), toy_rows(), cfg, deadline_minutes=10)
+    assert done.state["epoch"] == 5 and done.metrics["start_epoch"] == saved["epoch"] + 1
