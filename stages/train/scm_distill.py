@@ -1,0 +1,350 @@
+"""``scm-distill``: continuous-time consistency distillation, sCM (Lu & Song 2024,
+"Simplifying, Stabilizing and Scaling Continuous-time Consistency Models", arXiv
+2410.11081: TrigFlow, the continuous-time CM gradient, tangent normalisation, tangent
+warm-up, adaptive weighting; Algorithm 1), image-free as TBCM (Tang et al. 2025, arXiv
+2511.20410: the teacher's own routes from pure noise, no VAE, no images), trained through
+the training harness (Ray Train workers by default).
+
+TrigFlow (``stages.models.trigflow``): x_t = cos t x0 + sin t sigma_d eps, t in [0, pi/2];
+the teacher (epsilon, v, x0 or flow prediction, pixel or latent) and its student are
+converted without training: F(x_t, t) = (cos t sigma_d eps_hat - sin t x0_hat) / sigma_d
+from the network's own (x0_hat, eps_hat) at the VP / flow state of the same SNR, so the
+consistency function f(x_t, t) = cos t x_t - sin t sigma_d F(x_t, t) is the network's x0
+prediction, and the teacher's velocity is dx_t/dt = sigma_d F_teacher (classifier-free
+guided at w for latent teachers; the pixel teacher is unguided). Per example:
+
+    F- = stopgrad F_theta  (theta- = stopgrad(theta): no EMA target)
+    cos t sin t dF-/dt = jvp(F-, (x_t, t), (cos t sin t dx_t/dt, cos t sin t))
+    g = -cos^2 t (sigma_d F- - dx_t/dt) - r (cos t sin t x_t + sigma_d cos t sin t dF-/dt)
+    g <- g / (||g|| + c)                              tangent normalisation, c = tangent_norm_c
+    L = w(t) / exp(u(t)) ||F_theta - F- - g||^2 / D + u(t)
+
+r = min(1, step / tangent_warmup_steps) (tangent warm-up; the step counter is kept in the
+checkpoint, so a resumed run goes on with it), D the dimension, u(t) the learned
+log-variance (``stages.models.trigflow.LogVar``, trained with the student; 0 without
+``logvar``), w(t) = 1 / (sigma_d tan t) the prior weighting of SANA-Sprint's sCM loss
+(Chen et al. 2025, arXiv 2503.09641; 1 without ``prior_weighting``). The JVP runs in the
+MATH attention backend. AdamW, betas (0.9, 0.99) as sCM's Adam; no EMA (``ema_decay``
+unused).
+
+Data (no images either way):
+
+- ``data: trajectories`` (TBCM): the ``diffusion-trajectories`` output; every stored noisy
+  state of a trajectory (clean excluded) is an example, so a step sees ``batch_size``
+  trajectories times their K - 1 states: x_t = x_m N(t) at t = atan(sigma / (sigma_d alpha))
+  of its stored timestep, dx_t/dt by one teacher forward (latent: at the row's w or the fixed w).
+- ``data: noise``: the teacher rolls out from pure noise inside training: per batch,
+  ``rollout_steps`` DDIM steps in TrigFlow time from the schedule's last time to 0 give
+  x0_teacher; then x_t = cos t x0_teacher + sin t sigma_d eps with sCM's proposal
+  t = atan(exp(tau) / sigma_d), tau ~ N(P_mean, P_std^2) (defaults -1.0, 1.4: sCM's
+  pixel-space CIFAR-10 / ImageNet-64 values), clamped to the times the teacher's schedule
+  covers: Algorithm 1 with the teacher's samples for the dataset. An epoch is ``rows``
+  rows (pixel: label = id mod classes; latent: a train prompt each, w fixed or drawn per
+  row from ``guidance_range`` for ``guidance: embedded``).
+
+Saved (the student starts from the teacher, ``init`` / ``architecture`` as the other
+students; latent: ``guidance`` / ``guidance_scale`` / ``lora`` as
+``stages.train.latent_student``): pixel, a diffusers folder whose ``student.json`` holds
+sCM's multistep sampler as x0 chains (``stages.models.diffusion_sampling``): at each VP
+timestep the network's x0, re-noised to the next; 1 step from T - 1, 2 steps through sCM's
+t = 1.1, 4 steps through t = 1.3, 1.1, 0.8 (1.1 kept, one time either side of it on the
+arctan scale), each TrigFlow time as its nearest VP timestep. Latent: a pipeline folder
+with the family's consistency scheduler (``LCMScheduler`` / ``FlowMatchLCMScheduler``);
+its chains are that scheduler's own grid (4 points; the 2-step chain its grid's half).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, PositiveInt, model_validator
+
+from pipelines.errors import bad_value
+from pipelines.stage import Dataset, Model
+from stages.data.tables import parquet, require_columns
+from stages.models.diffusion import check_shape, load_diffusion, where_of
+from stages.models.families.sampling import guidance_mode, row_guidance
+from stages.models.trigflow import LogVar, TrigFlow, jvp
+from stages.train.diffusion_student import StudentConfig, StudentMethod, StudentStage
+from stages.train.harness import Loss, TrainMethod
+from stages.train.latent_student import (LatentStudentMethod, build_student,
+                                         check_latent_student)
+from stages.train.rows import Rows
+
+# TrigFlow times of the saved chains (None: the schedule's last time)
+CHAINS = {1: (None,), 2: (None, 1.1), 4: (None, 1.3, 1.1, 0.8)}
+KEYS = {"pixel": ["label"], "latent": ["prompt_index", "guidance_scale"]}
+
+
+def chains(tf: TrigFlow) -> dict[str, list[float]]:
+    """Each chain's model times (rounded to the nearest timestep)."""
+    t_max = tf.t_range()[1]
+    return {str(k): [float(round(v)) for v in tf.model_time(torch.tensor(
+        [t_max if t is None else t for t in ts], dtype=torch.float32)).tolist()]
+            for k, ts in CHAINS.items()}
+
+
+def _col(v, like):
+    return v.view((-1,) + (1,) * (like.ndim - 1))
+
+
+class SCM:
+    """Mixin of a ``TrainMethod``: sCM's loss on TrigFlow states (the module docstring)."""
+
+    noisy: list[int] | None = None  # trajectories: the indices of the noisy stored states
+    step = 0
+
+    def with_logvar(self, nets, device):
+        if self.cfg.logvar:
+            nets["logvar"] = LogVar().to(device)
+        return nets
+
+    def optimizers(self, nets):
+        params = [p for net in nets.values() for p in net.parameters() if p.requires_grad]
+        return {"student": torch.optim.AdamW(params, lr=self.cfg.lr, betas=(0.9, 0.99),
+                                             weight_decay=0.0)}
+
+    def stored(self, batch, keys):
+        """Every noisy stored state of the batch's trajectories, in TrigFlow."""
+        states = batch["states"][:, self.noisy]
+        k = states.shape[1]
+        x_t, t = self.tf.from_model(states.flatten(0, 1), batch["timesteps"][:, self.noisy]
+                                    .flatten().float())
+        return x_t, t, {key: batch[key].repeat_interleave(k, 0) for key in keys}
+
+    def from_noise(self, teacher, shape, n, gen, device):
+        """x0 of the teacher's rollout from noise, noised at t from sCM's proposal."""
+        cfg, tf = self.cfg, self.tf
+        z = torch.randn((n, *shape), generator=gen).to(device)
+        x0 = tf.rollout(teacher, z, cfg.rollout_steps)
+        tau = cfg.P_mean + cfg.P_std * torch.randn(n, generator=gen)
+        t = torch.atan(tau.exp() / cfg.sigma_d).clamp(*tf.t_range()).to(device)
+        eps = torch.randn(x0.shape, generator=gen).to(device)
+        return _col(t.cos(), x0) * x0 + _col(t.sin(), x0) * cfg.sigma_d * eps, t
+
+    def scm_loss(self, nets, x_t, t, v, call) -> Loss:
+        """``call(net)`` is the network as ``(x_m, tau) -> raw output``; v = dx_t/dt."""
+        cfg, tf, sd = self.cfg, self.tf, self.cfg.sigma_d
+        net = nets["student"]
+        plain = getattr(net, "module", net)
+        r = self.warmup()
+        self.step += 1
+        minus, d_minus = jvp(lambda x, s: tf.F(call(plain), x, s), x_t, t, v, plain)  # 3.
+        c, s = _col(t.cos(), x_t), _col(t.sin(), x_t)
+        g = -c * c * (sd * minus - v) - r * (c * s * x_t + sd * d_minus)            # 4. g
+        norm = g.flatten(1).norm(dim=1)
+        g = g / _col(norm + cfg.tangent_norm_c, g)
+        F = tf.F(call(net), x_t, t)                                                 # 5. F_theta
+        dist = (F - minus - g).pow(2).flatten(1).mean(1)
+        w = 1 / (sd * t.tan()) if cfg.prior_weighting else torch.ones_like(t)
+        u = nets["logvar"](t) if cfg.logvar else torch.zeros_like(t)
+        loss = (w * dist / u.exp() + u).mean()                                      # 6. L
+        return Loss({"student": loss}, len(x_t), {
+            "weighted_distance": (w * dist).sum().item(), "logvar": u.sum().item(),
+            "tangent_norm": norm.sum().item()})
+
+    def warmup(self) -> float:
+        steps = self.cfg.tangent_warmup_steps
+        return min(1.0, self.step / steps) if steps else 1.0
+
+    def epoch_metrics(self, nets):
+        return {"tangent_warmup": self.warmup(), "steps": float(self.step)}
+
+    def state_dict(self):
+        return {"step": torch.tensor(self.step)}
+
+    def load_state_dict(self, state):
+        self.step = int(state["step"])
+
+
+class PixelSCM(SCM, StudentMethod):
+    def __init__(self, cfg, teacher, columns, noisy, shape):
+        super().__init__(cfg, teacher, columns)
+        self.noisy, self.shape, self.ema = noisy, shape, {}
+
+    def setup(self, device):
+        nets = super().setup(device)
+        self.tf = TrigFlow.of(self.teacher, self.cfg.sigma_d, "student")
+        return self.with_logvar(nets, device)
+
+    def call(self, net, y):
+        kwargs = {"class_labels": y} if self.teacher.num_classes else {}
+        return lambda x_m, tau: net(x_m, tau, **kwargs).sample
+
+    def loss(self, nets, emas, batch, gen):
+        y = batch["label"]                                              # 1. the states
+        if self.noisy is not None:
+            x_t, t, rep = self.stored(batch, ["label"])
+            y = rep["label"]
+        else:
+            x_t, t = self.from_noise(self.call(self.teacher.unet, y), self.shape, len(y),
+                                     gen, y.device)
+        with torch.no_grad():                                           # 2. dx_t/dt
+            v = self.tf.velocity(self.call(self.teacher.unet, y), x_t, t)
+        return self.scm_loss(nets, x_t, t, v, lambda net: self.call(net, y))
+
+
+class LatentSCM(SCM, LatentStudentMethod, TrainMethod):
+    teacher_in_loop = True
+
+    def __init__(self, cfg, teacher, embeddings, columns, w_fixed, noisy, shape):
+        super().__init__(cfg, teacher, embeddings, columns, w_fixed)
+        self.noisy, self.shape, self.ema = noisy, shape, {}
+
+    def setup(self, device):
+        nets = super().setup(device)
+        self.tf = TrigFlow.of(self.model, self.cfg.sigma_d, "student")
+        return self.with_logvar(nets, device)
+
+    def loss(self, nets, emas, batch, gen):
+        x_t = None                                                      # 1. the states
+        if self.noisy is not None:
+            x_t, t, batch = self.stored(batch, KEYS["latent"])
+        cond, w, mode = self.conditioning(batch)
+        teacher_w = batch["guidance_scale"] if self.cfg.guidance == "embedded" else w
+        guided = guidance_mode(self.model, True)
+        teacher = lambda x, tau: self.model.predict(  # noqa: E731
+            self.teacher, x, tau, cond, teacher_w, guided)
+        if x_t is None:
+            x_t, t = self.from_noise(teacher, self.shape, len(w), gen, w.device)
+        with torch.no_grad():                                           # 2. dx_t/dt
+            v = self.tf.velocity(teacher, x_t, t)
+        return self.scm_loss(nets, x_t, t, v, lambda net: (
+            lambda x, tau: self.model.predict(net, x, tau, cond, w, mode)))
+
+
+class SCMDistill(StudentStage):
+    kind = "scm-distill"
+    version = "1"
+
+    class Config(StudentConfig):
+        data: Literal["trajectories", "noise"] = "trajectories"
+        sigma_d: float = Field(0.5, gt=0)
+        P_mean: float = -1.0                     # data: noise: tau ~ N(P_mean, P_std^2)
+        P_std: float = Field(1.4, gt=0)
+        tangent_warmup_steps: int = Field(1000, ge=0)  # r from 0 to 1 over these steps
+        tangent_norm_c: float = Field(0.1, gt=0)
+        logvar: bool = True                      # adaptive weighting u(t)
+        prior_weighting: bool = True             # w(t) = 1 / (sigma_d tan t)
+        rollout_steps: PositiveInt = 8           # data: noise: teacher steps per batch
+        rows: PositiveInt | None = None          # data: noise: rows per epoch (1024)
+        guidance_range: tuple[float, float] | None = None  # data: noise, embedded: w range
+        batch_size: int = Field(32, ge=1)        # trajectories (x their states) or rows
+        lr: float = Field(1e-4, gt=0)
+
+        @model_validator(mode="after")
+        def _noise_fields(self):
+            if self.rows is not None and self.data != "noise":
+                raise ValueError("rows is for data: noise (trajectories bring their own)")
+            if self.guidance_range is not None and (self.data != "noise"
+                                                    or self.guidance != "embedded"):
+                raise ValueError("guidance_range is for data: noise with guidance: embedded "
+                                 "(the w each row's teacher rollout and student take)")
+            return self
+
+    inputs = {"teacher": Model}
+    optional_inputs = {"trajectories": Dataset, "embeddings": Dataset}
+
+    def rows(self, cfg, data, method):
+        return data if isinstance(data, Rows) else super().rows(cfg, data, method)
+
+    def check_data(self, ctx, trajectories, latent: bool):
+        """The input ``data`` asks for, of the right kind."""
+        where, cfg = where_of(ctx, self.kind), self.config
+        if cfg.data == "noise":
+            if trajectories is not None:
+                raise bad_value(where, "input 'trajectories'", "wired", "unwired for data: "
+                                "noise (the teacher rolls out from noise); or data: trajectories")
+            return
+        if trajectories is None:
+            raise bad_value(where, "input 'trajectories'", None, "the diffusion-trajectories "
+                            "output (data: trajectories trains on its stored states); or "
+                            "data: noise")
+        tw = where_of(ctx, self.kind, "trajectories")
+        names = parquet(trajectories).schema.names
+        if "pairs" in trajectories.info or "states" not in names:
+            raise bad_value(tw, "dataset", f"info.pairs={trajectories.info.get('pairs')!r}, "
+                            f"columns {names}", "the diffusion-trajectories output (column "
+                            "'states', info.timesteps), not a diffusion-pairs output")
+        require_columns(trajectories, ["states", "timesteps"]
+                        + KEYS["latent" if latent else "pixel"], tw)
+
+    def noisy(self, trajectories, clean: float):
+        if trajectories is None:
+            return None
+        return [i for i, t in enumerate(trajectories.info["timesteps"]) if t != clean]
+
+    def run(self, ctx, teacher, trajectories=None, embeddings=None):
+        from stages.models.families import is_latent
+        if is_latent(teacher.path):
+            return self.run_latent(ctx, teacher, trajectories, embeddings)
+        cfg = self.config
+        self.check_pixel(ctx, cfg, embeddings)
+        model = load_diffusion(teacher.path, where_of(ctx, self.kind, "teacher"))
+        tf = TrigFlow.of(model, cfg.sigma_d, where_of(ctx, self.kind, "teacher"))
+        self.check_data(ctx, trajectories, latent=False)
+        if trajectories is not None and trajectories.info.get("shape") is not None:
+            check_shape(model, trajectories.info["shape"],
+                        where_of(ctx, self.kind, "trajectories"), "trajectories")
+        noisy = self.noisy(trajectories, -1)
+        data = trajectories
+        columns = ["states", "timesteps", "label"] if noisy is not None else ["label"]
+        method = PixelSCM(cfg, teacher, columns, noisy, model.shape)
+        if data is None:
+            ids = torch.arange(cfg.rows or 1024)
+            data = Rows(method.columns, tensors={"label": ids % (model.num_classes or 1)})
+        student = {"method": "scm", "data": cfg.data, "sigma_d": cfg.sigma_d,
+                   "timesteps": chains(tf), "covered_steps": sorted(CHAINS),
+                   "max_steps": max(CHAINS)}
+        out = self.train(ctx, cfg, data, teacher, method, student, model.scheduler_config)
+        out.info["data"] = cfg.data
+        return {"model": out}
+
+    def run_latent(self, ctx, teacher, trajectories, embeddings):
+        from stages.models.families import load_latent
+        from stages.models.families.base import check_embeddings
+        cfg, where = self.config, where_of(ctx, self.kind)
+        model = load_latent(teacher.path, where_of(ctx, self.kind, "teacher"))
+        tf = TrigFlow.of(model, cfg.sigma_d, where_of(ctx, self.kind, "teacher"))
+        self.check_data(ctx, trajectories, latent=True)
+        if embeddings is None:
+            raise bad_value(where, "input 'embeddings'", None, "the encode-prompts output "
+                            f"of the teacher's prompts (a {model.pipeline_class} teacher)")
+        check_embeddings(model, embeddings.info, where_of(ctx, self.kind, "embeddings"))
+        if cfg.architecture is not None or cfg.init != "teacher":
+            raise bad_value(f"{where} config", "architecture / init", "set", "unset for a "
+                            "latent teacher (its student starts from the teacher's denoiser)")
+        shape = model.latent_shape()
+        info = {"guidance_scale": 1.0}
+        if trajectories is not None:
+            info, shape = trajectories.info, tuple(trajectories.info.get("shape") or shape)
+            if int(shape[0]) != model.latent_shape()[0]:
+                raise bad_value(where_of(ctx, self.kind, "trajectories"), "latent shape "
+                                "(channels, height, width)", list(shape),
+                                f"{model.latent_shape()[0]} channels, the teacher's latents")
+        elif cfg.guidance == "embedded" and cfg.guidance_range is None:
+            raise bad_value(f"{where} config", "guidance_range", None, "[low, high], the w "
+                            "range of data: noise with guidance: embedded")
+        w = check_latent_student(model, cfg, info, f"{where} config", online=True)
+        build_student(model, cfg, f"{where} config")  # slot and LoRA targets
+        noisy = self.noisy(trajectories, model.schedule.clean)
+        columns = (["states", "timesteps"] if noisy is not None else []) + KEYS["latent"]
+        method = LatentSCM(cfg, teacher, embeddings, columns, w, noisy, tuple(shape))
+        data = trajectories
+        if data is None:
+            import pyarrow.compute as pc
+            prompts = parquet(embeddings).count_rows(filter=pc.field("split") == "train")
+            ids = torch.arange(cfg.rows or 1024)
+            scale = tuple(cfg.guidance_range) if cfg.guidance == "embedded" else w
+            data = Rows(method.columns, tensors={"prompt_index": ids % max(prompts, 1),
+                                                 "guidance_scale": row_guidance(
+                                                     ctx.seed, ids.numpy(), scale)})
+        four = chains(tf)["4"]
+        student = {"method": "scm", "data": cfg.data, "sigma_d": cfg.sigma_d,
+                   "timesteps": four, "max_steps": len(four)}
+        scheduler = model.family.student_scheduler(model, four)
+        out = self.train_latent(ctx, cfg, data, model, method, student, scheduler)
+        out.info["data"] = cfg.data
+        return {"model": out}
+
