@@ -32,3 +32,4 @@ from stages.evaluate import evaluate_generation  # noqa: F401
 from stages.evaluate import evaluate_embeddings  # noqa: F401
 from stages.evaluate import evaluate_lm  # noqa: F401
 from stages.train import scm_distill  # noqa: F401
+from stages.train import dmd_distill  # noqa: F401

@@ -180,3 +180,13 @@ def tiny_sd15(ray_session, tmp_path_factory):
     pairs = run_stage(DiffusionPairs, {}, root / "p", "pairs", trajectories=traj)[0]
     return {"teacher": teacher, "embeddings": embeddings, "trajectories": traj,
             "pairs": pairs}
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny networks on a loaded 2-core machine: intra-op threads only contend."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

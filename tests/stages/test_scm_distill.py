@@ -8,9 +8,6 @@ one clear error for each bad input, before any training."""
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -21,21 +18,14 @@ from pipelines.errors import UserError
 from stages.models.diffusion import load_diffusion
 from stages.models.diffusion_sampling import chain_timesteps, sample_student
 from stages.models.trigflow import CONVERTIBLE, TrigFlow, jvp
-from stages.train.drivers import CHECKPOINT
 from stages.train.scm_distill import SCMDistill
 from tests.stages.conftest import run_stage
+from tests.stages.killed import kill_after_first_epoch
 
 FAST = {"epochs": 1, "batch_size": 8, "num_workers": 0, "tangent_warmup_steps": 4}
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks on a loaded 2-core machine: intra-op threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def finite_difference(fn, x, t, v, h):
@@ -204,35 +194,11 @@ SCMDistill({config}).run(ctx, teacher=Model(path=sys.argv[2], info={{}}))
 RESUME = {**FAST, "epochs": 25, "data": "noise", "rows": 8, "rollout_steps": 1}
 
 
-def saved(path) -> dict | None:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (FileNotFoundError, EOFError, RuntimeError, TypeError):
-        return None
-
-
 def test_a_killed_run_resumes_with_its_warmup_counter(tiny_diffusion, tmp_path):
     ctx = StageContext.for_testing(tmp_path, name="scm_resume", kind="scm-distill", seed=0)
-    with open(tmp_path / "stderr.txt", "w") as err:  # a file: a full pipe would block it
-        proc = subprocess.Popen([sys.executable, "-c", KILLED.format(config=repr(RESUME)),
-                                 str(tmp_path), tiny_diffusion["teacher"].path], cwd=ROOT,
-                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=err)
-    deadline, state = time.time() + 120, None
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            path = ctx.work_files.get(CHECKPOINT)
-            state = saved(path) if path else None
-            if state is not None and state["epoch"] >= 1:
-                os.killpg(proc.pid, signal.SIGKILL)
-                break
-            time.sleep(0.05)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    err = (tmp_path / "stderr.txt").read_text()[-2000:]
-    assert state is not None and state["epoch"] >= 1, err
-    state = saved(ctx.work_files.get(CHECKPOINT))  # the last one written before the kill
+    state = kill_after_first_epoch(ctx, KILLED.format(config=repr(RESUME)),
+                                   [str(tmp_path), tiny_diffusion["teacher"].path],
+                                   tmp_path / "stderr.txt")
     epoch = int(state["epoch"])
     assert int(state["method"]["step"]) == epoch + 1  # one step an epoch (8 rows, batch 8)
     assert epoch + 1 < RESUME["epochs"], "the run ended before it was killed"
