@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import statistics
 import tempfile
@@ -29,10 +30,13 @@ import time
 import numpy as np
 import yaml
 
+from benchmarks.diffusion_report import acceptance, write_markdown
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PIPELINE = os.path.join(ROOT, "examples", "diffusion_digits.yaml")
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
-STUDENTS = ("consistency", "progressive", "reflow")
+STUDENTS = ("consistency", "progressive", "reflow", "dmd", "scm", "tbcm", "segmented")
+SEEDS = (0, 1, 2)  # every student trained with each; its figures are the mean over them
 
 # per-profile overrides of the example's stage configs
 PROFILES = {
@@ -52,15 +56,43 @@ def _profile() -> str:
     return os.environ.get("DIFFUSION_BENCH_PROFILE", "gpu" if torch.cuda.is_available() else "cpu")
 
 
+def seeded(spec: dict, seeds: tuple[int, ...]) -> dict:
+    """The example with every student stage repeated for each of ``seeds`` (the first
+    keeps its name, the others are ``<name>_s<seed>`` with a stage seed of their own) and the
+    evaluation scoring all of them; each copy's seed is in ``node["seed"]``."""
+    stages = {}
+    for name, node in spec["stages"].items():
+        if name in STUDENTS:
+            for k, seed in enumerate(seeds):
+                stages[seed_name(name, seed, k)] = {**node, "seed": seed}
+        elif node["kind"] == "evaluate-generation":
+            names = [seed_name(s, seed, k) for s in node["inputs"]["students"]
+                     for k, seed in enumerate(seeds)]
+            own = node.get("config", {}).get("steps_for", {})
+            steps_for = {seed_name(s, seed, k): v for s, v in own.items()
+                         for k, seed in enumerate(seeds)}
+            stages[name] = {**node, "inputs": {**node["inputs"], "students": names},
+                            "config": {**node.get("config", {}), "steps_for": steps_for}}
+        else:
+            stages[name] = node
+    return {**spec, "stages": stages}
+
+
+def seed_name(name: str, seed: int, k: int) -> str:
+    return name if k == 0 else f"{name}_s{seed}"
+
+
 def run_example(store: str, overrides: dict, gpus: float, keep: tuple[str, ...] = (),
-                pipeline: str = PIPELINE) -> tuple[dict, dict, dict, list]:
-    """Every stage of the example, in file order (a topological order), in this process.
-    A stage whose committed outputs (same config, same inputs) are already in ``store``
-    from an earlier invocation is reused, as the orchestrator's cache would. The stages
-    named in ``keep`` are reused from ``store`` even when their key differs (an earlier
-    commit's code made them): a comparison of students before and after a change, on the
-    same teacher, classifier and trajectories.
-    Returns (artifacts by stage, configs used, seconds per stage, reused stages)."""
+                pipeline: str = PIPELINE, seeds: tuple[int, ...] = (0,),
+                only: tuple[str, ...] = ()) -> tuple[dict, dict, dict, list]:
+    """Every stage of the example, in file order (a topological order), in this process,
+    each student once per seed in ``seeds`` (``seeded``). A stage whose committed outputs
+    (same config, same inputs, same seed) are already in ``store`` from an earlier
+    invocation is reused, as the orchestrator's cache would. The stages named in ``keep``
+    are reused from ``store`` even when their key differs (an earlier commit's code made
+    them): a comparison of students before and after a change, on the same teacher,
+    classifier and trajectories. ``only``: run just these stages (and reuse or run what
+    they need). Returns (artifacts by stage, configs used, seconds per stage, reused)."""
     import hashlib
     import pickle
 
@@ -69,11 +101,16 @@ def run_example(store: str, overrides: dict, gpus: float, keep: tuple[str, ...] 
     from pipelines.stage import get_stage_class
 
     with open(pipeline) as f:
-        spec = yaml.safe_load(f)
+        spec = seeded(yaml.safe_load(f), seeds)
+    wanted = set(spec["stages"]) if not only else needed(spec, only)
     outputs, configs, seconds, keys, reused = {}, {}, {}, {}, []
     for name, node in spec["stages"].items():
+        if name not in wanted:
+            continue
+        base = re.sub(r"_s\d+$", "", name)
         cls = get_stage_class(node["kind"])
-        stage = cls({**node.get("config", {}), **overrides.get(name, {})})
+        stage = cls({**node.get("config", {}), **overrides.get(base, {})})
+        seed = node.get("seed", spec["seed"])
         inputs, ups = {}, []
         for inp, ref in node.get("inputs", {}).items():
             many = {}
@@ -83,9 +120,9 @@ def run_example(store: str, overrides: dict, gpus: float, keep: tuple[str, ...] 
                 many[up] = arts[out] if out else next(iter(arts.values()))
                 ups.append(keys[up])
             inputs[inp] = many if isinstance(ref, list) else many[up]
-        keys[name] = hashlib.sha256(json.dumps(
-            [cls.kind, cls.version, stage.config.model_dump(mode="json"), ups]).encode()
-        ).hexdigest()[:16]
+        keyed = [cls.kind, cls.version, stage.config.model_dump(mode="json"), ups]
+        keys[name] = hashlib.sha256(json.dumps(keyed + ([seed] if seed else [])).encode()
+                                    ).hexdigest()[:16]
         configs[name] = stage.config.model_dump(mode="json")
         done = os.path.join(store, name, "done.pkl")
         if os.path.exists(done):
@@ -97,7 +134,7 @@ def run_example(store: str, overrides: dict, gpus: float, keep: tuple[str, ...] 
                 print(f"  {name}: reused ({secs} s when it ran)", flush=True)
                 continue
         shutil.rmtree(os.path.join(store, name), ignore_errors=True)
-        ctx = StageContext.for_testing(store, name=name, kind=cls.kind, seed=spec["seed"],
+        ctx = StageContext.for_testing(store, name=name, kind=cls.kind, seed=seed,
                                        num_gpus_available=gpus, key=keys[name])
         start = time.perf_counter()
         outputs[name] = stage.run(ctx, **inputs)
@@ -106,6 +143,19 @@ def run_example(store: str, overrides: dict, gpus: float, keep: tuple[str, ...] 
             pickle.dump((keys[name], outputs[name], seconds[name]), f)
         print(f"  {name}: {seconds[name]} s", flush=True)
     return outputs, configs, seconds, reused
+
+
+def needed(spec: dict, only: tuple[str, ...]) -> set[str]:
+    """``only`` and every stage they read, transitively."""
+    todo, found = list(only), set()
+    while todo:
+        name = todo.pop()
+        if name in found:
+            continue
+        found.add(name)
+        for ref in spec["stages"][name].get("inputs", {}).values():
+            todo.extend(r.partition(".")[0] for r in (ref if isinstance(ref, list) else [ref]))
+    return found
 
 
 def same_rows(trajectories, store: str, gpus: float) -> bool:
@@ -125,83 +175,14 @@ def same_rows(trajectories, store: str, gpus: float) -> bool:
                for c in ("id", "label", "noise", "states", "timesteps", "sample"))
 
 
-def acceptance(m: dict, identical: bool) -> list[dict]:
-    best1 = min(STUDENTS, key=lambda s: m[f"fid/{s}/1"])
-    best4 = min(STUDENTS, key=lambda s: m[f"fid/{s}/4"])
-    t_fid, t_acc = m["fid/teacher/best"], m["class_accuracy/teacher/best"]
-    speed = m["ms_per_image/teacher/best"] / m[f"ms_per_image/{best1}/1"]
-    return [
-        {"check": "teacher FID at its best step count / real-vs-real floor",
-         "value": t_fid / m["fid/real/floor"], "target": "<= 3", "ok": t_fid <= 3 * m["fid/real/floor"]},
-        {"check": "teacher class accuracy at its best step count",
-         "value": t_acc, "target": ">= 0.95", "ok": t_acc >= 0.95},
-        {"check": f"best 1-step student ({best1}) FID / teacher best FID",
-         "value": m[f"fid/{best1}/1"] / t_fid, "target": "<= 3", "ok": m[f"fid/{best1}/1"] <= 3 * t_fid},
-        {"check": f"best 1-step student ({best1}) class accuracy / teacher's",
-         "value": m[f"class_accuracy/{best1}/1"] / t_acc, "target": ">= 0.9",
-         "ok": m[f"class_accuracy/{best1}/1"] >= 0.9 * t_acc},
-        {"check": f"best 4-step student ({best4}) FID / teacher best FID",
-         "value": m[f"fid/{best4}/4"] / t_fid, "target": "<= 1.5", "ok": m[f"fid/{best4}/4"] <= 1.5 * t_fid},
-        {"check": f"speed-up of the 1-step {best1} student over the teacher at its best steps",
-         "value": speed, "target": ">= 20", "ok": speed >= 20},
-        {"check": f"trajectories from 2 actors identical to 1 actor (first {CHECK_ROWS} rows)",
-         "value": float(identical), "target": "1 (identical)", "ok": identical},
-    ]
-
-
-def _millions(n: int) -> str:
-    return f"{n / 1e6:.3f}M"
-
-
-def write_markdown(result: dict, metrics: dict, path: str) -> None:
-    models = [("teacher", sorted(int(k.split("/")[2]) for k in metrics
-                                 if k.startswith("fid/teacher/") and k.split("/")[2].isdigit()))]
-    models += [(s, [1, 2, 4]) for s in STUDENTS]
-    same = [n for n in result["reused_from_earlier_invocation"] if n not in result.get("kept", [])]
-    lines = ["# Diffusion timestep distillation on scikit-learn digits", "",
-             f"Profile `{result['profile']}`; machine: {result['machine_line']}.",
-             f"Command: `{result['command']}`. Stage times (s): "
-             + ", ".join(f"{k} {v}" for k, v in result["stage_seconds"].items()) + "."
-             + (f" Reused from an earlier invocation of the same command (same configs and "
-                f"inputs): {', '.join(same)}." if same else "")
-             + (f" Kept from an earlier invocation, made by the code of its commit, whatever "
-                f"their keys are now (DIFFUSION_BENCH_KEEP): {', '.join(result['kept'])}."
-                if result.get("kept") else ""), "",
-             f"Real-vs-real FID floor (classifier features, {result['num_samples']} samples): "
-             f"{metrics['fid/real/floor']:.2f}; teacher best at "
-             f"{int(metrics['steps/teacher/best'])} steps.", "",
-             "Parameters: teacher " + _millions(next(iter(result["students"].values()))
-                                                 ["teacher_params"]) + "; " + "; ".join(
-                 f"{n} {_millions(i['params'])} ({i['tensors_from_teacher']} of "
-                 f"{i['tensors']} tensors initialised from the teacher)"
-                 for n, i in result["students"].items()) + ".", "",
-             "## Acceptance", "", "| check | measured | target | ok |", "|---|---|---|---|"]
-    for row in result["acceptance"]:
-        lines.append(f"| {row['check']} | {row['value']:.3f} | {row['target']} | "
-                     f"{'yes' if row['ok'] else 'NO'} |")
-    lines += ["", "## Quality against steps", "",
-              "| model | steps | FID | KID | precision | recall | class acc. | ms/image |",
-              "|---|---|---|---|---|---|---|---|"]
-    for name, steps in models:
-        for s in steps:
-            k = f"{name}/{s}"
-            lines.append(f"| {name} | {s} | {metrics[f'fid/{k}']:.2f} | {metrics[f'kid/{k}']:.4f} | "
-                         f"{metrics[f'precision/{k}']:.3f} | {metrics[f'recall/{k}']:.3f} | "
-                         f"{metrics[f'class_accuracy/{k}']:.3f} | {metrics[f'ms_per_image/{k}']:.3f} |")
-    lines += ["", "Plots: [FID vs steps](diffusion_fid_vs_steps.png), sample grids "
-              + ", ".join(f"[{n}](diffusion_samples_{n}.png)" for n in ("teacher",) + STUDENTS)
-              + ".", "", "Overrides of the example's configs: `"
-              + json.dumps(result["overrides"]) + "`."]
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-
-
 def run(repetitions: int = 1) -> dict:
     import ray
     import torch
 
     from benchmarks.machine import machine
 
+    from benchmarks.common import commit
+    commit_at_start = commit()
     profile = _profile()
     overrides = PROFILES[profile]
     if profile == "cpu":
@@ -222,7 +203,9 @@ def run(repetitions: int = 1) -> dict:
         store = os.environ.get("DIFFUSION_BENCH_STORE") or tempfile.mkdtemp(prefix="bench-diff-")
         start = time.perf_counter()
         keep = tuple(n for n in os.environ.get("DIFFUSION_BENCH_KEEP", "").split(",") if n)
-        outputs, configs, seconds, reused = run_example(store, overrides, gpus, keep)
+        seeds = tuple(int(v) for v in os.environ.get("DIFFUSION_BENCH_SEEDS", "0,1,2").split(","))
+        outputs, configs, seconds, reused = run_example(store, overrides, gpus, keep,
+                                                        seeds=seeds)
         traj = {"cfg": configs["trajectories"], "teacher": outputs["teacher"]["model"],
                 "artifact": outputs["trajectories"]["trajectories"], "seed": 0}
         identical = same_rows(traj, store, gpus)
@@ -237,20 +220,23 @@ def run(repetitions: int = 1) -> dict:
                      "reused": reused,
                      "total_s": round(time.perf_counter() - start, 1),
                      "teacher": outputs["teacher"]["model"].info,
-                     "students": {n: outputs[n]["model"].info for n in STUDENTS},
+                     "students": {n: outputs[n]["model"].info for n in outputs
+                                  if re.sub(r"_s\d+$", "", n) in STUDENTS},
                      "num_samples": report.info["num_samples"]})
         print(f"  repetition {rep + 1}/{repetitions}: {reps[-1]['total_s']} s", flush=True)
 
     last = reps[-1]
-    table = acceptance(last["metrics"], last["identical"])
-    ratios = [acceptance(r["metrics"], r["identical"])[2]["value"] for r in reps]
+    table = acceptance(last["metrics"], last["identical"], STUDENTS, seeds)
+    ratios = [acceptance(r["metrics"], r["identical"], STUDENTS, seeds)[2]["value"]
+              for r in reps]
     info = machine()
     result = {
         "name": "diffusion",
         "what": "best 1-step student FID / teacher FID at its best step count "
                 "(examples/diffusion_digits.yaml, classifier-feature FID on digits)",
         "command": f"python -m benchmarks --only diffusion --repetitions {repetitions}",
-        "profile": profile, "overrides": overrides, "configs": configs,
+        "profile": profile, "overrides": overrides, "configs": configs, "commit": commit_at_start,
+        "seeds": list(seeds),
         "median_ratio": statistics.median(ratios), "spread": [min(ratios), max(ratios)],
         "target": "<= 3 (and the other rows of diffusion.md)",
         "acceptance": table, "all_ok": all(r["ok"] for r in table),
@@ -266,5 +252,6 @@ def run(repetitions: int = 1) -> dict:
                         f"diffusers {info['libraries'].get('diffusers')}, "
                         f"ray {info['libraries'].get('ray')}, {info['date']}",
     }
-    write_markdown(result, last["metrics"], os.path.join(RESULTS, "diffusion.md"))
+    write_markdown(result, last["metrics"], os.path.join(RESULTS, "diffusion.md"), STUDENTS,
+                   seeds)
     return result
