@@ -43,8 +43,8 @@ PROFILES = {
     "gpu": {"teacher": {"epochs": 1500, "max_minutes": 15.0},
             "trajectories": {"rows": 6000}},
     "cpu": {"teacher": {"epochs": 300, "max_minutes": 40.0, "threads": 1},
-            "trajectories": {"rows": 1000, "keep_states": 9},
-            "consistency": {"epochs": 6}, "progressive": {"start_steps": 8, "epochs": 3},
+            "trajectories": {"rows": 4000, "keep_states": 9},
+            "consistency": {"epochs": 2}, "progressive": {"start_steps": 8, "epochs": 3},
             "reflow": {"epochs": 15},
             "eval": {"teacher_steps": [50, 20, 10, 4, 2, 1], "threads": 1}},
 }
@@ -78,8 +78,9 @@ def seeded(spec: dict, seeds: tuple[int, ...]) -> dict:
     return {**spec, "stages": stages}
 
 
-def seed_name(name: str, seed: int, k: int) -> str:
-    return name if k == 0 else f"{name}_s{seed}"
+def seed_name(name: str, seed: int, k: int = 0) -> str:
+    """Seed 0 keeps the stage's name (the example's own run); others are ``<name>_s<seed>``."""
+    return name if seed == 0 else f"{name}_s{seed}"
 
 
 def run_example(store: str, overrides: dict, gpus: float, keep: tuple[str, ...] = (),

@@ -11,7 +11,7 @@ REFERENCE_STEPS = 20  # the speed-ups' teacher: fixed, not its best
 
 
 def seed_names(name: str, seeds) -> list[str]:
-    return [name if k == 0 else f"{name}_s{s}" for k, s in enumerate(seeds)]
+    return [name if s == 0 else f"{name}_s{s}" for s in seeds]
 
 
 def per_seed(m: dict, name: str, seeds, metric: str, steps: int) -> list[float] | None:
