@@ -37,7 +37,7 @@ from benchmarks.diffusion import run_example
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PIPELINE = os.path.join(ROOT, "examples", "text_to_image.yaml")
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
-EMBEDDED, LORA = "lcm", "lcm_lora"
+EMBEDDED, LORA, DMD = "lcm", "lcm_lora", "dmd"
 CHECK_ROWS = 200
 LOAD = """
 import json, sys, torch
@@ -170,7 +170,7 @@ def run(repetitions: int = 1) -> dict:
     start, code = time.perf_counter(), commit()  # the code that runs: the commit at the start
     outputs, configs, seconds, reused = run_example(store, {}, gpus, keep, pipeline=PIPELINE)
     identical = same_rows(outputs, configs, store, gpus)
-    students = {n: outputs[n]["model"] for n in (EMBEDDED, LORA)}
+    students = {n: outputs[n]["model"] for n in (EMBEDDED, LORA, DMD)}
     loaded = fresh_process_load({n: s.path for n, s in students.items()})
     report = outputs["eval"]["report"]
     metrics = report.metrics()
