@@ -86,10 +86,15 @@ class DMDMethod:
     def load_state_dict(self, state):
         self.step = int(state["step"])
 
+    def discriminator(self, nets, frozen: bool):
+        """(fake network, head); ``frozen`` for the generator's GAN term (``dp.Frozen``)."""
+        if frozen:
+            return dp.Frozen(nets["fake"]), dp.Frozen(nets["head"])
+        return nets["fake"], nets["head"]
+
     def combine(self, turn, x, mu_real, mu_fake, fake_loss, extra_g, gan) -> Loss:
-        """The losses of this step (the generator's only on its turn), in the order the
-        harness steps them: the generator's backward also reaches the fake network
-        through the GAN head, and the fake optimiser clears those gradients first."""
+        """The losses of this step (the generator's only on its turn); the generator's
+        reaches the discriminator only through its input (``dp.Frozen``)."""
         sums = {"fake_denoising": float(fake_loss.detach()) * len(x)}
         losses = {}
         if turn:
@@ -112,10 +117,11 @@ class PixelDMD(DMDMethod, StudentMethod):
         import copy
         return {**nets, **self.dmd_nets(copy.deepcopy(self.teacher.unet))}
 
-    def d(self, nets, x_t, t, y):
-        with dp.middle_features(nets["fake"]) as found:
-            self.teacher.model_out(nets["fake"], x_t, t, y)
-        return nets["head"](found[-1])
+    def d(self, nets, x_t, t, y, frozen=False):
+        fake, head = self.discriminator(nets, frozen)
+        with dp.middle_features(fake) as found:
+            self.teacher.model_out(fake, x_t, t, y)
+        return head(found[-1])
 
     def loss(self, nets, emas, batch, gen):
         T, y = self.teacher.num_train_timesteps, batch["label"]
@@ -150,7 +156,7 @@ class PixelDMD(DMDMethod, StudentMethod):
         if self.gan_channels:                                           # 5. GAN
             real_t = a * batch["sample"] + s * torch.randn(x.shape, generator=gen).to(dev)
             gan = dp.gan_losses(self.d(nets, real_t, t, y), self.d(nets, x_t, t, y),
-                                self.d(nets, a * x + s * eps0, t, y) if turn
+                                self.d(nets, a * x + s * eps0, t, y, True) if turn
                                 else torch.zeros(()))
         return self.combine(turn, x, mu_real, mu_fake, fake_loss, extra, gan)
 
@@ -170,10 +176,11 @@ class LatentDMD(DMDMethod, LatentStudentMethod, TrainMethod):
     def x0(self, net, x, t, cond, w, mode):
         return self.model.schedule.x0_eps(self.model.predict(net, x, t, cond, w, mode), x, t)[0]
 
-    def d(self, nets, x_t, t, cond, w):
-        with dp.middle_features(nets["fake"]) as found:
-            self.model.predict(nets["fake"], x_t, t, cond, w, "none")
-        return nets["head"](found[-1])
+    def d(self, nets, x_t, t, cond, w, frozen=False):
+        fake, head = self.discriminator(nets, frozen)
+        with dp.middle_features(fake) as found:
+            self.model.predict(fake, x_t, t, cond, w, "none")
+        return head(found[-1])
 
     def loss(self, nets, emas, batch, gen):
         cond, w, mode = self.conditioning(batch)
@@ -209,8 +216,8 @@ class LatentDMD(DMDMethod, LatentStudentMethod, TrainMethod):
         if self.gan_channels:                                           # 5.
             real_t = sched.noised(batch["sample"], torch.randn(x.shape, generator=gen).to(dev), t)
             gan = dp.gan_losses(self.d(nets, real_t, t, cond, w), self.d(nets, x_t, t, cond, w),
-                                self.d(nets, sched.noised(x, eps, t), t, cond, w) if turn
-                                else torch.zeros(()))
+                                self.d(nets, sched.noised(x, eps, t), t, cond, w, True)
+                                if turn else torch.zeros(()))
         return self.combine(turn, x, mu_real, mu_fake, fake_loss, extra, gan)
 
 

@@ -79,6 +79,23 @@ def middle_features(net):
         handle.remove()
 
 
+class Frozen:
+    """A (possibly DDP-wrapped) module called with its parameters detached: gradients
+    reach its inputs only. The generator's GAN term goes through the fake network and
+    the head this way, so its backward neither touches the discriminator's parameters
+    nor fires their DDP hooks a second time in the step (the fake loss's backward does)."""
+
+    def __init__(self, module):
+        self.module = getattr(module, "module", module)
+        self.params = {k: v.detach() for k, v in self.module.named_parameters()}
+
+    def __call__(self, *args, **kwargs):
+        return torch.func.functional_call(self.module, self.params, args, kwargs)
+
+    def __getattr__(self, name):  # config and the like, as the families read them
+        return getattr(self.module, name)
+
+
 def gan_losses(logits_real, logits_fake_detached, logits_fake) -> tuple:
     """Non-saturating GAN: (discriminator loss, generator loss)."""
     d = F.softplus(-logits_real).mean() + F.softplus(logits_fake_detached).mean()

@@ -225,7 +225,7 @@ def train_loop(run: _Run, method: TrainMethod, session) -> None:
         # must not drift apart), taken once an epoch
         used = over_workers((time.monotonic() - began) / (60 * run.max_minutes), device) \
             if run.max_minutes else 0.0
-        totals, sums, seen = {}, {}, 0
+        totals, counts, sums, seen = {}, {}, {}, 0
         for step, (batch, weight) in enumerate(data.batches(ctx.seed + epoch)):
             factor = method.lr_factor(min(max(step_count / max(total_steps, 1), used), 1.0))
             for n, o in opts.items():
@@ -245,6 +245,7 @@ def train_loop(run: _Run, method: TrainMethod, session) -> None:
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 opts[name].step()
                 totals[name] = totals.get(name, 0.0) + value * out.rows
+                counts[name] = counts.get(name, 0) + out.rows
             with torch.no_grad():
                 for n, e in emas.items():
                     for pe, p in zip(e.parameters(), nets[n].parameters()):
@@ -252,7 +253,7 @@ def train_loop(run: _Run, method: TrainMethod, session) -> None:
             for k, v in out.sums.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             seen, step_count = seen + out.rows, step_count + 1
-        metrics = _epoch_metrics(totals, sums, seen, list(opts))
+        metrics = _epoch_metrics(totals, sums, seen, list(opts), counts)
         metrics.update(start_epoch=start, **method.epoch_metrics(nets))
         elapsed = time.monotonic() - began
         saved = None                                                # 5. checkpoint, report
@@ -279,12 +280,15 @@ def over_workers(value, device=None, op: str = "max") -> float:
     return float(t.item()) / (1 if op == "max" else dist.get_world_size())
 
 
-def _epoch_metrics(totals: dict, sums: dict, seen: int, names: list[str]) -> dict:
-    """``train_loss`` (the first optimiser's), ``train_loss_<name>`` for the others, and
-    ``train_<sum>`` for each sum, all per row."""
-    rows = max(seen, 1)
-    metrics = {"train_loss": totals.get(names[0], 0.0) / rows}
-    metrics.update({f"train_loss_{n}": totals.get(n, 0.0) / rows for n in names[1:]})
+def _epoch_metrics(totals: dict, sums: dict, seen: int, names: list[str],
+                   counts: dict | None = None) -> dict:
+    """``train_loss`` (the first optimiser's), ``train_loss_<name>`` for the others, each
+    per row of the steps that stepped it (alternating methods), and ``train_<sum>`` for
+    each sum, per row seen."""
+    rows, counts = max(seen, 1), counts or {}
+    per = lambda n: totals.get(n, 0.0) / max(counts.get(n, seen), 1)  # noqa: E731
+    metrics = {"train_loss": per(names[0])}
+    metrics.update({f"train_loss_{n}": per(n) for n in names[1:]})
     metrics.update({f"train_{k}": v / rows for k, v in sums.items()})
     return metrics
 

@@ -34,6 +34,22 @@ def test_the_dmd_gradient_is_the_normalised_score_difference():
         "1": [999.0], "2": [999.0, 499.0], "4": [999.0, 749.0, 499.0, 249.0]}
 
 
+def test_the_generators_gan_term_leaves_the_discriminator_alone():
+    """Through ``dp.Frozen`` the generator's GAN loss reaches its input only: no gradient
+    on the fake network or the head (under DDP their hooks would fire twice a step)."""
+    from diffusers import UNet2DModel
+    fake = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8,),
+                       down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",),
+                       norm_num_groups=4, layers_per_block=1)
+    head = dp.GANHead(dp.gan_channels(fake, "t"))
+    x = torch.randn(2, 1, 8, 8, requires_grad=True)
+    with dp.middle_features(fake) as found:
+        dp.Frozen(fake)(x, 10)
+    dp.gan_losses(torch.zeros(2), torch.zeros(2), dp.Frozen(head)(found[-1]))[1].backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is None for p in [*fake.parameters(), *head.parameters()])
+
+
 def test_pixel_generators_train_and_sample(ray_session, tiny_diffusion, tmp_path):
     teacher, reflow = tiny_diffusion["teacher"], tiny_diffusion["pairs"]["reflow"]
     one = run_stage(DMDDistill, {**FAST, "regression_weight": 0.5, "gan_weight": 0.1},
