@@ -15,8 +15,9 @@ def seed_names(name: str, seeds) -> list[str]:
 
 
 def per_seed(m: dict, name: str, seeds, metric: str, steps: int) -> list[float] | None:
+    """The metric of every seed of ``name`` that was evaluated (None: none was)."""
     keys = [f"{metric}/{n}/{steps}" for n in seed_names(name, seeds)]
-    return [m[k] for k in keys] if all(k in m for k in keys) else None
+    return [m[k] for k in keys if k in m] or None
 
 
 def summary(values: list[float]) -> dict:
@@ -30,7 +31,7 @@ def ratios(m: dict, name: str, seeds, steps: int) -> dict | None:
 
 
 def _fmt(s: dict) -> str:
-    return f"{s['mean']:.3f} ({s['min']:.3f} to {s['max']:.3f})"
+    return f"{s['mean']:.3f} ({s['min']:.3f} to {s['max']:.3f}, {s['n']} seeds)"
 
 
 def row(check: str, s: dict | None, target: str, ok) -> dict:

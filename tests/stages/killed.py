@@ -21,7 +21,7 @@ def saved(path) -> dict | None:
         return None
 
 
-def kill_after_first_epoch(ctx, script: str, args: list[str], err_file, timeout=120) -> dict:
+def kill_after_first_epoch(ctx, script: str, args: list[str], err_file, timeout=300) -> dict:
     """Run ``python -c script *args``; kill it once ``ctx``'s checkpoint holds epoch >= 1;
     returns the last checkpoint written before the kill."""
     with open(err_file, "w") as err:  # a file: a full pipe would block it
