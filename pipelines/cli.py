@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--tracking-uri", default=None,
                             help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or the store)")
             sp.add_argument("--quiet", action="store_true", help="no progress lines")
+            sp.add_argument("--register", action="append", default=[], metavar="STAGE=NAME",
+                            help="register the stage's student as a Model Registry version "
+                                 "of NAME (one version per artifact)")
 
     pipeline_args(sub.add_parser("run", help="run a pipeline"), True)
     pipeline_args(sub.add_parser("plan", help="show what run would do, and why"), False)
@@ -148,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _load(args):
     from .pipeline import Pipeline
-    return Pipeline.from_yaml(args.config, args.overrides)
+    return Pipeline.from_yaml(args.config, args.overrides, getattr(args, "register", ()))
 
 
 def _resume_command(argv: list[str]) -> str:

@@ -34,6 +34,7 @@ class Node:
     # input name -> (stage, output); a variadic input (``Many``): a list of them
     inputs: dict[str, tuple[str, str] | list[tuple[str, str]]] = field(default_factory=dict)
     resources: Resources | None = None
+    register: str | None = None  # a Model Registry name (not part of the key)
 
     def wired(self) -> list[tuple[str, str, str]]:
         """Every (input, upstream stage, output) edge, variadic inputs flattened."""
@@ -61,11 +62,35 @@ class Pipeline:
 
     # -- building ----------------------------------------------------------------------
     def add(self, name: str, stage: Stage | str, config: dict | None = None,
-            inputs: dict[str, str] | None = None, resources: dict | None = None) -> "Pipeline":
+            inputs: dict[str, str] | None = None, resources: dict | None = None,
+            register: str | None = None) -> "Pipeline":
         """Add a stage instance (or a kind plus its config) under ``name``; validated at
-        once against the stages added before it."""
+        once against the stages added before it. ``register``: see ``register``."""
         self._add(name, stage, config, inputs, resources)
+        if register is not None:
+            self.register(name, register)
         self.validate()
+        return self
+
+    def register(self, stage: str, name: str) -> "Pipeline":
+        """Make ``distill run`` register the student of ``stage`` (a stage whose kind has
+        ``mlflow_outputs``) as a version of the Model Registry model ``name``: one version
+        per artifact key. Execution only: not part of any cache key."""
+        students = [n for n, node in self.nodes.items() if type(node.stage).mlflow_outputs]
+        if stage not in self.nodes:
+            raise UserError(f"register: stage '{stage}' is not in pipeline '{self.name}'"
+                            f"{did_you_mean(stage, self.nodes)}; stages that make a student: "
+                            f"{allowed_list(students)}")
+        node = self.nodes[stage]
+        if not type(node.stage).mlflow_outputs:
+            raise UserError(f"stage '{stage}' ({node.kind}): register: only a student can be "
+                            f"registered, and a {node.kind} stage makes none; stages of "
+                            f"pipeline '{self.name}' that make a student: "
+                            f"{allowed_list(students)}")
+        if not isinstance(name, str) or not name.strip():
+            raise UserError(f"stage '{stage}' ({node.kind}): register: name {name!r} is not "
+                            f"valid; allowed: a non-empty Model Registry name")
+        node.register = name
         return self
 
     def _add(self, name, stage, config, inputs, resources) -> None:
@@ -94,14 +119,17 @@ class Pipeline:
         self.nodes[name] = Node(name, stage, dict(inputs or {}), resources=res)
 
     @classmethod
-    def from_dict(cls, spec: dict, overrides: Iterable[str] = ()) -> "Pipeline":
+    def from_dict(cls, spec: dict, overrides: Iterable[str] = (),
+                  register: Iterable[str] = ()) -> "Pipeline":
+        """``register``: ``STAGE=NAME`` items (``distill run --register``)."""
         from ._internal.config_file import pipeline_from_dict
-        return pipeline_from_dict(spec, overrides)
+        return pipeline_from_dict(spec, overrides, register)
 
     @classmethod
-    def from_yaml(cls, path: str, overrides: Iterable[str] = ()) -> "Pipeline":
+    def from_yaml(cls, path: str, overrides: Iterable[str] = (),
+                  register: Iterable[str] = ()) -> "Pipeline":
         from ._internal.config_file import load_yaml
-        return cls.from_dict(load_yaml(path), overrides)
+        return cls.from_dict(load_yaml(path), overrides, register)
 
     def to_dict(self) -> dict:
         """The resolved pipeline, as a dict that ``from_dict`` (and ``distill run``) take."""
@@ -113,6 +141,8 @@ class Pipeline:
                                    else f"{ref[0]}.{ref[1]}" for i, ref in n.inputs.items()}
             if n.resources is not None:
                 entry["resources"] = n.resources.model_dump()
+            if n.register is not None:
+                entry["register"] = n.register
             stages[n.name] = entry
         return {"name": self.name, "seed": self.seed, "stages": stages}
 

@@ -123,6 +123,10 @@ class Stage:
     # names of the metrics ``run`` logs (``ctx.log_metrics`` / ``ctx.write_report``);
     # sweeps check ``--metric STAGE.METRIC`` against it before any trial. Empty: undeclared.
     metrics: ClassVar[tuple[str, ...]] = ()
+    # Model outputs that are students a user deploys: at commit the core writes each as an
+    # MLflow Model, from ``mlflow_model`` (``pipelines.mlmodel``); only such stages can be
+    # registered (``register:``) and exported
+    mlflow_outputs: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -139,6 +143,12 @@ class Stage:
 
     def run(self, ctx, **inputs) -> dict[str, Artifact]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def mlflow_model(self, output: str, artifact: Model):
+        """The ``pipelines.mlmodel.PyFunc`` of the Model output ``output`` (one of
+        ``mlflow_outputs``), as ``run`` returned it."""
+        raise NotImplementedError(f"{type(self).__name__} lists mlflow_outputs but does not "
+                                  f"define mlflow_model")
 
     def content_paths(self) -> dict[str, str]:
         """Local files or folders this stage reads by path (a model folder, a prompt file),
@@ -179,6 +189,11 @@ def _check_declaration(cls: type[Stage]) -> None:
                             f"of {cls.Config.__qualname__}; fields: {allowed_list(fields)}")
     if not cls.outputs:
         raise TypeError(f"{where}: a stage declares at least one output")
+    for name in cls.mlflow_outputs:
+        if not (isinstance(cls.outputs.get(name), type) and issubclass(cls.outputs[name], Model)):
+            raise TypeError(f"{where}: mlflow_outputs names '{name}', which is not a Model "
+                            f"output; Model outputs: "
+                            f"{allowed_list(n for n, t in cls.outputs.items() if t is Model)}")
     both = sorted(set(cls.inputs) & set(cls.optional_inputs))
     if both:
         raise TypeError(f"{where}: {both} declared both in inputs and in optional_inputs")

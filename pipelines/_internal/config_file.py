@@ -24,6 +24,8 @@ class StageEntry(BaseModel):
     config: dict = Field(default_factory=dict)
     inputs: dict[str, str | list[str]] = Field(default_factory=dict)  # a list: Many(...)
     resources: dict = Field(default_factory=dict)
+    # a Model Registry name for the stage's student ("register" is a BaseModel attribute)
+    registry_name: str | None = Field(None, alias="register")
 
 
 class PipelineFile(BaseModel):
@@ -55,7 +57,8 @@ def load_yaml(path: str) -> dict:
     return data
 
 
-def pipeline_from_dict(spec: dict, overrides: Iterable[str] = ()):
+def pipeline_from_dict(spec: dict, overrides: Iterable[str] = (),
+                       register: Iterable[str] = ()):
     from ..pipeline import Pipeline
     parsed = build_config(PipelineFile, spec, "pipeline file")
     entries = {n: e.model_copy(deep=True) for n, e in parsed.stages.items()}
@@ -64,6 +67,14 @@ def pipeline_from_dict(spec: dict, overrides: Iterable[str] = ()):
     p = Pipeline(parsed.name, parsed.seed)
     for name, e in entries.items():
         p._add(name, e.kind, e.config, e.inputs, e.resources or None)
+    for name, e in entries.items():
+        if e.registry_name is not None:
+            p.register(name, e.registry_name)
+    for item in register:  # --register STAGE=NAME
+        stage, sep, model = item.partition("=")
+        if not sep:
+            raise UserError(f"--register {item!r} is not valid; allowed: STAGE=NAME")
+        p.register(stage.strip(), model.strip())
     return p.validate()
 
 

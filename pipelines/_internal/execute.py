@@ -11,6 +11,7 @@ import traceback
 
 from ..context import StageContext
 from ..errors import UserError, find_corrupt
+from ..mlmodel import write_mlmodel
 from .plan import input_content
 from .store import Store
 
@@ -71,6 +72,8 @@ def execute_stage(stage, state: dict, store_root: str, inputs: dict,
                      for inp, ref in inputs.items()}
         outputs = stage.run(ctx, **artifacts)
         check_outputs(type(stage), name, outputs, staging)
+        for out in type(stage).mlflow_outputs:  # students are MLflow Models too
+            write_mlmodel(outputs[out].path, stage.mlflow_model(out, outputs[out]), key)
         described = store.describe(kind, key, staging, outputs)
         plots = [os.path.relpath(os.path.join(dp, f), staging)
                  for dp, _, fs in os.walk(staging) for f in fs if f.endswith((".png", ".svg"))]

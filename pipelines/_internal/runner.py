@@ -13,6 +13,7 @@ from .planner import Plan, make_plan
 from .progress import Display
 from .scheduler import Hooks, Schedule, run_schedule
 from .store import Store
+from .students import track_student
 from .tracking import Tracker, redact, resolve_tracking_uri
 
 
@@ -91,6 +92,9 @@ def run_plan(plan: Plan, address: str | None = None, tracking_uri: str | None = 
     for w in plan.warnings:
         display.event(f"warning: {w}")
     tracker = Tracker(resolve_tracking_uri(store.root, tracking_uri), pipeline.name, store.root)
+    register = {n: node.register for n, node in pipeline.nodes.items() if node.register}
+    if register:
+        tracker.check_registry(register)
     run_id = tracker.start_parent(pipeline.name, {"seed": str(pipeline.seed)},
                                   {"distillery.store": store.root, **(tags or {})})
     results: dict[str, StageResult] = {}
@@ -98,7 +102,7 @@ def run_plan(plan: Plan, address: str | None = None, tracking_uri: str | None = 
     record = {"run_id": run_id, "pipeline": pipeline.name, "started": time.time(),
               "store": store.root, "pipeline_spec": redact(pipeline.to_dict()),
               "states": {n: s.to_record() for n, s in plan.states.items()}, "stages": {},
-              "ok": None}  # None while running: gc keeps the keys of a run in progress
+              "ok": None, "registered": {}}  # ok None while running: gc keeps its keys
     store.write_run(record)
     failure: tuple[str, dict] | None = None
     outcome = "KILLED"  # unless the try block completes
@@ -108,10 +112,12 @@ def run_plan(plan: Plan, address: str | None = None, tracking_uri: str | None = 
                 continue
             state = plan.states[name]
             m = manifests[name] = store.manifest(state.kind, state.key)
-            record_cached(tracker, run_id, store, name, state, m, results, d.reason)
+            record_cached(tracker, run_id, plan, name, m, results, d.reason, display,
+                          record["registered"])
             display.finish(name, "cached", 0.0)
         if plan.to_run():
-            failure = _run_stages(plan, manifests, results, tracker, run_id, display, address)
+            failure = _run_stages(plan, manifests, results, tracker, run_id, display, address,
+                                  record["registered"])
         outcome = "FINISHED" if failure is None else "FAILED"
     except UserError:  # e.g. --address unreachable, resources the cluster cannot give
         outcome = "FAILED"
@@ -143,9 +149,9 @@ def run_plan(plan: Plan, address: str | None = None, tracking_uri: str | None = 
 class _RunHooks(Hooks):
     """What ``distill run`` does around the scheduler: MLflow runs, the display, records."""
 
-    def __init__(self, plan, results, tracker, run_id, display, board_actor):
+    def __init__(self, plan, results, tracker, run_id, display, board_actor, registered):
         self.plan, self.results, self.tracker, self.run_id = plan, results, tracker, run_id
-        self.display, self.board_actor = display, board_actor
+        self.display, self.board_actor, self.registered = display, board_actor, registered
         self.stage_runs: dict[str, tuple[str, float]] = {}   # open MLflow stage runs
         self.reasons: dict[str, str] = {}
 
@@ -166,9 +172,9 @@ class _RunHooks(Hooks):
         self.display.event(f" retry {name} ({attempt}/{retries}): {message}")
 
     def kept(self, name, manifest):
-        state = self.plan.states[name]
-        record_cached(self.tracker, self.run_id, self.plan.store, name, state, manifest,
-                      self.results, "artifact committed; its inputs' content is unchanged")
+        record_cached(self.tracker, self.run_id, self.plan, name, manifest, self.results,
+                      "artifact committed; its inputs' content is unchanged", self.display,
+                      self.registered)
         self.display.finish(name, "cached", 0.0)
 
     def finished(self, name, out):
@@ -179,7 +185,10 @@ class _RunHooks(Hooks):
         uri = store.artifact_dir(state.kind, state.key)
         if out["ok"]:
             m = out["manifest"]
+            line = track_student(self.tracker, self.plan, name, rid, m, True, self.registered)
             _track_stage(self.tracker, rid, store, m, history, "ran")
+            if line:
+                self.display.event(line)
             self.results[name] = StageResult(name, state.kind, "ran", state.key, uri, secs,
                                              dict(m.get("metrics", {})), self.reasons[name])
             self.display.finish(name, "ran", secs)
@@ -193,7 +202,7 @@ class _RunHooks(Hooks):
         self.display.finish(name, "failed", secs)
 
 
-def _run_stages(plan, manifests, results, tracker, run_id, display, address):
+def _run_stages(plan, manifests, results, tracker, run_id, display, address, registered):
     import ray
     from .board import RayBoard, start_board_actor
 
@@ -203,7 +212,7 @@ def _run_stages(plan, manifests, results, tracker, run_id, display, address):
     if not address:  # a cluster may autoscale; the embedded Ray will not
         check_feasible(pipeline, plan.to_run(), available)
     board_actor = start_board_actor()
-    hooks = _RunHooks(plan, results, tracker, run_id, display, board_actor)
+    hooks = _RunHooks(plan, results, tracker, run_id, display, board_actor, registered)
     schedule = Schedule(plan, manifests, plan.to_run(), list(plan.checks),
                         RayBoard(board_actor), float(available.get("GPU", 0.0)))
     try:
@@ -214,10 +223,15 @@ def _run_stages(plan, manifests, results, tracker, run_id, display, address):
         ray.kill(board_actor)
 
 
-def record_cached(tracker, run_id, store, name, state, manifest, results, reason) -> None:
+def record_cached(tracker, run_id, plan, name, manifest, results, reason, display,
+                  registered) -> None:
+    state, store = plan.states[name], plan.store
     rid = tracker.start_stage(run_id, name, state.kind, state.key,
                               {**state.config, **state.execution}, "cached")
+    line = track_student(tracker, plan, name, rid, manifest, False, registered)
     _track_stage(tracker, rid, store, manifest, [], "cached", plots=False)
+    if line:
+        display.event(line)
     results[name] = StageResult(name, state.kind, "cached", state.key,
                                 store.artifact_dir(state.kind, state.key), 0.0,
                                 dict(manifest.get("metrics", {})), reason)

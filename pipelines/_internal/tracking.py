@@ -201,3 +201,78 @@ class Tracker:
         items = [Param(k, v) for k, v in params.items()]
         for i in range(0, len(items), 90):
             self.client.log_batch(run_id, params=items[i:i + 90])
+
+    # -- students: lineage, logged models, registry versions ---------------------------
+    def log_lineage(self, run_id: str, inputs: list[tuple[str, str, str, str]]) -> None:
+        """``inputs``: (input name, upstream 'stage.output', its URI on the store, its
+        content checksum), logged as the run's MLflow dataset inputs."""
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        datasets = [DatasetInput(Dataset(name=name, digest=digest[:32], source_type="distillery",
+                                         source=json.dumps({"uri": uri, "content": digest})),
+                                 tags=[InputTag("mlflow.data.context", inp)])
+                    for inp, name, uri, digest in inputs]
+        if datasets:
+            self.client.log_inputs(run_id, datasets=datasets)
+
+    def log_model(self, run_id: str, name: str, kind: str, key: str, uri: str) -> str:
+        """An MLflow LoggedModel of the stage's run whose files stay in the store (an
+        external model: nothing is copied under MLflow's artifact root)."""
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+        from mlflow.utils.mlflow_tags import MLFLOW_MODEL_IS_EXTERNAL
+        model = self.client.create_logged_model(
+            self.experiment_id, name=name, source_run_id=run_id, model_type=kind,
+            tags={MLFLOW_MODEL_IS_EXTERNAL: "true", "distillery.key": key,
+                  "distillery.uri": uri})
+        self.client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+        self.client.log_outputs(run_id, [LoggedModelOutput(model.model_id, 0)])
+        return model.model_id
+
+    def check_registry(self, names: dict[str, str]) -> None:
+        """Before anything runs: every registry name (stage -> name) is one MLflow
+        accepts, and the tracking URI has a Model Registry."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.utils.validation import _validate_model_name
+        for stage, name in names.items():
+            try:
+                _validate_model_name(name)
+            except MlflowException as e:
+                raise UserError(f"stage '{stage}': register: name {name!r} is rejected by "
+                                f"MLflow ({e.message}); allowed: a non-empty name without "
+                                f"'/' or ':'") from None
+        try:
+            self.client.search_registered_models(max_results=1)
+        except Exception as e:  # noqa: BLE001 - any failure to reach the registry
+            registry = self.client._registry_uri
+            raise UserError(
+                f"--register: the MLflow Model Registry at {redact_uri(registry)!r} is "
+                f"unavailable ({type(e).__name__}: {str(e).splitlines()[0][:200]}); use a "
+                f"tracking URI with a registry (the store's default sqlite database, "
+                f"sqlite:////absolute/path.db, or an MLflow server with a database backend), "
+                f"or point MLFLOW_REGISTRY_URI at one, or leave out register") from None
+
+    def register(self, name: str, source: str, run_id: str, key: str,
+                 model_id: str | None) -> tuple[str, bool]:
+        """A Model Registry version of ``name`` whose files are ``source`` (the artifact's
+        folder on the store): (version, created). An artifact key registered under
+        ``name`` before gets its existing version back."""
+        from mlflow.exceptions import MlflowException
+        found = self.client.search_model_versions(
+            f"name = '{name}' and tags.`distillery.key` = '{key}'")
+        if found:
+            return str(min(int(v.version) for v in found)), False
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        version = self.client.create_model_version(name, source, run_id=run_id,
+                                                   tags={"distillery.key": key},
+                                                   model_id=model_id)
+        return str(version.version), True
+
+
+def redact_uri(uri: str) -> str:
+    """A URI without the password of its user part."""
+    return re.sub(r"//([^:/@]+):[^@/]+@", r"//\1:***@", uri or "")

@@ -21,7 +21,9 @@ def fields_of(model: type[BaseModel], path: tuple = ()) -> list[str]:
             ann = get_args(ann)[-1]
         else:
             return []
-    return list(ann.model_fields) if isinstance(ann, type) and issubclass(ann, BaseModel) else []
+    if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+        return []
+    return [f.alias or name for name, f in ann.model_fields.items()]  # as written in files
 
 
 def build_config(model: type[BaseModel], values: dict, where: str) -> BaseModel:

@@ -96,7 +96,22 @@ class StudentStage(Stage):
     inputs = {"pairs": Dataset, "teacher": Model}
     optional_inputs = {"embeddings": Dataset}  # latent text-to-image teachers
     outputs = {"model": Model}
+    mlflow_outputs = ("model",)
     resources = Resources(num_cpus=0)  # only launches Ray Train work
+
+    def mlflow_model(self, output: str, artifact: Model):
+        """One image per row: prompt (latent) or label (pixel), steps, guidance, seed."""
+        import json
+        import os
+
+        from stages.serving.diffusion import default_steps, spec
+        with open(os.path.join(artifact.path, "student.json")) as f:
+            student = json.load(f)
+        with open(os.path.join(artifact.path, "model_index.json")) as f:
+            pipeline = json.load(f)["_class_name"]
+        meta = {"method": student.get("method", self.kind), "stage_kind": self.kind,
+                "default_steps": default_steps(student), "pipeline_class": pipeline}
+        return spec(pipeline != "DDPMPipeline", meta)
 
     def load_inputs(self, ctx, pairs, teacher, pairs_kind: str) -> Diffusion:
         """The teacher, and the pairs checked against it before any training: the right

@@ -211,6 +211,7 @@ class KDStudent(Stage):
     inputs = {"signal": Dataset}
     optional_inputs = {"teacher": Model}  # text signals: the teacher the signal came from
     outputs = {"model": Model}
+    mlflow_outputs = ("model",)
     metrics = ("train_loss", "train_accuracy", "start_epoch", "taid_t")  # per epoch
     resources = Resources(num_cpus=0)  # only launches Ray Train work
 
@@ -267,6 +268,17 @@ class KDStudent(Stage):
                 "epochs": trained.state["epoch"] + 1, "shard_in_memory": in_memory, **pruned,
                 **trained.metrics}
         return {"model": Model(path=out, info=info)}
+
+    def mlflow_model(self, output: str, artifact: Model):
+        """Classifiers: images in, label and probabilities out; causal LMs: text in, their
+        answer out; encoders: text in, embedding out."""
+        info, meta = artifact.info, {"method": f"kd ({artifact.info['loss']})",
+                                     "stage_kind": self.kind, "signal": artifact.info["signal"]}
+        if TASKS[info["signal"]] is ClassifierTask:
+            from stages.serving.classifier import spec
+            return spec(info["input_shape"], info["num_classes"], meta)
+        from stages.serving.text import EMBED, GENERATE, spec
+        return spec(GENERATE if TASKS[info["signal"]].use == "causal-lm" else EMBED, meta)
 
     def _check_signal(self, ctx, signal) -> dict:
         """The signal's info (what it is, its settings) plus, for classifier signals, the
