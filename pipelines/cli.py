@@ -14,6 +14,8 @@
                  [--samples N] [--scheduler asha|fifo] [--search random|optuna|hyperopt]
                  [--max-concurrent K] [--store URI] [--set ...] [--address ADDR] [--json]
     distill kinds [--check] [--json]
+    distill export CONFIG STAGE --to DIR [--store URI] [--set ...]
+    distill ui [--store URI] [--port P]
 
 User mistakes print one message (no traceback) and exit 2; a failed stage exits 1.
 """
@@ -102,6 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--check", action="store_true",
                     help="also import every kind and report those that do not load")
     sp.add_argument("--json", action="store_true", help="print one JSON document")
+    sp = sub.add_parser("export", help="write a committed student with its model card")
+    sp.add_argument("config", help="pipeline YAML file")
+    sp.add_argument("stage", help="the student's stage")
+    sp.add_argument("--to", required=True, metavar="DIR", help="a new (or empty) folder")
+    sp.add_argument("--store", default=DEFAULT_STORE, help="artifact store (default .distill)")
+    sp.add_argument("--set", dest="overrides", action="append", default=[],
+                    metavar="STAGE.FIELD=VALUE", help="the overrides the run used")
+    sp = sub.add_parser("ui", help="the MLflow UI on the store's tracking database")
+    sp.add_argument("--store", default=DEFAULT_STORE, help="artifact store (default .distill)")
+    sp.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default 5000)")
     return p
 
 
@@ -333,9 +345,19 @@ def cmd_kinds(args, argv) -> int:
     return UserError.exit_code if problems else 0
 
 
+def cmd_export(args, argv) -> int:
+    from ._internal.outputs import export_command
+    return export_command(_load(args), args.config, args.stage, args.to, args.store, sys.stdout)
+
+
+def cmd_ui(args, argv) -> int:
+    from ._internal.outputs import ui_command
+    return ui_command(args.store, args.port, sys.stdout)
+
+
 COMMANDS = {"run": cmd_run, "plan": cmd_plan, "ls": cmd_ls, "show": cmd_show,
             "lineage": cmd_lineage, "gc": cmd_gc, "tune": cmd_tune, "submit": cmd_submit,
-            "kinds": cmd_kinds, "verify": cmd_verify}
+            "kinds": cmd_kinds, "verify": cmd_verify, "export": cmd_export, "ui": cmd_ui}
 
 
 if __name__ == "__main__":

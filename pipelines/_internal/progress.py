@@ -88,3 +88,6 @@ def results_table(result, stream=None, max_metrics: int = 5) -> None:
         metrics = ", ".join(f"{k}={v:.4g}" for k, v in list(s.metrics.items())[:max_metrics])
         table.add_row(s.name, s.kind, s.status, f"{s.seconds:.1f}s", s.key[:12], metrics)
     Console(file=stream or sys.stdout, width=160).print(table)
+    for stage, v in result.registered.items():
+        print(f"{stage}: {'registered' if v['created'] else 'already registered'} as "
+              f"models:/{v['name']}/{v['version']}", file=stream or sys.stdout)

@@ -36,6 +36,7 @@ class RunResult:
     store: str
     stages: list[StageResult]
     ok: bool = True
+    registered: dict = field(default_factory=dict)  # stage -> {name, version, created}
 
     def __getitem__(self, name: str) -> StageResult:
         for s in self.stages:
@@ -45,9 +46,12 @@ class RunResult:
 
     def to_json(self) -> dict:
         """``{"run_id", "stages": [...]}``; stages a failure kept from running are left out."""
-        return {"run_id": self.run_id,
-                "stages": [{k: v for k, v in asdict(s).items() if k != "reason"}
-                           for s in self.stages if s.status != "skipped"]}
+        doc = {"run_id": self.run_id,
+               "stages": [{k: v for k, v in asdict(s).items() if k != "reason"}
+                          for s in self.stages if s.status != "skipped"]}
+        if self.registered:  # Model Registry versions (register: / --register)
+            doc["registered"] = self.registered
+        return doc
 
 
 def connect_ray(address: str | None, dashboard: bool = False) -> None:
@@ -133,7 +137,8 @@ def run_plan(plan: Plan, address: str | None = None, tracking_uri: str | None = 
                       ok=outcome == "FINISHED", outcome=outcome.lower())
         store.write_run(record)
         tracker.end(run_id, outcome)
-    result = RunResult(run_id, pipeline.name, store.root, ordered, failure is None)
+    result = RunResult(run_id, pipeline.name, store.root, ordered, failure is None,
+                       record["registered"])
     if failure is not None:
         name, out = failure
         finished = [s.name for s in ordered if s.status in ("ran", "cached")]

@@ -6,7 +6,21 @@ folder on the store (one version per artifact key)."""
 
 from __future__ import annotations
 
+from ..errors import UserError
+from ..mlmodel import MLMODEL
 from .fetch import Committed
+
+
+def has_mlmodel(manifest: dict, output: str) -> bool:
+    return any(f["path"] == MLMODEL for f in manifest["outputs"][output].get("files", []))
+
+
+def check_packaged(manifest: dict, output: str, name: str, what: str) -> None:
+    """A student committed before students were MLflow Models has no ``MLmodel``."""
+    if not has_mlmodel(manifest, output):
+        raise UserError(f"stage '{name}' ({manifest['kind']}): {what}: its committed artifact "
+                        f"{manifest['key'][:12]} has no MLmodel (it was made before students "
+                        f"were MLflow Models); remake it with --force {name}")
 
 
 def lineage(plan, name: str, manifest: dict) -> list[tuple[str, str, str, str]]:
@@ -33,6 +47,10 @@ def track_student(tracker, plan, name: str, run_id: str, manifest: dict, ran: bo
     if not outputs:
         return None
     tracker.log_lineage(run_id, lineage(plan, name, manifest))
+    if not has_mlmodel(manifest, outputs[0]):
+        if node.register:
+            check_packaged(manifest, outputs[0], name, "register")
+        return None
     source = Committed.of(plan.store.root, manifest, outputs[0]).where
     model_id = None
     if ran:

@@ -276,7 +276,8 @@ class KDStudent(Stage):
                                      "stage_kind": self.kind, "signal": artifact.info["signal"]}
         if TASKS[info["signal"]] is ClassifierTask:
             from stages.serving.classifier import spec
-            return spec(info["input_shape"], info["num_classes"], meta)
+            return spec(info["input_shape"], info["num_classes"],
+                        {**meta, "architecture": info["architecture"]})
         from stages.serving.text import EMBED, GENERATE, spec
         return spec(GENERATE if TASKS[info["signal"]].use == "causal-lm" else EMBED, meta)
 

@@ -7,9 +7,15 @@ from pipelines.context import StageContext
 
 
 def run_stage(cls, config, root, name, seed=0, **inputs):
-    """Run a stage directly, as a unit test does; returns (outputs, ctx)."""
+    """Run a stage directly, as a unit test does, then write its students' MLmodel as the
+    commit does; returns (outputs, ctx)."""
+    from pipelines.mlmodel import write_mlmodel
     ctx = StageContext.for_testing(root, name=name, kind=cls.kind, seed=seed)
-    return cls(config).run(ctx, **inputs), ctx
+    stage = cls(config)
+    outputs = stage.run(ctx, **inputs)
+    for out in cls.mlflow_outputs:
+        write_mlmodel(outputs[out].path, stage.mlflow_model(out, outputs[out]), f"test-{name}")
+    return outputs, ctx
 
 
 @pytest.fixture(scope="session")

@@ -240,3 +240,20 @@ def test_more_steps_than_trained(tmp_path, students, dteacher, teacher, digits):
         run_stage(EvaluateGeneration, {"steps_for": {"progresive": [1]}}, tmp_path, "eval",
                   teacher=dteacher, classifier=teacher, data=digits,
                   students={n: students[n] for n in STUDENTS})
+
+
+def test_pixel_students_are_mlflow_models(students):
+    """Committed students carry an MLmodel: mlflow.pyfunc loads them from their own
+    folder and draws one image per row, the same image for the same seed."""
+    import mlflow
+    import pandas as pd
+    rows = pd.DataFrame({"label": [3, 5], "num_inference_steps": [1, 2], "seed": [0, 1]})
+    for name in ("progressive", "reflow"):
+        model = mlflow.pyfunc.load_model(students[name].path)
+        images = model.predict(rows)
+        assert images.shape == (2, 8, 8, 1) and images.dtype == np.uint8, name
+        assert images.std() > 0
+        np.testing.assert_array_equal(model.predict(rows), images)
+    meta = mlflow.models.Model.load(students["progressive"].path).metadata
+    assert meta["library_name"] == "diffusers" and meta["method"] == "progressive"
+    assert meta["default_steps"] == 1

@@ -93,6 +93,12 @@ def test_lm_student_from_topk_then_evaluated(ray_session, lm_signal, lm, corpus,
     assert {"perplexity", "teacher_perplexity", "kl_to_teacher", "speedup"} <= set(m)
     assert m["kl_to_teacher"] >= 0 and 1 < m["perplexity"] < 10 * 400
     assert m["param_ratio"] < 1
+    import mlflow
+    import pandas as pd
+    answers = mlflow.pyfunc.load_model(student.path).predict(
+        pd.DataFrame({"text": ["the value of", "return a"]}), params={"max_new_tokens": 4})
+    assert list(answers.columns) == ["text"] and len(answers) == 2
+    assert all(isinstance(t, str) for t in answers["text"])
 
 
 def test_embedding_student_from_teacher_layers_then_evaluated(ray_session, emb_signal, minilm,
@@ -109,6 +115,11 @@ def test_embedding_student_from_teacher_layers_then_evaluated(ray_session, emb_s
     assert -1 <= m["cosine"] <= 1 and 0 <= m["neighbor_overlap"] <= 1
     assert m["cosine"] > 0.3  # two of the teacher's own layers: far from random
     assert m["speedup"] > 0 and m["param_ratio"] < 1
+    import mlflow
+    import pandas as pd
+    out = mlflow.pyfunc.load_model(student.path).predict(
+        pd.DataFrame({"text": ["Return the value.", "Open a file."]}))
+    assert np.asarray(out["embedding"].tolist()).shape == (2, 384)
 
 
 def test_text_signals_refuse_what_they_cannot_serve(lm_signal, emb_signal, minilm, lm, corpus,

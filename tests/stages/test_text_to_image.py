@@ -238,3 +238,18 @@ def test_bad_inputs_get_one_clear_error_before_any_training(chains, tmp_path):
         with pytest.raises(Exception) as e:
             DiffusionTrajectories.Config(guidance_scale=bad)
         assert "guidance_scale" in str(e.value)
+
+
+def test_latent_students_are_mlflow_models(students):
+    """A latent student's MLmodel runs its own diffusers pipeline: a prompt per row."""
+    import mlflow
+    import pandas as pd
+    model = mlflow.pyfunc.load_model(students["sd15_embedded"].path)
+    rows = pd.DataFrame({"prompt": ["a cat", "a dog"], "num_inference_steps": [2, 2],
+                         "guidance_scale": [4.0, 4.0], "seed": [0, 0]})
+    images = model.predict(rows)
+    assert images.dtype == np.uint8 and images.shape[0] == 2 and images.shape[-1] == 3
+    assert (images[0] != images[1]).any()  # the prompt matters
+    np.testing.assert_array_equal(model.predict(rows.iloc[:1]), images[:1])
+    meta = mlflow.models.Model.load(students["sd15_embedded"].path).metadata
+    assert meta["pipeline_tag"] == "text-to-image" and meta["method"] == "consistency"
