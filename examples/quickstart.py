@@ -16,7 +16,8 @@ def build() -> Pipeline:
             .add("student", "kd-student", {"temperature": 4.0, "alpha": 0.9},
                  inputs={"signal": "teacher_outputs"})
             .add("evaluate", "evaluate-classifier",
-                 inputs={"student": "student", "teacher": "teacher", "data": "data"}))
+                 inputs={"student": "student", "teacher": "teacher", "data": "data"})
+            .add("export", "export", inputs={"model": "student", "report": "evaluate"}))
 
 
 if __name__ == "__main__":
@@ -28,3 +29,4 @@ if __name__ == "__main__":
         print(f"{name:<16} {decision.status:<7} {decision.reason}")
     result = run(pipeline, store=args.store)
     print(result["evaluate"].metrics)
+    print("student with its model card:", result["export"].uri)

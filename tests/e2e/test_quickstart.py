@@ -12,7 +12,7 @@ from pipelines.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QUICKSTART = os.path.join(ROOT, "examples", "quickstart.yaml")
-STAGES = ["data", "teacher", "teacher_outputs", "student", "evaluate"]
+STAGES = ["data", "teacher", "teacher_outputs", "student", "evaluate", "export"]
 
 
 def distill(capsys, *args) -> tuple[int, dict | None, str]:
@@ -36,18 +36,18 @@ def test_cold_run_then_fully_cached(quickstart, capsys):
     code, cold, err = distill(capsys, "run", QUICKSTART, "--store", store, "--json")
     assert code == 0, err
     assert [s["name"] for s in cold["stages"]] == STAGES
-    assert [s["status"] for s in cold["stages"]] == ["ran"] * 5
+    assert [s["status"] for s in cold["stages"]] == ["ran"] * len(STAGES)
     assert "> student (kd-student) started" in err and "ok evaluate" in err  # progress shown
-    m = cold["stages"][-1]["metrics"]
+    m = cold["stages"][STAGES.index("evaluate")]["metrics"]
     assert m["teacher_accuracy"] > 0.9
     assert 0.8 < m["accuracy"] <= 1 and 0.8 < m["agreement"] <= 1
     assert 0 < m["param_ratio"] < 1 and m["speedup"] > 0
 
     code, warm, err = distill(capsys, "run", QUICKSTART, "--store", store, "--json")
     assert code == 0, err
-    assert [s["status"] for s in warm["stages"]] == ["cached"] * 5
+    assert [s["status"] for s in warm["stages"]] == ["cached"] * len(STAGES)
     assert [s["key"] for s in warm["stages"]] == [s["key"] for s in cold["stages"]]
-    assert warm["stages"][-1]["metrics"] == m
+    assert warm["stages"][STAGES.index("evaluate")]["metrics"] == m
 
     client = MlflowClient(tracking_uri=default_tracking_uri(store))
     exp = client.get_experiment_by_name("quickstart")
@@ -69,6 +69,53 @@ def test_cold_run_then_fully_cached(quickstart, capsys):
     assert len(epochs) >= 2 and epochs[-1].value < epochs[0].value
 
 
+LOAD = """
+import json, sys, mlflow, numpy as np
+from sklearn.datasets import load_digits
+mlflow.set_tracking_uri(sys.argv[1])
+model = mlflow.pyfunc.load_model("models:/quickstart-student/1")
+digits = load_digits()
+out = model.predict((digits.images[:200] / 16).astype("float32")[:, None])
+print(json.dumps(float((out["label"].to_numpy() == digits.target[:200]).mean())))
+"""
+
+
+def test_registered_student_loads_in_a_fresh_process_and_is_exported(quickstart, capsys,
+                                                                      tmp_path):
+    """The issue's acceptance: ``--register student=quickstart-student`` on the (cached)
+    quickstart, the registry version loaded by ``mlflow.pyfunc`` in a fresh process, a
+    second run makes no second version, the weights exist once; the exported folder's card
+    parses and carries the evaluation's metrics; it loads with PyTorchModelHubMixin."""
+    import subprocess
+    import sys
+
+    from huggingface_hub import ModelCard
+    for created in ("registered", "already registered"):
+        code, doc, err = distill(capsys, "run", QUICKSTART, "--store", quickstart, "--json",
+                                 "--register", "student=quickstart-student")
+        assert code == 0, err
+        assert doc["registered"]["student"] == {"name": "quickstart-student", "version": "1",
+                                                "created": created == "registered"}
+    uri = default_tracking_uri(quickstart)
+    proc = subprocess.run([sys.executable, "-c", LOAD, uri], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert float(proc.stdout.strip().splitlines()[-1]) > 0.8  # the student's own accuracy
+    weights = [os.path.join(d, f) for d, _, fs in os.walk(quickstart) for f in fs
+               if f == "model.safetensors" and "kd-student" in d]
+    assert len(weights) == 1, weights  # in the store once; the registry points at it
+    evaluate = doc["stages"][STAGES.index("evaluate")]["metrics"]
+    folder = next(s["uri"] for s in doc["stages"] if s["name"] == "export")
+    card = ModelCard.load(os.path.join(folder, "folder", "README.md"))
+    assert card.data.pipeline_tag == "image-classification"
+    assert card.data.base_model.startswith("distillery:fit-classifier/")
+    results = {r.metric_name: r.metric_value for r in card.data.eval_results}
+    assert results["accuracy"] == pytest.approx(evaluate["accuracy"])
+    assert results["speedup"] == pytest.approx(evaluate["speedup"])
+    from stages.models.classifiers import MLP
+    assert isinstance(MLP.from_pretrained(os.path.join(folder, "folder")), MLP)
+
+
 def test_temperature_change_plans_student_and_evaluate(quickstart, capsys):
     """The CLI plan names what a config change re-runs and why (that a run then does
     exactly what the plan said is tested on toy stages in tests/pipelines/test_runner.py)."""
@@ -77,7 +124,7 @@ def test_temperature_change_plans_student_and_evaluate(quickstart, capsys):
     assert code == 0
     statuses = {s["name"]: s["status"] for s in planned["stages"]}
     assert statuses == {"data": "cached", "teacher": "cached", "teacher_outputs": "cached",
-                        "student": "run", "evaluate": "run"}
+                        "student": "run", "evaluate": "run", "export": "run"}
     reasons = {s["name"]: s["reason"] for s in planned["stages"]}
     assert reasons["student"] == "config changed: temperature 4.0 -> 2.0"
     assert reasons["evaluate"].startswith("input changed")
@@ -108,7 +155,7 @@ def test_scaling_out_reuses_every_cached_artifact(quickstart, capsys):
     code, planned, _ = distill(capsys, "plan", QUICKSTART, "--store", quickstart, *scale,
                                "--json")
     assert code == 0
-    assert [s["status"] for s in planned["stages"]] == ["cached"] * 5
+    assert [s["status"] for s in planned["stages"]] == ["cached"] * len(STAGES)
     reasons = {s["name"]: s["reason"] for s in planned["stages"]}
     assert reasons["teacher_outputs"] == ("artifact committed; execution settings changed "
                                           "(actors 1 -> 2): cached artifact reused")
@@ -116,7 +163,7 @@ def test_scaling_out_reuses_every_cached_artifact(quickstart, capsys):
     code, ran, err = distill(capsys, "run", QUICKSTART, "--store", quickstart, *scale,
                              "--json")
     assert code == 0, err
-    assert [s["status"] for s in ran["stages"]] == ["cached"] * 5
+    assert [s["status"] for s in ran["stages"]] == ["cached"] * len(STAGES)
     code, odd, err = distill(capsys, "plan", QUICKSTART, "--store", quickstart,
                              "--set", "student.num_workers=3", "--json")
     assert code == 2 and "batch_size (64) must be a multiple of num_workers (3)" in err
