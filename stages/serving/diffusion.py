@@ -18,6 +18,19 @@ import numpy as np
 from pipelines.mlmodel import PyFunc
 
 STUDENT_FILE = "student.json"
+PAPERS = {  # the method a student.json names -> the paper its model card cites
+    "consistency": "consistency distillation: Song et al. 2023, Consistency Models; latent: "
+                   "Luo et al. 2023, Latent Consistency Models; with segments: Ren et al. "
+                   "2024, Hyper-SD",
+    "progressive": "Salimans & Ho 2022, Progressive Distillation for Fast Sampling of "
+                   "Diffusion Models",
+    "reflow": "Liu et al. 2023, Flow Straight and Fast: Learning to Generate and Transfer "
+              "Data with Rectified Flow",
+    "dmd": "Yin et al. 2024, Improved Distribution Matching Distillation for Fast Image "
+           "Synthesis (DMD2)",
+    "scm": "Lu & Song 2024, Simplifying, Stabilizing and Scaling Continuous-Time "
+           "Consistency Models (sCM)",
+}
 
 
 def spec(latent: bool, metadata: dict) -> PyFunc:
@@ -29,6 +42,7 @@ def spec(latent: bool, metadata: dict) -> PyFunc:
                      ColSpec("double", "guidance_scale", required=False),
                      ColSpec("long", "seed", required=False)])
     outputs = Schema([TensorSpec(np.dtype("uint8"), (-1, -1, -1, -1), "images")])
+    metadata = {"paper": PAPERS.get(metadata.get("method"), ""), **metadata}
     steps = int(metadata.get("default_steps", 1))
     example = pd.DataFrame({"prompt" if latent else "label": ["a photo of the digit 3"]
                             if latent else [3],

@@ -60,7 +60,21 @@ from stages.train.kd_tasks import (ClassifierTask, hinton_kd_loss,  # noqa: F401
 from stages.train.rows import Rows, hold_in_memory, train_share_bytes
 from stages.train.taid import TAIDSchedule
 
-TASKS = {**SIGNAL_TASKS, "responses": ResponseTask}  # generate-responses' output
+TASKS = {**SIGNAL_TASKS, "responses": ResponseTask}
+LOSS_PAPERS = {  # what a student's model card cites for its loss
+    "hinton": "Hinton et al. 2015, Distilling the Knowledge in a Neural Network",
+    "taid": "Shing et al. 2025, TAID: Temporally Adaptive Interpolated Distillation",
+    "sft": "Kim & Rush 2016, Sequence-Level Knowledge Distillation",
+    "forward_kl": "Hinton et al. 2015 (token-level KL on the teacher's responses)",
+    "reverse_kl": "Gu et al. 2024, MiniLLM (reverse KL)",
+    "jsd": "Agarwal et al. 2024, On-Policy Distillation of Language Models (GKD)",
+    "tvd": "Agarwal et al. 2024, GKD (total variation)",
+    "cosine": "Reimers & Gurevych 2020, Making Monolingual Sentence Embeddings "
+              "Multilingual using Knowledge Distillation",
+    "mse": "Reimers & Gurevych 2020 (MSE to the teacher's embeddings)",
+    "cosine_mse": "Reimers & Gurevych 2020 (cosine and MSE)",
+    "feature_mse": "Romero et al. 2015, FitNets: Hints for Thin Deep Nets",
+}  # generate-responses' output
 LOSSES = tuple(dict.fromkeys(loss for task in TASKS.values() for loss in task.losses))
 
 
@@ -272,8 +286,9 @@ class KDStudent(Stage):
     def mlflow_model(self, output: str, artifact: Model):
         """Classifiers: images in, label and probabilities out; causal LMs: text in, their
         answer out; encoders: text in, embedding out."""
-        info, meta = artifact.info, {"method": f"kd ({artifact.info['loss']})",
-                                     "stage_kind": self.kind, "signal": artifact.info["signal"]}
+        info = artifact.info
+        meta = {"method": f"kd ({info['loss']})", "stage_kind": self.kind,
+                "signal": info["signal"], "paper": LOSS_PAPERS.get(info["loss"], "")}
         if TASKS[info["signal"]] is ClassifierTask:
             from stages.serving.classifier import spec
             return spec(info["input_shape"], info["num_classes"],
