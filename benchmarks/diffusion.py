@@ -83,6 +83,11 @@ def seed_name(name: str, seed: int, k: int = 0) -> str:
     return name if seed == 0 else f"{name}_s{seed}"
 
 
+def base_name(name: str) -> str:
+    """The example's stage name of a seeded copy (``seed_name`` undone)."""
+    return re.sub(r"_s\d+$", "", name)
+
+
 def run_example(store: str, overrides: dict, gpus: float, keep: tuple[str, ...] = (),
                 pipeline: str = PIPELINE, seeds: tuple[int, ...] = (0,),
                 only: tuple[str, ...] = ()) -> tuple[dict, dict, dict, list]:
@@ -104,8 +109,8 @@ def run_example(store: str, overrides: dict, gpus: float, keep: tuple[str, ...] 
     with open(pipeline) as f:
         spec = seeded(yaml.safe_load(f), seeds)
     if os.environ.get("DIFFUSION_BENCH_SKIP_MISSING"):  # seeds not trained in time: left out
-        missing = [n for n in spec["stages"] if re.sub(r"_s\d+$", "", n) in STUDENTS
-                   and n != re.sub(r"_s\d+$", "", n)
+        missing = [n for n in spec["stages"] if base_name(n) in STUDENTS
+                   and n != base_name(n)
                    and not os.path.exists(os.path.join(store, n, "done.pkl"))]
         for node in spec["stages"].values():
             if node["kind"] == "evaluate-generation":
@@ -120,7 +125,7 @@ def run_example(store: str, overrides: dict, gpus: float, keep: tuple[str, ...] 
     for name, node in spec["stages"].items():
         if name not in wanted:
             continue
-        base = re.sub(r"_s\d+$", "", name)
+        base = base_name(name)
         cls = get_stage_class(node["kind"])
         stage = cls({**node.get("config", {}), **overrides.get(base, {})})
         seed = node.get("seed", spec["seed"])
@@ -234,7 +239,7 @@ def run(repetitions: int = 1) -> dict:
                      "total_s": round(time.perf_counter() - start, 1),
                      "teacher": outputs["teacher"]["model"].info,
                      "students": {n: outputs[n]["model"].info for n in outputs
-                                  if re.sub(r"_s\d+$", "", n) in STUDENTS},
+                                  if base_name(n) in STUDENTS},
                      "num_samples": report.info["num_samples"]})
         print(f"  repetition {rep + 1}/{repetitions}: {reps[-1]['total_s']} s", flush=True)
 

@@ -146,28 +146,32 @@ class StudentStage(Stage):
 
     def load_latent_inputs(self, ctx, pairs, teacher, embeddings, pairs_kind: str,
                            online: bool = False):
-        """The latent teacher, checked against the pairs, the embeddings and the config
-        before any training; returns (model, the fixed w)."""
+        """The latent teacher, checked against the pairs (None: a method that needs none,
+        ``dmd-distill``), the embeddings and the config before any training; returns
+        (model, the fixed w)."""
         from stages.models.families import load_latent
         from stages.models.families.base import check_embeddings
         where = where_of(ctx, self.kind)
         model = load_latent(teacher.path, where_of(ctx, self.kind, "teacher"))
         if embeddings is None:
-            raise bad_value(where, "input 'embeddings'", None, "the encode-prompts output the "
-                            f"trajectories were made with (a {model.pipeline_class} teacher)")
+            made = ("the trajectories were made with" if pairs is not None
+                    else "of the prompts to distil on")
+            raise bad_value(where, "input 'embeddings'", None, f"the encode-prompts output "
+                            f"{made} (a {model.pipeline_class} teacher)")
         check_embeddings(model, embeddings.info, where_of(ctx, self.kind, "embeddings"))
+        info = pairs.info if pairs is not None else {}
         pw = where_of(ctx, self.kind, "pairs")
-        if pairs.info.get("pairs") != pairs_kind:
-            raise bad_value(pw, "info.pairs", pairs.info.get("pairs"),
+        if pairs is not None and info.get("pairs") != pairs_kind:
+            raise bad_value(pw, "info.pairs", info.get("pairs"),
                             [f"{pairs_kind} (diffusion-pairs output '{pairs_kind}')"])
-        shape = pairs.info.get("shape")
+        shape = info.get("shape")
         if shape is not None and int(shape[0]) != model.latent_shape()[0]:
             raise bad_value(pw, "latent shape (channels, height, width)", shape,
                             f"{model.latent_shape()[0]} channels, the teacher's latents")
         if self.config.architecture is not None or self.config.init != "teacher":
             raise bad_value(f"{where} config", "architecture / init", "set", "unset for a "
                             "latent teacher (its student starts from the teacher's denoiser)")
-        w = check_latent_student(model, self.config, pairs.info, f"{where} config", online)
+        w = check_latent_student(model, self.config, info, f"{where} config", online)
         build_student(model, self.config, f"{where} config")  # slot and LoRA targets
         return model, w
 

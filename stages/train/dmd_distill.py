@@ -34,6 +34,8 @@ dividing k); latent, a pipeline folder whose consistency scheduler (``LCMSchedul
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field, PositiveInt, model_validator
@@ -46,15 +48,14 @@ from stages.models.families.sampling import guidance_mode
 from stages.train import dmd_parts as dp
 from stages.train.diffusion_student import StudentConfig, StudentMethod, StudentStage
 from stages.train.harness import Loss, TrainMethod
-from stages.train.latent_student import (LatentStudentMethod, build_student,
-                                         check_latent_student)
+from stages.train.latent_student import LatentStudentMethod, build_student
 from stages.train.rows import Rows
 
 
 class DMDMethod:
     """The step schedule and the networks both kinds of teacher share."""
 
-    def init_dmd(self, cfg, chain: list[float], gan_channels: int | None):
+    def init_dmd(self, chain: list[float], gan_channels: int | None):
         self.chain, self.gan_channels, self.step = chain, gan_channels, 0
 
     def dmd_nets(self, fake):
@@ -109,13 +110,17 @@ class DMDMethod:
 class PixelDMD(DMDMethod, StudentMethod):
     def __init__(self, cfg, teacher, columns, chain, gan_channels, shape):
         super().__init__(cfg, teacher, columns)
-        self.init_dmd(cfg, chain, gan_channels)
+        self.init_dmd(chain, gan_channels)
         self.shape, self.ema = shape, {}
 
     def setup(self, device):
         nets = super().setup(device)
-        import copy
         return {**nets, **self.dmd_nets(copy.deepcopy(self.teacher.unet))}
+
+    def renoise(self, x0, t: float, gen) -> torch.Tensor:
+        """x0 noised afresh to time t of the chain (backward simulation)."""
+        a, s = self.teacher.alpha_sigma(torch.full((len(x0),), t), x0)
+        return a * x0 + s * torch.randn(x0.shape, generator=gen).to(x0.device)
 
     def d(self, nets, x_t, t, y, frozen=False):
         fake, head = self.discriminator(nets, frozen)
@@ -129,8 +134,7 @@ class PixelDMD(DMDMethod, StudentMethod):
         G = nets["student"]
         z = torch.randn((n, *self.shape), generator=gen).to(dev)
         gen_x0 = lambda x, t: self.teacher.predict_x0(G, x, torch.full((n,), t, device=dev), y)[0]  # noqa: E731
-        renoise = lambda x0, t: self.teacher.alpha_sigma(torch.full((n,), t), x0)[0] * x0 + \
-            self.teacher.alpha_sigma(torch.full((n,), t), x0)[1] * torch.randn(x0.shape, generator=gen).to(dev)  # noqa: E731
+        renoise = lambda x0, t: self.renoise(x0, t, gen)  # noqa: E731
         turn = self.generator_turn()
         x_in, t_in = dp.backward_simulation(self.chain, z, gen_x0, renoise, gen)  # 1. x = G(z)
         with torch.set_grad_enabled(turn):
@@ -166,7 +170,7 @@ class LatentDMD(DMDMethod, LatentStudentMethod, TrainMethod):
 
     def __init__(self, cfg, teacher, embeddings, columns, w, chain, gan_channels, shape):
         LatentStudentMethod.__init__(self, cfg, teacher, embeddings, columns, w)
-        self.init_dmd(cfg, chain, gan_channels)
+        self.init_dmd(chain, gan_channels)
         self.shape, self.ema = shape, {}
 
     def setup(self, device):
@@ -235,7 +239,7 @@ class DMDDistill(StudentStage):
         t_max: float = Field(0.98, gt=0, le=1)
         rows: PositiveInt = 4096                      # rows per epoch without pairs
         lr: float = Field(2e-5, gt=0)
-        ema_decay: float = Field(0.95, ge=0, lt=1)    # unused: the generator is saved
+        # ema_decay (StudentConfig's) is unused: no EMA is kept, the generator is saved
 
         @model_validator(mode="after")
         def _times(self):
@@ -281,28 +285,15 @@ class DMDDistill(StudentStage):
         return {"model": out}
 
     def run_latent(self, ctx, teacher, pairs, embeddings):
-        from stages.models.families import load_latent
-        from stages.models.families.base import check_embeddings
         from stages.models.families.conditioning import Conditioning
         cfg, where = self.config, where_of(ctx, self.kind)
-        model = load_latent(teacher.path, where_of(ctx, self.kind, "teacher"))
-        if embeddings is None:
-            raise bad_value(where, "input 'embeddings'", None, "the encode-prompts output "
-                            f"of the prompts to distil on (a {model.pipeline_class} teacher)")
-        check_embeddings(model, embeddings.info, where_of(ctx, self.kind, "embeddings"))
-        if pairs is not None and pairs.info.get("pairs") != "reflow":
-            raise bad_value(where_of(ctx, self.kind, "pairs"), "info.pairs",
-                            pairs.info.get("pairs"), ["reflow (diffusion-pairs output 'reflow')"])
-        if cfg.architecture is not None or cfg.init != "teacher":
-            raise bad_value(f"{where} config", "architecture / init", "set", "unset for a "
-                            "latent teacher (its student starts from the teacher's denoiser)")
+        model, w = self.load_latent_inputs(ctx, pairs, teacher, embeddings, "reflow",
+                                           online=True)  # the teacher in the loop
         if cfg.guidance == "embedded" and pairs is None:
             raise bad_value(f"{where} config", "guidance", "embedded", "fixed without "
                             "'pairs' (the w of each row comes from the pairs)")
-        w = check_latent_student(model, cfg, pairs.info if pairs is not None else {},
-                                 f"{where} config", online=True)  # the teacher in the loop
-        denoiser = build_student(model, cfg, f"{where} config")
-        gan = dp.gan_channels(denoiser, f"{where} config") if cfg.gan_weight else None
+        gan = (dp.gan_channels(build_student(model, cfg, f"{where} config"), f"{where} config")
+               if cfg.gan_weight else None)
         shape = list(model.latent_shape())
         sched = model.family.student_scheduler(model, [0.0] * cfg.steps)
         model.family.set_timesteps(model, sched, cfg.steps, tuple(shape))

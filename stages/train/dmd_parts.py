@@ -92,7 +92,7 @@ class Frozen:
     def __call__(self, *args, **kwargs):
         return torch.func.functional_call(self.module, self.params, args, kwargs)
 
-    def __getattr__(self, name):  # config and the like, as the families read them
+    def __getattr__(self, name):  # the module's own attributes (config and the like)
         return getattr(self.module, name)
 
 

@@ -99,7 +99,8 @@ class AdamWConfig(TrainConfig):
 class Loss:
     """One step of a method: the loss each named optimiser minimises now (a method with
     alternating updates returns only the ones it steps), and sums over the batch of
-    what the epoch reports as ``train_<name>`` (divided by the rows seen)."""
+    what the epoch reports as ``train_<name>`` (divided by the rows of the steps that
+    returned that sum)."""
 
     losses: dict[str, torch.Tensor]
     rows: int
@@ -225,7 +226,7 @@ def train_loop(run: _Run, method: TrainMethod, session) -> None:
         # must not drift apart), taken once an epoch
         used = over_workers((time.monotonic() - began) / (60 * run.max_minutes), device) \
             if run.max_minutes else 0.0
-        totals, counts, sums, seen = {}, {}, {}, 0
+        totals, counts, sums, sum_counts, seen = {}, {}, {}, {}, 0
         for step, (batch, weight) in enumerate(data.batches(ctx.seed + epoch)):
             factor = method.lr_factor(min(max(step_count / max(total_steps, 1), used), 1.0))
             for n, o in opts.items():
@@ -252,8 +253,9 @@ def train_loop(run: _Run, method: TrainMethod, session) -> None:
                         pe.lerp_(p, 1 - method.ema[n])
             for k, v in out.sums.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
+                sum_counts[k] = sum_counts.get(k, 0) + out.rows
             seen, step_count = seen + out.rows, step_count + 1
-        metrics = _epoch_metrics(totals, sums, seen, list(opts), counts)
+        metrics = _epoch_metrics(totals, sums, seen, list(opts), counts, sum_counts)
         metrics.update(start_epoch=start, **method.epoch_metrics(nets))
         elapsed = time.monotonic() - began
         saved = None                                                # 5. checkpoint, report
@@ -281,15 +283,17 @@ def over_workers(value, device=None, op: str = "max") -> float:
 
 
 def _epoch_metrics(totals: dict, sums: dict, seen: int, names: list[str],
-                   counts: dict | None = None) -> dict:
+                   counts: dict | None = None, sum_counts: dict | None = None) -> dict:
     """``train_loss`` (the first optimiser's), ``train_loss_<name>`` for the others, each
     per row of the steps that stepped it (alternating methods), and ``train_<sum>`` for
-    each sum, per row seen."""
-    rows, counts = max(seen, 1), counts or {}
+    each sum, per row of the steps that returned it (``dmd-distill``'s generator terms
+    come only on its turns); rows not counted: every row seen."""
+    counts, sum_counts = counts or {}, sum_counts or {}
     per = lambda n: totals.get(n, 0.0) / max(counts.get(n, seen), 1)  # noqa: E731
     metrics = {"train_loss": per(names[0])}
     metrics.update({f"train_loss_{n}": per(n) for n in names[1:]})
-    metrics.update({f"train_{k}": v / rows for k, v in sums.items()})
+    metrics.update({f"train_{k}": v / max(sum_counts.get(k, seen), 1)
+                    for k, v in sums.items()})
     return metrics
 
 

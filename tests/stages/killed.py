@@ -21,6 +21,22 @@ def saved(path) -> dict | None:
         return None
 
 
+def stage_script(stage, name: str, config: dict) -> str:
+    """The script ``kill_after_first_epoch`` runs: ``stage`` (a stage class) with
+    ``config``, as stage ``name`` in the work dir ``sys.argv[1]``, on the teacher folder
+    ``sys.argv[2]``, one torch thread, seed 0."""
+    return f"""
+import sys
+import torch
+torch.set_num_threads(1)
+from pipelines.context import StageContext
+from pipelines.stage import Model
+from {stage.__module__} import {stage.__name__}
+ctx = StageContext.for_testing(sys.argv[1], name={name!r}, kind={stage.kind!r}, seed=0)
+{stage.__name__}({config!r}).run(ctx, teacher=Model(path=sys.argv[2], info={{}}))
+"""
+
+
 def kill_after_first_epoch(ctx, script: str, args: list[str], err_file, timeout=300) -> dict:
     """Run ``python -c script *args``; kill it once ``ctx``'s checkpoint holds epoch >= 1;
     returns the last checkpoint written before the kill."""

@@ -16,7 +16,7 @@ from stages.models.diffusion_sampling import sample_student
 from stages.train import dmd_parts as dp
 from stages.train.dmd_distill import DMDDistill
 from tests.stages.conftest import run_stage
-from tests.stages.killed import kill_after_first_epoch
+from tests.stages.killed import kill_after_first_epoch, stage_script
 
 FAST = {"epochs": 1, "batch_size": 8, "num_workers": 0, "fake_updates_per_step": 2}
 
@@ -88,22 +88,12 @@ def test_latent_generator_loads_in_a_plain_pipeline(tiny_sd15, tmp_path):
               "dmd_np", teacher=c["teacher"], embeddings=c["embeddings"])
 
 
-KILLED = """
-import sys
-import torch
-torch.set_num_threads(1)
-from pipelines.context import StageContext
-from pipelines.stage import Model
-from stages.train.dmd_distill import DMDDistill
-ctx = StageContext.for_testing(sys.argv[1], name="dmd_resume", kind="dmd-distill", seed=0)
-DMDDistill({config}).run(ctx, teacher=Model(path=sys.argv[2], info={{}}))
-"""
 RESUME = {**FAST, "epochs": 10, "rows": 8}
 
 
 def test_a_killed_run_resumes_with_both_networks(tiny_diffusion, tmp_path):
     ctx = StageContext.for_testing(tmp_path, name="dmd_resume", kind="dmd-distill", seed=0)
-    state = kill_after_first_epoch(ctx, KILLED.format(config=repr(RESUME)),
+    state = kill_after_first_epoch(ctx, stage_script(DMDDistill, "dmd_resume", RESUME),
                                    [str(tmp_path), tiny_diffusion["teacher"].path],
                                    tmp_path / "stderr.txt")
     epoch = int(state["epoch"])

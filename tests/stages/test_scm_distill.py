@@ -20,7 +20,7 @@ from stages.models.diffusion_sampling import chain_timesteps, sample_student
 from stages.models.trigflow import CONVERTIBLE, TrigFlow, jvp
 from stages.train.scm_distill import SCMDistill
 from tests.stages.conftest import run_stage
-from tests.stages.killed import kill_after_first_epoch
+from tests.stages.killed import kill_after_first_epoch, stage_script
 
 FAST = {"epochs": 1, "batch_size": 8, "num_workers": 0, "tangent_warmup_steps": 4}
 
@@ -181,22 +181,12 @@ def test_latent_student_with_embedded_guidance_samples_in_a_plain_pipeline(tiny_
     assert os.path.isfile(os.path.join(lora.path, "pytorch_lora_weights.safetensors"))
 
 
-KILLED = """
-import sys
-import torch
-torch.set_num_threads(1)
-from pipelines.context import StageContext
-from pipelines.stage import Model
-from stages.train.scm_distill import SCMDistill
-ctx = StageContext.for_testing(sys.argv[1], name="scm_resume", kind="scm-distill", seed=0)
-SCMDistill({config}).run(ctx, teacher=Model(path=sys.argv[2], info={{}}))
-"""
 RESUME = {**FAST, "epochs": 25, "data": "noise", "rows": 8, "rollout_steps": 1}
 
 
 def test_a_killed_run_resumes_with_its_warmup_counter(tiny_diffusion, tmp_path):
     ctx = StageContext.for_testing(tmp_path, name="scm_resume", kind="scm-distill", seed=0)
-    state = kill_after_first_epoch(ctx, KILLED.format(config=repr(RESUME)),
+    state = kill_after_first_epoch(ctx, stage_script(SCMDistill, "scm_resume", RESUME),
                                    [str(tmp_path), tiny_diffusion["teacher"].path],
                                    tmp_path / "stderr.txt")
     epoch = int(state["epoch"])

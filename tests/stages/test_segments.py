@@ -4,6 +4,8 @@ consistency distillation, on a tiny pixel teacher and a tiny latent SD 1.5 pipel
 one clear error for segments that do not decrease, do not end in 1 or do not divide the
 stored timesteps."""
 
+import math
+
 import pytest
 import torch
 from pydantic import ValidationError
@@ -47,6 +49,15 @@ def test_latent_phases_train(tiny_sd15, tmp_path):
                     tmp_path, "tscd_latent", pairs=c["pairs"]["consistency"],
                     teacher=c["teacher"], embeddings=c["embeddings"])[0]["model"]
     assert out.info["epochs"] == 2 and out.info["segments"] == 1
+    losses = {k: v for k, v in out.info.items() if k.startswith("train_")}
+    assert "train_loss" in losses and all(math.isfinite(v) for v in losses.values()), losses
+    from diffusers import DiffusionPipeline
+    pipe = DiffusionPipeline.from_pretrained(out.path)  # the saved pipeline, plain diffusers
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.scheduler).__name__ == "LCMScheduler"
+    img = pipe("a cat", num_inference_steps=1, guidance_scale=4.0, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images  # w through the slot
+    assert img.shape[0] == 1 and torch.isfinite(torch.tensor(img)).all()
 
 
 @pytest.mark.parametrize("segments", [[2, 4, 1], [4, 2], [4, 4, 1]])

@@ -103,6 +103,22 @@ def read_json(path: str) -> dict:
         return json.load(f)
 
 
+class Bare:
+    """A denoiser as the family adapters see it (``LatentModel.predict``): the bare
+    network's attributes (``config`` and the like) whether or not it is DDP-wrapped, and
+    its call through the wrapper (DDP's forward arms the gradient synchronisation of the
+    backward; ``dmd_parts.Frozen``'s calls with detached parameters)."""
+
+    def __init__(self, net):
+        self.call, self.bare = net, getattr(net, "module", net)
+
+    def __call__(self, *args, **kwargs):
+        return self.call(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.bare, name)
+
+
 class LatentModel:
     """A diffusers pipeline folder (``model_index.json``) and its family adapter. Components
     are loaded one at a time with their own ``from_pretrained``, so a stage that needs the
@@ -180,6 +196,7 @@ class LatentModel:
         ``mode`` ``cfg`` runs both branches and combines them with w per row,
         ``embedded`` passes w through the guidance slot, ``none`` the conditional branch."""
         t = t.to(x.device, torch.float32).expand(len(x)) if t.ndim == 0 else t.to(x.device)
+        net = Bare(net)
         if mode == "cfg":
             both = {k: torch.cat([cond["uncond"][k], v]) for k, v in cond.items()
                     if k != "uncond"}
@@ -246,7 +263,7 @@ class Family:
 
     def denoise(self, model: LatentModel, net, x, t, cond: dict, w):
         """The raw prediction (epsilon, v or velocity) at model time t; ``w`` given only
-        for the guidance slot."""
+        for the guidance slot; ``net`` as ``Bare`` (a DDP wrapper's attributes unwrapped)."""
         raise NotImplementedError
 
     def student_scheduler(self, model: LatentModel, noisy_times: list[float]):

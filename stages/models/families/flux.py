@@ -101,7 +101,7 @@ class Flux(Family):
         b, _, h, wd = x.shape
         embeds = cond["prompt_embeds"].to(x)
         guidance = None
-        if getattr(net, "module", net).config.guidance_embeds:  # fed whenever it has one
+        if net.config.guidance_embeds:  # the slot is fed whenever the denoiser has it
             w = torch.ones(b, device=x.device) if w is None else w
             guidance = w.to(x.device, x.dtype).expand(b)
         out = net(hidden_states=pack(x), timestep=(t.to(x) / 1000).expand(b),

@@ -75,12 +75,12 @@ class Sana(Family):
         return (c, (int(height) // f) if height else h, (int(width) // f) if width else w)
 
     def denoise(self, model, net, x, t, cond, w):
-        kwargs, config = {}, getattr(net, "module", net).config  # DDP-wrapped or not
-        if config.get("guidance_embeds"):
+        kwargs = {}
+        if net.config.get("guidance_embeds"):
             w = torch.ones(len(x), device=x.device) if w is None else w
             kwargs["guidance"] = (w.to(x.device, x.dtype).expand(len(x))
-                                  * config.guidance_embeds_scale)
-        scale = config.get("timestep_scale", 1.0)
+                                  * net.config.guidance_embeds_scale)
+        scale = net.config.get("timestep_scale", 1.0)
         out = net(x, encoder_hidden_states=cond["prompt_embeds"].to(x),
                   encoder_attention_mask=cond["attention_mask"].to(x.device),
                   timestep=t.to(x) * scale, **kwargs).sample

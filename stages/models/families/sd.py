@@ -29,7 +29,7 @@ class StableDiffusion(Family):
 
     def unet_kwargs(self, model, net, x, cond, w) -> dict:
         kwargs = {"encoder_hidden_states": cond["prompt_embeds"]}
-        dim = getattr(net, "module", net).config.time_cond_proj_dim  # DDP-wrapped or not
+        dim = net.config.time_cond_proj_dim
         if dim:  # the slot is fed whenever the denoiser has it (w = 1: no guidance)
             w = torch.ones(len(x), device=x.device) if w is None else w
             kwargs["timestep_cond"] = guidance_embedding(w.to(x.device) - 1, dim).to(x)
