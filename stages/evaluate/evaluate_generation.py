@@ -6,12 +6,17 @@ trained on the real data by ``fit-classifier``, no downloaded weights. Real refe
 real images split in two random halves A and B; generated sets have |B| images (or
 ``num_samples``), compared with A.
 
-- FID (Heusel et al. 2017, eq. 6): ||mu_r - mu_g||^2 + Tr(S_r + S_g - 2 (S_r S_g)^(1/2)).
-  ``fid/real/floor`` is FID(A, B) at the same sample count.
-- KID (Binkowski et al. 2018, eq. 3): unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3,
-  mean over ``kid_subsets`` random subsets.
+- FID (Heusel et al. 2017, eq. 6): ||mu_r - mu_g||^2 + Tr(S_r + S_g - 2 (S_r S_g)^(1/2)),
+  by ``torchmetrics.image.fid.FrechetInceptionDistance`` in float64 (the trace of the
+  root: the sum of the square roots of the eigenvalues of S_r S_g). ``fid/real/floor`` is
+  FID(A, B) at the same sample count.
+- KID (Binkowski et al. 2018, eq. 3): unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3, mean
+  over ``kid_subsets`` random subsets of ``kid_subset_size`` rows (at most the set sizes),
+  by ``torchmetrics.image.kid.KernelInceptionDistance``; the subsets drawn by torch's
+  generator seeded with the run's seed (reproducible; the global state left as it was).
 - Precision / recall (Kynkaanniemi et al. 2019, eq. 1-2): k-nearest-neighbour balls
-  (k = ``pr_k``) around real (resp. generated) features.
+  (k = ``pr_k``) around real (resp. generated) features; our own code, as no maintained
+  library has it (torchmetrics' precision / recall are classification metrics).
 - class_accuracy: the classifier's accuracy on class-conditional samples (label = i mod C).
 - ms_per_image: measured side by side after the quality runs, on one latency batch
   (``latency_batch_size`` of the same noise, the same torch threads for every model): in
@@ -44,8 +49,8 @@ from pydantic import Field, PositiveInt
 
 from pipelines.errors import bad_value
 from pipelines.stage import Dataset, Many, Model, Report, Stage, StageConfig
-from stages.evaluate.generation_metrics import (CLASSIFIER_VIEWS, RESERVED, Features, fid, fid_plot,  # noqa: F401
-                                                kid, precision_recall, real_floor)
+from stages.evaluate.generation_metrics import (CLASSIFIER_VIEWS, RESERVED, Features, fid,
+                                                fid_plot, kid, precision_recall, real_floor)
 from stages.evaluate.timing import pyplot
 from stages.models.classifiers import load_classifier
 from stages.models.diffusion import check_shape, load_diffusion, where_of
@@ -55,8 +60,9 @@ from stages.models.families import is_latent
 
 class EvaluateGeneration(Stage):
     kind = "evaluate-generation"
-    version = "4"  # 2: latency measured side by side in rounds (was one timed pass each)
-    # 3: any number of students, named by their stage; 4: latent text-to-image teachers
+    version = "5"  # 2: latency measured side by side in rounds (was one timed pass each)
+    # 3: any number of students, named by their stage; 4: latent text-to-image teachers;
+    # 5: FID and KID by torchmetrics (FID the same to ~1e-12, KID on other random subsets)
 
     class Config(StageConfig):
         teacher_steps: list[PositiveInt] = [100, 50, 20, 10, 4, 2, 1]

@@ -1,10 +1,18 @@
 """What both paths of ``evaluate-generation`` (pixel-space and latent text-to-image) share:
 the sample-quality metrics on classifier features, the feature extractor and its input,
 the label accuracy, and the FID plot. The formulas are in
-``stages.evaluate.evaluate_generation``'s docstring."""
+``stages.evaluate.evaluate_generation``'s docstring.
+
+FID and KID are torchmetrics' (``torchmetrics.image.FrechetInceptionDistance`` and
+``KernelInceptionDistance``), fed the classifier features already extracted (``Given``:
+an identity module with ``num_features``, so torchmetrics never probes it with a 299x299
+image). Precision / recall (Kynkaanniemi et al. 2019) is our own code: torchmetrics (1.9)
+has no improved precision / recall of generative models (its precision / recall are
+classification and retrieval metrics)."""
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -17,29 +25,46 @@ RESERVED = ("teacher", "real")  # model names of the metrics that are not studen
 LUMA = (0.299, 0.587, 0.114)    # ITU-R BT.601
 
 
+class Given(torch.nn.Module):
+    """torchmetrics' feature extractor for features extracted already: the identity, with
+    their width as ``num_features``."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = int(num_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _features(x) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(x), dtype=torch.float64)
+
+
 def fid(a: np.ndarray, b: np.ndarray) -> float:
-    from scipy import linalg
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean = linalg.sqrtm(s_a @ s_b)
-    if not np.isfinite(covmean).all():  # near-singular: regularise (as pytorch-fid does)
-        eye = np.eye(len(s_a)) * 1e-6
-        covmean = linalg.sqrtm((s_a + eye) @ (s_b + eye))
-    covmean = covmean.real
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b - 2 * covmean))
+    """FID between feature sets ``a`` (real) and ``b`` (generated), in float64."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    metric = FrechetInceptionDistance(feature=Given(a.shape[1]), sync_on_compute=False)
+    metric.update(_features(a), real=True)
+    metric.update(_features(b), real=False)
+    return float(metric.compute())
 
 
 def kid(a: np.ndarray, b: np.ndarray, subsets: int, size: int, seed: int) -> float:
-    rng = np.random.default_rng(seed)
-    d, m = a.shape[1], min(size, len(a), len(b))
-    values = []
-    for _ in range(subsets):
-        x = a[rng.choice(len(a), m, replace=False)]
-        y = b[rng.choice(len(b), m, replace=False)]
-        kxx, kyy, kxy = ((x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3)
-        off = lambda k: (k.sum() - np.trace(k)) / (m * (m - 1))  # noqa: E731
-        values.append(off(kxx) + off(kyy) - 2 * kxy.mean())
-    return float(np.mean(values))
+    """KID (mean over ``subsets`` random subsets of min(``size``, |a|, |b|) rows of each
+    set); the subsets drawn by torch's CPU generator seeded with ``seed`` inside a fork of
+    its state, so the value is reproducible and the caller's random state untouched."""
+    from torchmetrics.image.kid import KernelInceptionDistance
+    with warnings.catch_warnings():  # "will save all extracted features": they are given
+        warnings.filterwarnings("ignore", message=".*Kernel Inception Distance.*")
+        metric = KernelInceptionDistance(feature=Given(a.shape[1]), subsets=subsets,
+                                         subset_size=min(size, len(a), len(b)),
+                                         sync_on_compute=False)
+    metric.update(_features(a), real=True)
+    metric.update(_features(b), real=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
+        return float(metric.compute()[0])
 
 
 def precision_recall(real: np.ndarray, fake: np.ndarray, k: int) -> tuple[float, float]:

@@ -15,8 +15,9 @@ the teacher's VAE, D(z / scaling_factor + shift_factor), to [0, 1]; for the clas
 centre-cropped to its aspect ratio and resized (bilinear, antialiased) to its size, or
 (``crop``, a teacher trained on padded images) its centre crop of the classifier's size. Metrics ``<metric>/<model>/
 <steps>``: ``fid``, ``kid``, ``precision``, ``recall`` against A (``fid/real/floor``: FID(A,
-B) at n); ``teacher_distance``: per-row RMSE over pixels in [0, 1] to the reference
-teacher's image (the largest ``teacher_steps``) from the same noise and prompt, averaged
+B) at n; FID and KID by torchmetrics, as in the pixel path); ``teacher_distance``: per-row
+RMSE over pixels in [0, 1] to the reference teacher's image (the largest ``teacher_steps``)
+from the same noise and prompt, averaged
 (0 for the reference); ``digit_accuracy`` when ``data`` has ``prompt`` and ``label``
 columns (a prompt's label: the majority label of its rows; rows of unlabelled prompts
 skipped); ``digit_accuracy_w/<model>/<w>`` for each of ``guidance_scales``: the reference
