@@ -181,12 +181,11 @@ def write(rows: list[dict], info: dict, command: str, seconds: float, path: str)
         f"**{summary['kid_same_subsets_max_abs']:.1e}**.",
         f"- KID at the evaluation's seed: max |relative difference| "
         f"**{summary['kid_max_rel']:.1%}** over the models (target 5%). The two draw "
-        "different random subsets, and KID's own subset noise at this config is as large: "
-        f"its seed-to-seed standard deviation reaches {summary['kid_sd_max_rel']:.1%} of "
-        "the value (the old code's, per model below), so two independent draws differ "
-        "by about 1.4 times that; the old value at this seed is itself up to "
-        f"{summary['kid_old_off_all_rows']:.1%} off the all-rows value, the new one up to "
-        f"{summary['kid_new_off_all_rows']:.1%}.",
+        "different random subsets; KID's own seed-to-seed standard deviation at this "
+        f"config reaches {summary['kid_sd_max_rel']:.1%} of the value (the old code's, per "
+        "model below; two independent draws differ by about 1.4 times that); the old value "
+        f"at this seed is up to {summary['kid_old_off_all_rows']:.1%} off the all-rows "
+        f"value, the new one up to {summary['kid_new_off_all_rows']:.1%}.",
         f"- KID, mean over {k} seeds: max |relative difference| "
         f"**{summary['kid_means_max_rel']:.1%}** (target 5%).",
         f"- The real-vs-real KID floor is about 0 ({floor['kid_old']:.5f} old, "
@@ -218,7 +217,8 @@ def _dirty() -> str:
     import subprocess
     changed = subprocess.run(["git", "status", "--porcelain", "--", "benchmarks/metrics_agreement.py",
                               "stages/evaluate"], capture_output=True, text=True, cwd=ROOT).stdout
-    return " plus the uncommitted change that adds this benchmark" if changed.strip() else ""
+    return (" plus uncommitted changes to this benchmark or stages/evaluate: "
+            + ", ".join(line[3:] for line in changed.splitlines())) if changed.strip() else ""
 
 
 def _version(lib: str) -> str:

@@ -11,7 +11,8 @@ real images split in two random halves A and B; generated sets have |B| images (
   root: the sum of the square roots of the eigenvalues of S_r S_g). ``fid/real/floor`` is
   FID(A, B) at the same sample count.
 - KID (Binkowski et al. 2018, eq. 3): unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3, mean
-  over ``kid_subsets`` random subsets of ``kid_subset_size`` rows (at most the set sizes),
+  over ``kid_subsets`` random subsets of ``kid_subset_size`` rows (at most the set sizes;
+  defaults 100 and 1000 as torchmetrics'),
   by ``torchmetrics.image.kid.KernelInceptionDistance``; the subsets drawn by torch's
   generator seeded with the run's seed (reproducible; the global state left as it was).
 - Precision / recall (Kynkaanniemi et al. 2019, eq. 1-2): k-nearest-neighbour balls
@@ -77,8 +78,11 @@ class EvaluateGeneration(Stage):
         num_samples: int | None = Field(None, ge=10)  # default: half the real images
         batch_size: int = Field(1000, ge=1)
         threads: int = Field(1, ge=1)                 # torch threads for every model (CPU)
-        kid_subsets: int = Field(50, ge=1)
-        kid_subset_size: int = Field(500, ge=2)
+        # torchmetrics' (and Binkowski et al.'s) defaults; capped to the set sizes, so on
+        # sets under 1000 rows every subset is (nearly) the whole set: KID is then the
+        # all-rows unbiased MMD^2, free of subset noise (benchmarks/results/metrics_agreement.md)
+        kid_subsets: int = Field(100, ge=1)
+        kid_subset_size: int = Field(1000, ge=2)
         pr_k: int = Field(3, ge=1)
         latency_batch_size: int = Field(256, ge=1)
         latency_repeats: int = Field(5, ge=1)
