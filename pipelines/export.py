@@ -19,13 +19,14 @@ from .mlmodel import read_metadata
 LOADERS = {  # how a user loads the folder, by library_name
     "diffusers": "from diffusers import DiffusionPipeline\n"
                  "pipe = DiffusionPipeline.from_pretrained(\"{folder}\")",
-    "transformers": "from transformers import AutoModel, AutoTokenizer\n"
-                    "model = AutoModel.from_pretrained(\"{folder}\")\n"
+    "transformers": "from transformers import {auto}, AutoTokenizer\n"
+                    "model = {auto}.from_pretrained(\"{folder}\")\n"
                     "tokenizer = AutoTokenizer.from_pretrained(\"{folder}\")",
     "pytorch": "from stages.models.classifiers import load_classifier  # pip install distillery\n"
                "model = load_classifier(\"{folder}\")  # {arch}.from_pretrained "
                "(huggingface_hub.PyTorchModelHubMixin)",
 }
+AUTO_CLASSES = {"text-generation": "AutoModelForCausalLM"}  # by pipeline_tag; else AutoModel
 
 
 def lineage(store, manifest: dict) -> list[dict]:
@@ -55,13 +56,28 @@ def teacher_of(upstream: list[dict]) -> dict | None:
 
 
 def base_model(teacher: dict | None, teacher_dir: str | None) -> str:
-    """The teacher's Hub id where its config names one, else ``distillery:<kind>/<key>``."""
+    """The teacher's Hub id, else ``distillery:<kind>/<key>``. A copy of a Hub repository
+    names itself in its own card's usage code (``from_pretrained("org/name")``, the most
+    often named id); ``_name_or_path`` of its config is the id it was loaded from, which for
+    a fine-tuned model saved as-is is its parent (all-MiniLM-L6-v2 names
+    nreimers/MiniLM-L6-H384-uncased), so it comes second."""
     if teacher is None:
         return "unknown"
+    import collections
     import json
+    import re
+    folder = teacher_dir or ""
+    try:
+        with open(os.path.join(folder, "README.md"), encoding="utf-8") as f:
+            ids = re.findall(r"(?:from_pretrained|SentenceTransformer)\(\s*['\"]"
+                             r"([\w.-]+/[\w.-]+)['\"]", f.read())
+        if ids:
+            return collections.Counter(ids).most_common(1)[0][0]
+    except OSError:
+        pass
     for rel in ("config.json", "model_index.json"):
         try:
-            with open(os.path.join(teacher_dir or "", rel)) as f:
+            with open(os.path.join(folder, rel)) as f:
                 name = json.load(f).get("_name_or_path", "")
         except (OSError, ValueError):
             continue
@@ -122,7 +138,8 @@ def card(stage: str, manifest: dict, upstream: list[dict], meta: dict, base: str
         lines += [f"| {k} | {v:.6g} |" for k, v in sorted(vs_teacher.items())]
     loader = LOADERS.get(meta.get("library_name"), "")
     lines += ["", "## How to load", "", "```python",
-              loader.format(folder=".", arch=meta.get("architecture", "the architecture")),
+              loader.format(folder=".", arch=meta.get("architecture", "the architecture"),
+                            auto=AUTO_CLASSES.get(meta.get("pipeline_tag"), "AutoModel")),
               "```", "", "As an MLflow model: `mlflow.pyfunc.load_model(\".\")` (its "
               "`MLmodel`, no pickled objects).", "",
               "## How it was made", "", f"Seed {manifest.get('seed')}; the stages (resolved "

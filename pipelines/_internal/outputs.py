@@ -79,7 +79,7 @@ def ui_command(store_uri: str, port: int, out) -> int:
     print(f"MLflow UI of store {store.root}: http://127.0.0.1:{port}  (Ctrl-C stops it)",
           file=out, flush=True)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-           "--host", "127.0.0.1", "--port", str(port)]
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # one user: one worker
     proc = subprocess.Popen(cmd)
     try:
         return proc.wait()

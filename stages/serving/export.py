@@ -16,7 +16,7 @@ from pipelines.stage import Model, Report, Stage, StageConfig, registry
 
 class Export(Stage):
     kind = "export"
-    version = "1"
+    version = "3"  # 2: base_model from the teacher card's own Hub id; 3: the card's Auto class by task
 
     class Config(StageConfig):
         pass

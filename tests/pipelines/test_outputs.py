@@ -162,6 +162,8 @@ def test_an_unavailable_registry_is_refused_before_anything_runs(toy, capsys, mo
 
 
 def test_ui_serves_the_store_and_refuses_what_it_cannot_serve(toy, capsys, tmp_path):
+    if not os.path.exists(default_tracking_uri(toy["store"])[len("sqlite:///"):]):
+        assert distill(capsys, "run", toy["yaml"], "--store", toy["store"], "QUIET")[0] == 0
     code, err = distill(capsys, "ui", "--store", str(tmp_path))
     assert code == 2 and "has no tracking database" in err, err
     with socket.socket() as taken:
@@ -176,7 +178,7 @@ def test_ui_serves_the_store_and_refuses_what_it_cannot_serve(toy, capsys, tmp_p
                             start_new_session=True)
     try:
         assert f"http://127.0.0.1:{port}" in proc.stdout.readline()
-        deadline = time.time() + 120
+        deadline = time.time() + 300  # mlflow's server starts slowly on a busy 2-core machine
         while True:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
@@ -188,3 +190,19 @@ def test_ui_serves_the_store_and_refuses_what_it_cannot_serve(toy, capsys, tmp_p
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
+
+
+def test_base_model_is_the_teachers_own_hub_id(tmp_path):
+    """A copied Hub repository names itself in its card's usage code; its config's
+    _name_or_path (the id it was fine-tuned from) only when the card names none."""
+    from pipelines.export import base_model
+    teacher = {"kind": "pretrained-model", "key": "ab" * 32}
+    (tmp_path / "config.json").write_text('{"_name_or_path": "org/parent"}')
+    assert base_model(teacher, str(tmp_path)) == "org/parent"
+    (tmp_path / "README.md").write_text(
+        "# m\n```python\nmodel = SentenceTransformer('org/self')\n"
+        "tok = AutoTokenizer.from_pretrained( \"org/self\")\n"
+        "other = AutoModel.from_pretrained('org/parent')\n```\n")
+    assert base_model(teacher, str(tmp_path)) == "org/self"
+    assert base_model(teacher, str(tmp_path / "missing")) == "distillery:pretrained-model/abababababab"
+    assert base_model(None, None) == "unknown"
