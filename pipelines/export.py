@@ -151,15 +151,26 @@ def card(stage: str, manifest: dict, upstream: list[dict], meta: dict, base: str
     return "\n".join(lines) + "\n"
 
 
+def link_or_copy(src: str, dst: str) -> str:
+    """A hard link (the same bytes, never rewritten: committed files are read-only by
+    contract and verified by hash), or a copy across file systems."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
+
+
 def article(word: str) -> str:
     return f"{'An' if word[:1].lower() in 'aeiou' else 'A'} {word}"
 
 
 def export(store, manifest: dict, output: str, files_dir: str, dest: str,
-           reports: list[tuple[str, dict]]) -> str:
+           reports: list[tuple[str, dict]], link: bool = False) -> str:
     """Write ``dest``: the files of the committed student ``manifest`` (output ``output``,
     verified in ``files_dir``) and its model card, from ``reports`` ((evaluation stage,
-    metrics) pairs)."""
+    metrics) pairs). ``link``: hard-link the student's files where the file system allows
+    (an export inside the store: its weights stored once), else copy."""
     meta = read_metadata(files_dir)
     if meta is None:
         raise UserError(f"stage '{manifest.get('stage')}' ({manifest['kind']}): export: the "
@@ -175,7 +186,11 @@ def export(store, manifest: dict, output: str, files_dir: str, dest: str,
         teacher_dir = None if source.remote else source.where
     text = card(manifest.get("stage", "student"), manifest, upstream, meta,
                 base_model(teacher, teacher_dir), reports)
-    shutil.copytree(files_dir, dest, dirs_exist_ok=True)
-    with open(os.path.join(dest, "README.md"), "w") as f:
+    shutil.copytree(files_dir, dest, dirs_exist_ok=True,
+                    copy_function=link_or_copy if link else shutil.copy2)
+    readme = os.path.join(dest, "README.md")
+    if os.path.lexists(readme):  # a linked student card: replaced, never written through
+        os.unlink(readme)
+    with open(readme, "w") as f:
         f.write(text)
     return dest

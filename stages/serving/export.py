@@ -5,8 +5,10 @@ teacher, ``library_name``, ``pipeline_tag``, ``tags: [distillation, <method>]``,
 ``model-index`` with the wired evaluation's metrics), the method and its paper, the
 resolved configs of every stage it was made from, the speed-up and quality against the
 teacher, and the lineage. Without a ``report`` input the card says "not evaluated".
-A new artifact: the student's own is never changed. ``distill export`` does the same for a
-committed student without a stage. The card is written by ``pipelines.export``."""
+A new artifact: the student's own is never changed; its files are hard links to the
+student's where the store's file system allows (the weights stored once). ``distill
+export`` does the same for a committed student without a stage (copies: the folder is the
+user's). The card is written by ``pipelines.export``."""
 
 from __future__ import annotations
 
@@ -40,6 +42,6 @@ class Export(Stage):
         reports = [(report.source.stage if report.source else "report", report.metrics())
                    ] if report is not None else []
         out = export(store, manifest, model.source.output, model.path,
-                     ctx.output_dir("folder"), reports)
+                     ctx.output_dir("folder"), reports, link=True)
         return {"folder": Model(path=out, info={"student": model.source.stage,
                                                  "evaluated": bool(reports)})}

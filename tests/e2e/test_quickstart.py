@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -101,9 +102,17 @@ def test_registered_student_loads_in_a_fresh_process_and_is_exported(quickstart,
                           cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert float(proc.stdout.strip().splitlines()[-1]) > 0.8  # the student's own accuracy
-    weights = [os.path.join(d, f) for d, _, fs in os.walk(quickstart) for f in fs
-               if f == "model.safetensors" and "kd-student" in d]
-    assert len(weights) == 1, weights  # in the store once; the registry points at it
+    student = next(s["uri"] for s in doc["stages"] if s["name"] == "student")
+    with open(os.path.join(student, "model", "model.safetensors"), "rb") as f:
+        content = f.read()
+    copies = set()
+    for d, _, fs in os.walk(quickstart):  # every file holding the weights: one inode
+        for f in fs:
+            path = os.path.join(d, f)
+            if f.endswith(".safetensors") and Path(path).read_bytes() == content:
+                st = os.stat(path)
+                copies.add((st.st_dev, st.st_ino))
+    assert len(copies) == 1, copies  # stored once: the export links, the registry points
     evaluate = doc["stages"][STAGES.index("evaluate")]["metrics"]
     folder = next(s["uri"] for s in doc["stages"] if s["name"] == "export")
     card = ModelCard.load(os.path.join(folder, "folder", "README.md"))

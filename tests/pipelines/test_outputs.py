@@ -86,6 +86,7 @@ def test_student_is_an_mlflow_model_registered_once_per_artifact(toy, capsys):
                if f == "model.safetensors" and "_staging" not in d]
     assert sorted(os.path.relpath(w, store).split(os.sep)[0] for w in weights) == [
         "export", "export", "test-student", "test-student"]  # 2 students, 2 exports
+    assert len({os.stat(w).st_ino for w in weights}) == 2  # each export links its student
     manifest = json.load(open(os.path.join(os.path.dirname(v1.source), "manifest.json")))
     assert "MLmodel" in [f["path"] for f in manifest["outputs"]["model"]["files"]]
 
@@ -113,6 +114,7 @@ def test_export_stage_and_command_write_a_model_card(toy, capsys):
         "error": 1.0, "speedup": 2.0}
     assert "teacher_error" in card.text and "test-numbers" in card.text  # lineage, configs
     assert json.loads(fresh_python(LOAD, "sqlite://", exported)) == [2.0, 10.0]
+    assert os.stat(os.path.join(exported, "model.safetensors")).st_nlink == 1  # a copy: the user's
     # the export stage's own artifact holds the same card
     committed = [os.path.join(folder, k, "folder", "README.md") for k in os.listdir(folder)]
     assert len(committed) == 2  # one per student
