@@ -15,13 +15,15 @@ from __future__ import annotations
 
 
 import numpy as np
-import torch
 from pydantic import Field
 
 from pipelines.stage import Dataset, Model, Report, Stage
 from stages.data.tables import read_split
 from stages.evaluate.timing import LatencyConfig, pyplot
 from stages.models.classifiers import count_params, load_classifier, predict_logits
+from stages.lazy import lazy
+
+torch = lazy("torch")
 
 
 class EvaluateClassifier(Stage):

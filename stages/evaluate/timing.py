@@ -6,10 +6,12 @@ from __future__ import annotations
 import statistics
 import time
 
-import torch
 from pydantic import Field
 
 from pipelines.stage import StageConfig
+from stages.lazy import lazy
+
+torch = lazy("torch")
 
 
 def latencies_ms(models: list[torch.nn.Module], x: torch.Tensor, repeats: int,

@@ -9,7 +9,8 @@ and the fresh networks of dataset distillation.
   ReLU -> avgpool2, then one linear classifier.
 - ``MLP``: flatten -> [linear -> ReLU] * len(hidden) -> linear.
 
-All are ``nn.Module`` + ``huggingface_hub.PyTorchModelHubMixin``: ``save_pretrained``
+All are ``nn.Module`` + ``huggingface_hub.PyTorchModelHubMixin`` (in ``classifier_nets``: this
+module names them without importing torch): ``save_pretrained``
 writes ``config.json`` (the constructor arguments) and ``model.safetensors``, and
 ``from_pretrained(path)`` rebuilds the module. ``save_classifier`` also writes
 ``classifier.json`` with the architecture name, so ``load_classifier(path)`` knows which
@@ -19,83 +20,34 @@ class to rebuild.
 from __future__ import annotations
 
 import json
-import math
 import os
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
-from huggingface_hub import PyTorchModelHubMixin
 from pydantic import PositiveInt
-from torch import nn
 
 from pipelines.errors import UserError, allowed_list, bad_value
 from pipelines.stage import StageConfig
+from stages.lazy import lazy
+
+torch = lazy("torch")
+if TYPE_CHECKING:
+    from torch import nn
 
 ARCH_FILE = "classifier.json"
-NORMS = {"batch": nn.BatchNorm2d, "instance": lambda c: nn.GroupNorm(c, c),
-         "none": lambda c: nn.Identity()}
-NORMS_1D = {**NORMS, "batch": nn.BatchNorm1d}
-
-
-class ConvNet(nn.Module, PyTorchModelHubMixin):
-    def __init__(self, in_shape: list[int] = (1, 8, 8), num_classes: int = 10,
-                 width: int = 32, depth: int = 2, norm: str = "batch"):
-        super().__init__()
-        self.in_shape, self.num_classes = list(in_shape), num_classes
-        c, h, w = in_shape
-        blocks = []
-        for _ in range(depth):
-            pool = nn.AvgPool2d(2) if min(h, w) >= 2 else nn.Identity()
-            blocks += [nn.Conv2d(c, width, 3, padding=1), NORMS[norm](width), nn.ReLU(), pool]
-            c = width
-            h, w = (h // 2, w // 2) if min(h, w) >= 2 else (h, w)
-        self.features = nn.Sequential(*blocks)
-        self.classifier = nn.Linear(c * h * w, num_classes)
-
-    def forward(self, x):
-        return self.classifier(self.features(x).flatten(1))
-
-
-class ConvNet1D(nn.Module, PyTorchModelHubMixin):
-    def __init__(self, in_shape: list[int] = (1, 40), num_classes: int = 10,
-                 width: int = 32, depth: int = 2, norm: str = "batch"):
-        super().__init__()
-        self.in_shape, self.num_classes = list(in_shape), num_classes
-        c, length = in_shape
-        blocks = []
-        for _ in range(depth):
-            pool = nn.AvgPool1d(2) if length >= 2 else nn.Identity()
-            blocks += [nn.Conv1d(c, width, 3, padding=1), NORMS_1D[norm](width), nn.ReLU(), pool]
-            c, length = width, length // 2 if length >= 2 else length
-        self.features = nn.Sequential(*blocks)
-        self.classifier = nn.Linear(c * length, num_classes)
-
-    def forward(self, x):
-        return self.classifier(self.features(x).flatten(1))
-
-
-class MLP(nn.Module, PyTorchModelHubMixin):
-    def __init__(self, in_shape: list[int] = (1, 8, 8), num_classes: int = 10,
-                 hidden: list[int] = (64,)):
-        super().__init__()
-        self.in_shape, self.num_classes = list(in_shape), num_classes
-        layers, n_in = [nn.Flatten()], math.prod(in_shape)
-        for n_out in hidden:
-            layers += [nn.Linear(n_in, n_out), nn.ReLU()]
-            n_in = n_out
-        layers.append(nn.Linear(n_in, num_classes))
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x):
-        return self.net(x)
-
-
-ARCHITECTURES: dict[str, type[nn.Module]] = {"convnet": ConvNet, "convnet1d": ConvNet1D,
-                                             "mlp": MLP}
+ARCH_NAMES = ("convnet", "convnet1d", "mlp")  # stages.models.classifier_nets.ARCHITECTURES
+NORM_NAMES = ("batch", "instance", "none")     # ... and its NORMS
 CONV_INPUTS = {"convnet": (3, "(channels, height, width)"),
                "convnet1d": (2, "(channels, length)")}
-ArchName = Literal[tuple(ARCHITECTURES)]  # pydantic rejects anything not in the registry
-NormName = Literal[tuple(NORMS)]
+ArchName = Literal[ARCH_NAMES]  # pydantic rejects anything not in the registry
+NormName = Literal[NORM_NAMES]
+NETS = ("ConvNet", "ConvNet1D", "MLP", "ARCHITECTURES", "NORMS", "NORMS_1D")
+
+
+def __getattr__(name: str):  # the networks, imported (with torch) when first named
+    if name in NETS:
+        from stages.models import classifier_nets
+        return getattr(classifier_nets, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ClassifierArch(StageConfig):
@@ -110,7 +62,7 @@ class ClassifierArch(StageConfig):
     def keyed_execution(self) -> dict[str, str]:
         kept = super().keyed_execution()
         if self.arch in CONV_INPUTS and self.norm == "batch":
-            others = " or ".join(n for n in NORMS if n != "batch")
+            others = " or ".join(n for n in NORM_NAMES if n != "batch")
             kept["num_workers"] = (f"BatchNorm's statistics are each worker's own batch's "
                                    f"(norm: {others} keeps the maths)")
         return kept
@@ -125,12 +77,15 @@ class ClassifierArch(StageConfig):
                 hint = fits[0] if fits else "use arch 'mlp' for flat inputs"
                 raise bad_value(where, f"input shape for arch '{self.arch}'", list(in_shape),
                                 f"{layout}; {hint}")
+            from stages.models.classifier_nets import ARCHITECTURES
             return ARCHITECTURES[self.arch](width=self.width, depth=self.depth, norm=self.norm,
                                             **kwargs)
+        from stages.models.classifier_nets import MLP
         return MLP(hidden=list(self.hidden), **kwargs)
 
 
 def architecture_of(model: nn.Module) -> str:
+    from stages.models.classifier_nets import ARCHITECTURES
     for name, cls in ARCHITECTURES.items():
         if type(model) is cls:
             return name
@@ -154,7 +109,7 @@ def save_classifier(model: nn.Module, path: str) -> str:
 def load_classifier(path: str, where: str = "load_classifier") -> nn.Module:
     """Rebuild a classifier saved by ``save_classifier`` with the real
     ``Cls.from_pretrained(path)``; a bad folder is a ``UserError`` naming ``where``."""
-    expected = f"a folder written by save_classifier (architectures: {allowed_list(ARCHITECTURES)})"
+    expected = f"a folder written by save_classifier (architectures: {allowed_list(ARCH_NAMES)})"
     if not os.path.isdir(path):
         raise bad_value(where, "model folder", path, f"{expected}; it does not exist")
     arch_file = os.path.join(path, ARCH_FILE)
@@ -166,18 +121,19 @@ def load_classifier(path: str, where: str = "load_classifier") -> nn.Module:
             arch = json.load(f)["architecture"]
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{where}: {arch_file} is unreadable ({e}); expected "
-                        f'{{"architecture": one of {allowed_list(ARCHITECTURES)}}}') from e
-    if arch not in ARCHITECTURES:
-        raise bad_value(where, "architecture", arch, ARCHITECTURES)
+                        f'{{"architecture": one of {allowed_list(ARCH_NAMES)}}}') from e
+    if arch not in ARCH_NAMES:
+        raise bad_value(where, "architecture", arch, ARCH_NAMES)
+    from stages.models.classifier_nets import ARCHITECTURES
     model = ARCHITECTURES[arch].from_pretrained(path)
     return model.eval()
 
 
-@torch.inference_mode()
 def predict_logits(model: nn.Module, x, batch_size: int = 1024) -> torch.Tensor:
     """Logits of ``x`` (an ndarray or tensor) in eval mode, batch by batch, on CPU."""
     model.eval()
-    x = torch.as_tensor(x, dtype=torch.float32)
-    device = next(model.parameters()).device
-    return torch.cat([model(x[i:i + batch_size].to(device)).float().cpu()
-                      for i in range(0, len(x), batch_size)])
+    with torch.inference_mode():
+        x = torch.as_tensor(x, dtype=torch.float32)
+        device = next(model.parameters()).device
+        return torch.cat([model(x[i:i + batch_size].to(device)).float().cpu()
+                          for i in range(0, len(x), batch_size)])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import torch
+from stages.lazy import lazy
+
+torch = lazy("torch")
 
 
 def device() -> torch.device:

@@ -22,11 +22,13 @@ import re
 from typing import Literal
 
 import numpy as np
-import torch
 from pydantic import Field, PositiveInt, model_validator
 
 from pipelines.errors import UserError, bad_value
 from pipelines.stage import StageConfig
+from stages.lazy import lazy, no_grad
+
+torch = lazy("torch")
 
 #  what a model folder is used for -> the transformers Auto class that loads it
 MODEL_CLASSES = {"encoder": "AutoModel", "causal-lm": "AutoModelForCausalLM"}
@@ -116,7 +118,7 @@ def student_from_teacher(teacher_path: str, use: str, keep: list[int]):
     return student
 
 
-@torch.no_grad()
+@no_grad
 def block_importance(model, sequences: list, batch_size: int = 8) -> list[float]:
     """BI_l of every layer of ``model`` over the tokens of ``sequences`` (1-D id tensors);
     transformers' last hidden state is after the final norm, so the last layer's output is

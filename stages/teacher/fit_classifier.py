@@ -11,8 +11,6 @@ resumes from its last epoch's checkpoint.
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field
 
 from pipelines.stage import Dataset, Model, Stage
@@ -20,14 +18,18 @@ from stages.data.tables import read_split
 from stages.models.classifiers import ClassifierArch, predict_logits, save_classifier
 from stages.train.harness import AdamWConfig, Loss, TrainMethod, fit
 from stages.train.rows import Rows
+from stages.lazy import lazy
 
-COLUMNS = {"x": torch.float32, "label": torch.int64}
+torch = lazy("torch")
+F = lazy("torch.nn.functional")
 
 
 class CrossEntropy(TrainMethod):
     """A classifier fitted to its labels; ``val_accuracy`` on the held-out rows."""
 
-    columns = COLUMNS
+    @property
+    def columns(self):
+        return {"x": torch.float32, "label": torch.int64}
 
     def __init__(self, cfg, in_shape, num_classes: int, x_val, y_val, where: str):
         self.cfg, self.in_shape, self.num_classes = cfg, list(in_shape), num_classes
@@ -78,8 +80,8 @@ class FitClassifier(Stage):
         cfg.build(x.shape[1:], num_classes, where)  # a bad architecture fails here, once
 
         method = CrossEntropy(cfg, x.shape[1:], num_classes, x[val], y[val], where)  # 2.
-        trained = fit(ctx, method, Rows(COLUMNS, tensors={"x": x[train], "label": y[train]}),
-                      cfg)
+        rows = Rows(method.columns, tensors={"x": x[train], "label": y[train]})
+        trained = fit(ctx, method, rows, cfg)
 
         model = cfg.build(x.shape[1:], num_classes, where)                   # 3. save
         model.load_state_dict(trained.state["nets"]["model"])

@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-import ray
 from pydantic import Field
 
 from pipelines.errors import bad_value
@@ -16,6 +15,9 @@ from stages.data.tables import parquet
 from stages.models.classifiers import load_classifier
 from stages.models.device import device as torch_device
 from stages.teacher.text_teacher import DTYPES, TEXT_SIGNALS
+from stages.lazy import lazy
+
+ray = lazy("ray")
 
 CLASSIFIER_SIGNALS = ("logits", "probabilities")
 SIGNALS = (*CLASSIFIER_SIGNALS, *TEXT_SIGNALS)

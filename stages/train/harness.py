@@ -41,12 +41,14 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-import torch
 from pydantic import Field, model_validator
 
 from pipelines.errors import UserError
 from pipelines.stage import StageConfig
 from stages.train.rows import Rows
+from stages.lazy import lazy
+
+torch = lazy("torch")
 
 STATE_FILE, CONFIG_FILE = "state.pt", "config.json"
 

@@ -32,12 +32,14 @@ from __future__ import annotations
 
 import math
 
-import torch
-import torch.nn.functional as F
 
 from pipelines.errors import UserError
 from stages.train.kd_tasks import NEG, TextTask, dense_teacher_logprobs
 from stages.train.rows import RAGGED_PAD
+from stages.lazy import lazy, no_grad
+
+torch = lazy("torch")
+F = lazy("torch.nn.functional")
 
 TOKEN_LOSSES = ("forward_kl", "reverse_kl", "jsd", "tvd")
 
@@ -171,7 +173,7 @@ class ResponseTask(TextTask):
                 if len(r["response_ids"]) else torch.as_tensor([self.pad_id], device=device)
                 for r in rows]
 
-    @torch.no_grad()
+    @no_grad
     def teacher_logprobs(self, ids, mask, spans) -> torch.Tensor:
         if self._teacher_model is None:
             from transformers import AutoModelForCausalLM

@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import os
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
 from pipelines.errors import UserError, bad_value
 from stages.models.classifiers import save_classifier
-from stages.models.text import PROJECTION_FILE, mean_pool
+from stages.models.text import PROJECTION_FILE
 from stages.train.taid import taid_loss
+from stages.lazy import lazy
+
+torch = lazy("torch")
+F = lazy("torch.nn.functional")
+nn = lazy("torch.nn")
 
 NEG = -1e4  # log-probability standing for "no mass" (finite: 0 * -inf would be NaN)
 
@@ -158,8 +159,10 @@ class CausalLMTask(TextTask):
 
     losses = ("hinton", "taid")
     use = "causal-lm"
-    signal_columns = {"topk_ids": torch.int64, "topk_logprobs": torch.float32,
-                      "rest_mass": torch.float32}
+    @property
+    def signal_columns(self):
+        return {"topk_ids": torch.int64, "topk_logprobs": torch.float32,
+                "rest_mass": torch.float32}
 
     def build(self, where: str = "student") -> nn.Module:
         return self.student(where)
@@ -176,28 +179,16 @@ class CausalLMTask(TextTask):
         return soft_label_loss(self.cfg, z_s, z_t, y, taid), z_s, y
 
 
-class EmbeddingStudent(nn.Module):
-    """An encoder, mean pooling, and a projection to the teacher's width if they differ."""
-
-    def __init__(self, encoder, teacher_width: int):
-        super().__init__()
-        self.encoder = encoder
-        width = encoder.config.hidden_size
-        self.proj = nn.Linear(width, teacher_width) if width != teacher_width else None
-
-    def forward(self, input_ids, attention_mask):
-        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        e = mean_pool(h, attention_mask)
-        return self.proj(e) if self.proj is not None else e
-
-
 class EmbeddingTask(TextTask):
     """Teacher sentence embeddings -> a smaller encoder."""
 
     losses = ("cosine", "mse", "cosine_mse")
-    signal_columns = {"embedding": torch.float32}
+    @property
+    def signal_columns(self):
+        return {"embedding": torch.float32}
 
     def build(self, where: str = "student") -> nn.Module:
+        from stages.train.kd_text_nets import EmbeddingStudent
         return EmbeddingStudent(self.student(where), self.meta["hidden_size"])
 
     def loss(self, model, batch, taid):
@@ -218,33 +209,20 @@ class EmbeddingTask(TextTask):
         return info
 
 
-class FeatureStudent(nn.Module):
-    """An encoder returning the hidden states of chosen layers, projected per layer."""
-
-    def __init__(self, encoder, layers: list[int], teacher_width: int):
-        super().__init__()
-        self.encoder, self.layers = encoder, layers
-        width = encoder.config.hidden_size
-        self.proj = nn.ModuleList(nn.Linear(width, teacher_width) if width != teacher_width
-                                  else nn.Identity() for _ in layers)
-
-    def forward(self, input_ids, attention_mask):
-        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
-                           output_hidden_states=True)
-        return torch.stack([p(out.hidden_states[i]) for p, i in zip(self.proj, self.layers)], 1)
-
-
 class FeatureTask(TextTask):
     """Teacher hidden states of chosen layers -> a smaller encoder (student layer l_s
     matched to teacher layer l_t in proportion, l_s = round(l_t * n_s / n_t))."""
 
     losses = ("feature_mse",)
-    signal_columns = {"hidden_states": torch.float32}
+    @property
+    def signal_columns(self):
+        return {"hidden_states": torch.float32}
 
     def build(self, where: str = "student") -> nn.Module:
         encoder = self.student(where)
         n_s, n_t = encoder.config.num_hidden_layers, self.meta["num_layers"]
         layers = [round(l_t * n_s / n_t) for l_t in self.meta["layers"]]
+        from stages.train.kd_text_nets import FeatureStudent
         return FeatureStudent(encoder, layers, self.meta["hidden_size"])
 
     def loss(self, model, batch, taid):

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 
 from pipelines.artifacts import parquet_dataset
 from pipelines.errors import UserError
+from stages.lazy import lazy
+
+torch = lazy("torch")
 
 
 RAGGED_PAD = -1  # what pads a row of a ragged list column (a response's tokens) at its end

@@ -26,9 +26,11 @@ which for the paper's alpha is below the linear slope unless N is in the thousan
 from __future__ import annotations
 
 import math
+from stages.lazy import lazy
 
-import torch
-import torch.nn.functional as F
+torch = lazy("torch")
+F = lazy("torch.nn.functional")
+
 
 
 def taid_loss(z_s, z_t, y, t: float, temperature: float, alpha: float):
