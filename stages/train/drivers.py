@@ -143,6 +143,29 @@ class _LocalSession:
         self.last, self.metrics = saved, metrics
 
 
+AUTO_IN_PROCESS_ROW_PASSES = 200_000  # rows x epochs: below it Ray Train's start-up dominates
+
+
+def workers_for(cfg, rows, gpus: float, nodes: int = 1) -> int:
+    """The Ray Train workers ``fit`` starts (0: the loop in the stage's own process).
+    ``num_workers: auto`` trains in the stage's process when the rows are held (not
+    streamed), the work is small (rows x epochs at most ``AUTO_IN_PROCESS_ROW_PASSES``),
+    Ray has one node (a laptop: on a cluster the coordinator, which reserves no CPU, may sit
+    on the head), no GPU would be used (the stage's task holds none) and no restart is asked
+    for; else one worker. Either way one process trains: the same maths (keyed as 1)."""
+    if cfg.num_workers != "auto":
+        return cfg.num_workers
+    count = rows.num_rows or (len(next(iter(rows.tensors.values()))) if rows.tensors else 0)
+    small = not rows.streamed and count * cfg.epochs <= AUTO_IN_PROCESS_ROW_PASSES
+    alone = nodes == 1 and not (gpus > 0 and cfg.use_gpu) and cfg.max_failures == 0
+    return 0 if small and alone else 1
+
+
+def alive_nodes() -> int:
+    import ray
+    return sum(1 for n in ray.nodes() if n.get("Alive")) if ray.is_initialized() else 1
+
+
 def run_in_process(run, method) -> Trained:
     """The loop in this process; its checkpoint is a work file of the stage, so a run of
     the same key that was killed resumes from its last epoch."""

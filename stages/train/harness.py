@@ -40,6 +40,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -68,13 +69,21 @@ class TrainConfig(StageConfig):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=1)       # global: split across the workers
     grad_clip: float | None = Field(None, gt=0)  # max gradient norm per optimiser
-    num_workers: int = Field(1, ge=0)       # Ray Train workers; 0: in the stage's process
+    # Ray Train workers; 0: in the stage's process; auto: ``workers_for`` decides (0 or 1)
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = 1
     use_gpu: bool = True                    # used only when the cluster has GPUs
     max_failures: int = Field(0, ge=-1)     # Ray Train worker-group restarts
 
+    def split_execution(self) -> tuple[dict, dict, dict[str, str]]:
+        keyed, execution, kept = super().split_execution()
+        if keyed.get("num_workers") == "auto":  # 0 or 1: one process either way, keyed as 1
+            keyed["num_workers"] = 1
+        return keyed, execution, kept
+
     @model_validator(mode="after")
     def _an_even_split(self):
-        if self.num_workers and self.batch_size % self.num_workers:
+        if self.num_workers != "auto" and self.num_workers and \
+                self.batch_size % self.num_workers:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of "
                              f"num_workers ({self.num_workers}): the global batch is split "
                              f"evenly across the workers; allowed: "
@@ -301,15 +310,18 @@ def _epoch_metrics(totals: dict, sums: dict, seen: int, names: list[str],
 
 def fit(ctx, method: TrainMethod, rows: Rows, cfg: TrainConfig, max_minutes=None,
         deadline_minutes=None) -> Trained:
-    """Train ``method`` on ``rows`` with the driver ``cfg.num_workers`` asks for; returns
-    the last checkpoint (a re-run of the same artifact key resumes from it).
-    ``max_minutes`` stops early; ``deadline_minutes`` fails (``BudgetSpent``) instead."""
-    from stages.train.drivers import run_in_process, run_ray_train
-    run = _Run(cfg=cfg, ctx=ctx, rows=rows, max_minutes=max_minutes,
-               deadline_minutes=deadline_minutes)
-    if cfg.num_workers == 0:
-        return run_in_process(run, method)
-    return run_ray_train(run, method)
+    """Train ``method`` on ``rows`` with the driver ``drivers.workers_for`` picks; returns
+    the last checkpoint (a re-run of the same artifact key resumes from it), its metrics
+    with ``train_workers`` (0: in the stage's process). ``max_minutes`` stops early;
+    ``deadline_minutes`` fails (``BudgetSpent``) instead."""
+    from stages.train.drivers import alive_nodes, run_in_process, run_ray_train, workers_for
+    nodes = alive_nodes() if cfg.num_workers == "auto" else 1
+    workers = workers_for(cfg, rows, ctx.num_gpus_available, nodes)
+    run = _Run(cfg=cfg.model_copy(update={"num_workers": workers}), ctx=ctx, rows=rows,
+               max_minutes=max_minutes, deadline_minutes=deadline_minutes)
+    trained = run_in_process(run, method) if workers == 0 else run_ray_train(run, method)
+    trained.metrics["train_workers"] = workers
+    return trained
 
 
 def save_checkpoint(directory: str, saved: dict, config: dict) -> None:

@@ -33,7 +33,8 @@ previous loss, step) are saved in each checkpoint and restored on resume, and t 
 per epoch as ``taid_t``.
 
 Training goes through the one harness (``stages.train.harness``): Ray Train workers
-(``num_workers``, DDP) or the stage's process (``num_workers: 0``), a global ``batch_size``
+(``num_workers``, DDP) or the stage's process (``num_workers: 0``; ``auto``, the default:
+the stage's process for small held rows, see ``drivers.workers_for``), a global ``batch_size``
 split across the workers, one global permutation per epoch of the held rows, a checkpoint
 (model, optimiser, TAID state, epoch, resolved config) every epoch; a re-run with the same
 artifact key resumes from the last checkpoint.
@@ -41,7 +42,7 @@ artifact key resumes from the last checkpoint.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import pyarrow.compute as pc
 from pydantic import Field, PositiveInt, model_validator
@@ -198,6 +199,7 @@ class KDStudent(Stage):
         # (what DistributedSampler does, without Ray Data's per-batch cost); larger tables
         # stream through Ray Data every epoch; 0: always stream
         in_memory_mib: int = Field(2048, ge=0)
+        num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
         # streamed rows: hold them in Ray's object store (spilled to disk when large) rather
         # than re-reading the parquet files every epoch (seconds per epoch on small data)
         cache: bool = True

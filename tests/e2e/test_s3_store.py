@@ -15,7 +15,8 @@ from pipelines.cli import main
 from tests.conftest import S3_BUCKET
 from tests.e2e.test_quickstart import QUICKSTART, STAGES
 
-FAST = ["--set", "teacher.epochs=5", "--set", "student.epochs=3"]
+FAST = ["--set", "teacher.epochs=5", "--set", "student.epochs=3",
+        "--set", "student.num_workers=1"]  # Ray Train, its checkpoints on the store
 
 
 def distill(capsys, *args) -> tuple[int, dict, str]:

@@ -17,8 +17,12 @@ from pipelines.stage import register, unregister
 def other_value(cfg, name):
     """A valid value of execution field ``name`` other than the current one."""
     value = getattr(cfg, name)
-    options = (not value,) if isinstance(value, bool) else ((value or 1) * 2, (value or 0) + 1,
-                                                            1, 2)
+    if isinstance(value, bool):
+        options = (not value,)
+    elif isinstance(value, str):  # a named choice ("auto"): numbers instead
+        options = (2, 1)
+    else:
+        options = ((value or 1) * 2, (value or 0) + 1, 1, 2)
     for candidate in options:
         if candidate == value:
             continue

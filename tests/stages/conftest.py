@@ -54,9 +54,10 @@ def kd_runs(ray_session, signal, tmp_path_factory):
     then for 5 with the rows held in memory; the second run must resume after epoch 1."""
     from stages.train.kd_student import KDStudent
     ctx = StageContext.for_testing(tmp_path_factory.mktemp("kd"), name="kd", kind="kd-student")
-    first = KDStudent({**KD_CONFIG, "epochs": 2, "in_memory_mib": 0}).run(
+    ray_train = {**KD_CONFIG, "num_workers": 1}  # both through Ray Train's checkpoints
+    first = KDStudent({**ray_train, "epochs": 2, "in_memory_mib": 0}).run(
         ctx, signal=signal)["model"]
-    second = KDStudent({**KD_CONFIG, "epochs": 5}).run(ctx, signal=signal)["model"]
+    second = KDStudent({**ray_train, "epochs": 5}).run(ctx, signal=signal)["model"]
     return {"first": first, "second": second, "ctx": ctx}
 
 

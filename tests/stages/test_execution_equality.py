@@ -30,13 +30,40 @@ def test_teacher_outputs_rows_do_not_depend_on_actors_or_batch_size(signal, teac
 
 
 def test_kd_student_weights_do_not_depend_on_num_workers(signal, tmp_path):
+    """0 (the stage's process: what num_workers auto picks for small rows), 1 and 2 Ray
+    Train workers end on the same weights (why auto is keyed as 1)."""
     from stages.train.kd_student import KDStudent
     weights = {}
-    for workers in (1, 2):
+    for workers in (0, 1, 2):
         out, _ = run_stage(KDStudent, {**KD_CONFIG, "epochs": 2, "num_workers": workers},
                            tmp_path / str(workers), "kd", signal=signal)
+        assert out["model"].info["train_workers"] == workers
         weights[workers] = load_file(f"{out['model'].path}/model.safetensors")
-    assert weights[1].keys() == weights[2].keys()
-    for k in weights[1]:
-        assert torch.allclose(weights[1][k], weights[2][k], atol=1e-5), \
-            (k, (weights[1][k] - weights[2][k]).abs().max())
+    for other in (0, 2):
+        assert weights[1].keys() == weights[other].keys()
+        for k in weights[1]:
+            assert torch.allclose(weights[1][k], weights[other][k], atol=1e-5), \
+                (other, k, (weights[1][k] - weights[other][k]).abs().max())
+
+
+def test_auto_workers_is_a_pure_decision_keyed_as_one():
+    from stages.train.drivers import AUTO_IN_PROCESS_ROW_PASSES, workers_for
+    from stages.train.kd_student import KDStudent
+    from stages.train.rows import Rows
+    held = Rows({}, files=["f.parquet"], num_rows=1000)
+    cfg = KDStudent.Config(epochs=10)
+    assert cfg.num_workers == "auto"
+    assert workers_for(cfg, held, gpus=0) == 0                      # small, held, CPU
+    assert workers_for(cfg, held, gpus=1) == 1                      # the GPU is a worker's
+    assert workers_for(cfg.model_copy(update={"use_gpu": False}), held, gpus=1) == 0
+    assert workers_for(cfg.model_copy(update={"max_failures": 2}), held, gpus=0) == 1
+    big = Rows({}, files=["f.parquet"], num_rows=AUTO_IN_PROCESS_ROW_PASSES // 10 + 1)
+    assert workers_for(cfg, big, gpus=0) == 1
+    assert workers_for(cfg, Rows({}, stream=object(), num_rows=10), gpus=0) == 1
+    assert workers_for(cfg, held, gpus=0, nodes=3) == 1              # a cluster: a worker
+    assert workers_for(cfg.model_copy(update={"num_workers": 3}), held, gpus=0) == 3
+    assert workers_for(KDStudent.Config(num_workers=0), big, gpus=1) == 0
+    conv = {"arch": "convnet", "norm": "batch"}  # BatchNorm keeps num_workers in the key
+    assert KDStudent.Config(**conv).split_execution()[0]["num_workers"] == 1
+    assert KDStudent.Config(**conv, num_workers=1).split_execution()[0] == \
+        KDStudent.Config(**conv).split_execution()[0]

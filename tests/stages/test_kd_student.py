@@ -107,7 +107,8 @@ def test_second_run_resumes_from_the_last_checkpoint(kd_runs):
     assert len(configs) == 2
     with open(sorted(configs)[-1]) as f:
         saved = json.load(f)
-    assert saved == KDStudent.Config(**KD_CONFIG, epochs=5, loss="hinton").model_dump()  # resolved
+    assert saved == KDStudent.Config(**KD_CONFIG, epochs=5, loss="hinton",
+                                     num_workers=1).model_dump()  # resolved
 
 
 def test_refuses_a_signal_it_cannot_use(signal, digits, tmp_path):

@@ -124,7 +124,8 @@ def test_kd_student_with_taid_learns_and_logs_a_rising_t(ray_session, signal, tm
     ctx = StageContext.for_testing(tmp_path, name="taid", kind="kd-student", board=board,
                                    key="taid")
     epochs = 3
-    student = KDStudent({"loss": "taid", "epochs": epochs}).run(ctx, signal=signal)["model"]
+    student = KDStudent({"loss": "taid", "epochs": epochs, "num_workers": 1}).run(  # Ray Train
+        ctx, signal=signal)["model"]
     ts = [v for k, v, _ in board.history("taid") if k == "taid_t"]
     assert len(ts) == epochs and all(a < b for a, b in zip(ts, ts[1:]))
     assert ts[0] > 0.4 and ts[-1] == pytest.approx(1.0)  # t_end on the last step
