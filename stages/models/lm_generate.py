@@ -110,14 +110,23 @@ def generate(model, tokenizer, texts: list[str], *, max_prompt_tokens: int = 102
     return generate_ids(model, tokenizer, enc["input_ids"], enc["attention_mask"], **kwargs)
 
 
-@torch.inference_mode()
 def generate_ids(model, tokenizer, input_ids, attention_mask, *, max_new_tokens: int,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, ids=None,
-                 top_k: int = 0):
+                 top_k: int = 0, synced: bool = False):
     """Responses to a left-padded batch of prompts: a list of dicts with ``prompt_ids``,
     ``response_ids`` (up to and including the end-of-sequence token when generated),
     ``finish`` ("stop" or "length") and, with ``top_k``, ``topk_ids`` / ``topk_logprobs``
-    of shape (response tokens, top_k). ``ids``: the rows' ids, for their generators."""
+    of shape (response tokens, top_k). ``ids``: the rows' ids, for their generators.
+    ``synced``: a model sharded across workers (FSDP) steps until every worker is done
+    (under ``no_grad``: parameters FSDP gathers in inference mode could not be trained)."""
+    with torch.no_grad() if synced else torch.inference_mode():
+        return _generate_ids(model, tokenizer, input_ids, attention_mask,
+                             max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_p=top_p, seed=seed, ids=ids, top_k=top_k, synced=synced)
+
+
+def _generate_ids(model, tokenizer, input_ids, attention_mask, *, max_new_tokens, temperature,
+                  top_p, seed, ids, top_k, synced):
     from transformers import LogitsProcessorList
     device = next(model.parameters()).device
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
@@ -134,7 +143,7 @@ def generate_ids(model, tokenizer, input_ids, attention_mask, *, max_new_tokens:
                          num_beams=1, pad_token_id=pad_id(tokenizer),
                          eos_token_id=sorted(eos), return_dict_in_generate=True,
                          output_logits=top_k > 0, temperature=None, top_p=None, top_k=None,
-                         **kwargs)
+                         synced_gpus=synced, **kwargs)
     width = input_ids.shape[1]
     new = out.sequences[:, width:].cpu()
     if top_k > 0:

@@ -5,12 +5,18 @@ Train), the last checkpoint, and how an epoch's checkpoint and metrics are kept.
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 
 from pipelines.errors import UserError
+from stages.lazy import lazy
 from stages.models.device import device as local_device
-from stages.train.harness import (CONFIG_FILE, STATE_FILE, Trained, load_checkpoint,
-                                  save_checkpoint, temp_checkpoint_dir, train_loop)
+from stages.train.harness import Trained, train_loop
+
+torch = lazy("torch")
+
+STATE_FILE, CONFIG_FILE = "state.pt", "config.json"
 
 # the in-process driver's checkpoint, in the stage's work files
 CHECKPOINT, CONFIG = f"harness/{STATE_FILE}", f"harness/{CONFIG_FILE}"
@@ -18,13 +24,13 @@ CHECKPOINT, CONFIG = f"harness/{STATE_FILE}", f"harness/{CONFIG_FILE}"
 
 # -- Ray Train ----------------------------------------------------------------------------
 class _RayTrainSession:
-    def __init__(self, find_unused: bool):
+    def __init__(self, find_unused: bool, strategy: str = "ddp"):
         import ray.train
         import ray.train.torch
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
-        self.find_unused = find_unused
+        self.find_unused, self.strategy = find_unused, strategy
         self.shard = None
 
     def load(self) -> dict | None:
@@ -39,9 +45,26 @@ class _RayTrainSession:
         import ray.train.torch
         if not any(p.requires_grad for p in net.parameters()):
             return net.to(self.device)
+        if self.strategy == "fsdp":
+            from stages.train.sharding import shard
+            return shard(net, self.device)
         # transformers backbones have parameters a loss may leave unused (BERT's pooler)
         return ray.train.torch.prepare_model(net, parallel_strategy_kwargs={
             "find_unused_parameters": self.find_unused})
+
+    def full(self, state: dict) -> dict:
+        """A network's or optimiser's state with whole tensors (every worker calls it)."""
+        if self.strategy != "fsdp":
+            return state
+        from stages.train.sharding import full
+        return full(state)
+
+    def restore(self, optimizer, state: dict) -> dict:
+        """A checkpoint's optimiser state, cut as the optimiser's parameters are."""
+        if self.strategy != "fsdp":
+            return state
+        from stages.train.sharding import restore_optimizer
+        return restore_optimizer(optimizer, state)
 
     def save(self, saved: dict | None, metrics: dict, config: dict) -> None:
         import ray.train
@@ -56,7 +79,7 @@ class _RayTrainSession:
 def _worker(config: dict) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
-    session = _RayTrainSession(config["find_unused"])
+    session = _RayTrainSession(config["find_unused"], config["run"].cfg.strategy)
     if config["run"].rows.streamed:
         session.shard = ray.train.get_dataset_shard("train")
     train_loop(config["run"], config["method"], session)
@@ -128,6 +151,12 @@ class _LocalSession:
     def prepare(self, net):
         return net.to(self.device)
 
+    def full(self, state: dict) -> dict:
+        return state
+
+    def restore(self, optimizer, state: dict) -> dict:
+        return state
+
     def save(self, saved: dict, metrics: dict, config: dict) -> None:
         """The config, then the state, each put whole (the state last: it is what a
         resume looks for)."""
@@ -151,13 +180,15 @@ def workers_for(cfg, rows, gpus: float, nodes: int = 1) -> int:
     ``num_workers: auto`` trains in the stage's process when the rows are held (not
     streamed), the work is small (rows x epochs at most ``AUTO_IN_PROCESS_ROW_PASSES``),
     Ray has one node (a laptop: on a cluster the coordinator, which reserves no CPU, may sit
-    on the head), no GPU would be used (the stage's task holds none) and no restart is asked
-    for; else one worker. Either way one process trains: the same maths (keyed as 1)."""
+    on the head), no GPU would be used (the stage's task holds none), no restart is asked
+    for and no sharding (``strategy: fsdp`` needs Ray Train's process group); else one
+    worker. Either way one process trains: the same maths (keyed as 1)."""
     if cfg.num_workers != "auto":
         return cfg.num_workers
     count = rows.num_rows or (len(next(iter(rows.tensors.values()))) if rows.tensors else 0)
     small = not rows.streamed and count * cfg.epochs <= AUTO_IN_PROCESS_ROW_PASSES
-    alone = nodes == 1 and not (gpus > 0 and cfg.use_gpu) and cfg.max_failures == 0
+    alone = nodes == 1 and not (gpus > 0 and cfg.use_gpu) and cfg.max_failures == 0 \
+        and cfg.strategy == "ddp"
     return 0 if small and alone else 1
 
 
@@ -173,3 +204,20 @@ def run_in_process(run, method) -> Trained:
     train_loop(run, method, session)
     state = session.last if session.last is not None else session.load()
     return Trained(state=state, metrics=session.metrics or state.get("metrics", {}))
+
+
+# -- checkpoint files ----------------------------------------------------------------------
+def save_checkpoint(directory: str, saved: dict, config: dict) -> None:
+    """The state and the resolved config, as a checkpoint directory holds them."""
+    torch.save(saved, os.path.join(directory, STATE_FILE))
+    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def load_checkpoint(directory: str) -> dict:
+    return torch.load(os.path.join(directory, STATE_FILE), map_location="cpu",
+                      weights_only=True)
+
+
+def temp_checkpoint_dir():
+    return tempfile.TemporaryDirectory(prefix="distill-ckpt-")

@@ -5,7 +5,8 @@ steps of ``train_loop`` below:
 
 1. device and seeds (``seed + rank`` for torch, a per-rank generator for the method);
 2. the method's networks, their EMA copies, a resume from the last checkpoint, DDP
-   wrapping, the optimisers (restored too);
+   wrapping or FSDP sharding (``strategy``, ``stages.train.sharding``), the optimisers
+   (restored too);
 3. the rows: a global ``batch_size`` split across the workers, one global permutation per
    epoch (``seed + epoch``, the same on every worker; worker r takes rows ``r::world`` of
    each global batch, as torch's ``DistributedSampler`` does, a last partial batch
@@ -18,8 +19,8 @@ steps of ``train_loop`` below:
    naming epoch and step, one backward and update per optimiser (gradients clipped), the
    EMA updates;
 5. every epoch: metrics to the run (so Tune's schedulers can stop a trial early), a
-   checkpoint with the resolved config (rank 0), the elapsed time kept in it so a
-   ``max_minutes`` budget survives a resume. A budget either stops the run early
+   checkpoint of whole tensors with the resolved config (rank 0), the elapsed time kept in
+   it so a ``max_minutes`` budget survives a resume. A budget either stops the run early
    (``max_minutes``: the result depends on the machine's speed) or, as ``deadline_minutes``,
    fails it with a clear error once spent, the checkpoint kept (a run of fixed length:
    the result never depends on the machine; a re-run with a larger budget resumes).
@@ -34,10 +35,7 @@ keyed by the artifact key: a re-run of the same key resumes.
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
@@ -46,12 +44,11 @@ from pydantic import Field, model_validator
 
 from pipelines.errors import UserError
 from pipelines.stage import StageConfig
-from stages.train.rows import Rows
 from stages.lazy import lazy
+from stages.train.rows import Rows
+from stages.train.sharding import held_elements
 
 torch = lazy("torch")
-
-STATE_FILE, CONFIG_FILE = "state.pt", "config.json"
 
 
 class TrainConfig(StageConfig):
@@ -64,7 +61,7 @@ class TrainConfig(StageConfig):
     ``keyed_execution``: noise drawn on each worker, per-worker BatchNorm statistics or
     dropout masks, rows streamed and shuffled per worker."""
 
-    execution = ("num_workers", "max_failures")
+    execution = ("num_workers", "max_failures", "strategy")
 
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=1)       # global: split across the workers
@@ -73,6 +70,11 @@ class TrainConfig(StageConfig):
     num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = 1
     use_gpu: bool = True                    # used only when the cluster has GPUs
     max_failures: int = Field(0, ge=-1)     # Ray Train worker-group restarts
+    # how the workers hold a network: ddp (a replica each, gradients all-reduced) or fsdp
+    # (FSDP2 ``fully_shard``: parameters, gradients and optimiser state sharded across the
+    # workers, for students larger than one device; ``stages.train.sharding``). The same
+    # maths (the mean gradient over the global batch), so not in the cache key
+    strategy: Literal["ddp", "fsdp"] = "ddp"
 
     def split_execution(self) -> tuple[dict, dict, dict[str, str]]:
         keyed, execution, kept = super().split_execution()
@@ -88,6 +90,14 @@ class TrainConfig(StageConfig):
                              f"num_workers ({self.num_workers}): the global batch is split "
                              f"evenly across the workers; allowed: "
                              f"{self._multiples()}")
+        return self
+
+    @model_validator(mode="after")
+    def _sharded_on_workers(self):
+        if self.strategy == "fsdp" and self.num_workers == 0:
+            raise ValueError("strategy fsdp shards the networks across Ray Train workers: "
+                             "num_workers must be at least 1 (or auto, which then starts "
+                             "1), not 0 (the stage's process)")
         return self
 
     def _multiples(self) -> str:
@@ -208,7 +218,7 @@ def train_loop(run: _Run, method: TrainMethod, session) -> None:
             gen.set_state(state["rng"])  # only rank 0's was saved: a fresh one per rank
         else:
             gen.manual_seed((ctx.seed * 7919 + rank) * 1_000_003 + start)
-    wrapped = {n: session.prepare(net) for n, net in nets.items()}  # DDP: rank 0's weights
+    wrapped = {n: session.prepare(net) for n, net in nets.items()}  # DDP or FSDP
     emas = {n: copy.deepcopy(nets[n]).eval().requires_grad_(False) for n in method.ema}
     if state:
         for n, m in emas.items():
@@ -217,7 +227,7 @@ def train_loop(run: _Run, method: TrainMethod, session) -> None:
     base_lr = {n: [g["lr"] for g in o.param_groups] for n, o in opts.items()}
     if state:
         for n, o in opts.items():
-            o.load_state_dict(state["optimizers"][n])
+            o.load_state_dict(session.restore(o, state["optimizers"][n]))  # FSDP: sharded
     data = run.rows.for_worker(rank, world, cfg.batch_size, device, session.shard)  # 3.
     total_steps = cfg.epochs * data.steps_per_epoch
     method.begin(total_steps)
@@ -267,13 +277,16 @@ def train_loop(run: _Run, method: TrainMethod, session) -> None:
                 sum_counts[k] = sum_counts.get(k, 0) + out.rows
             seen, step_count = seen + out.rows, step_count + 1
         metrics = _epoch_metrics(totals, sums, seen, list(opts), counts, sum_counts)
-        metrics.update(start_epoch=start, **method.epoch_metrics(nets))
+        metrics.update(start_epoch=start, params_held=held_elements(nets),
+                       **method.epoch_metrics(nets))
         elapsed = time.monotonic() - began
         saved = None                                                # 5. checkpoint, report
+        # whole tensors (FSDP gathers its shards, on every worker): one checkpoint format
+        full = {n: session.full(m.state_dict()) for n, m in nets.items()}
+        full_opts = {n: session.full(o.state_dict()) for n, o in opts.items()}
         if rank == 0:
-            saved = {"nets": {n: m.state_dict() for n, m in nets.items()},
-                     "emas": {n: m.state_dict() for n, m in emas.items()},
-                     "optimizers": {n: o.state_dict() for n, o in opts.items()},
+            saved = {"nets": full, "emas": {n: m.state_dict() for n, m in emas.items()},
+                     "optimizers": full_opts,
                      "method": method.state_dict(), "epoch": epoch, "elapsed": elapsed,
                      "rng": gen.get_state(), "metrics": metrics}
         session.save(saved, metrics, cfg.model_dump(mode="json"))
@@ -315,6 +328,10 @@ def fit(ctx, method: TrainMethod, rows: Rows, cfg: TrainConfig, max_minutes=None
     with ``train_workers`` (0: in the stage's process). ``max_minutes`` stops early;
     ``deadline_minutes`` fails (``BudgetSpent``) instead."""
     from stages.train.drivers import alive_nodes, run_in_process, run_ray_train, workers_for
+    if cfg.strategy == "fsdp" and method.ema:
+        raise UserError(f"stage '{ctx.name}' ({ctx.kind}) field 'strategy': fsdp is for "
+                        f"methods without EMA copies (this one keeps {sorted(method.ema)}); "
+                        f"allowed: ddp")
     nodes = alive_nodes() if cfg.num_workers == "auto" else 1
     workers = workers_for(cfg, rows, ctx.num_gpus_available, nodes)
     run = _Run(cfg=cfg.model_copy(update={"num_workers": workers}), ctx=ctx, rows=rows,
@@ -322,19 +339,3 @@ def fit(ctx, method: TrainMethod, rows: Rows, cfg: TrainConfig, max_minutes=None
     trained = run_in_process(run, method) if workers == 0 else run_ray_train(run, method)
     trained.metrics["train_workers"] = workers
     return trained
-
-
-def save_checkpoint(directory: str, saved: dict, config: dict) -> None:
-    """The state and the resolved config, as a checkpoint directory holds them."""
-    torch.save(saved, os.path.join(directory, STATE_FILE))
-    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-        json.dump(config, f, indent=2)
-
-
-def load_checkpoint(directory: str) -> dict:
-    return torch.load(os.path.join(directory, STATE_FILE), map_location="cpu",
-                      weights_only=True)
-
-
-def temp_checkpoint_dir():
-    return tempfile.TemporaryDirectory(prefix="distill-ckpt-")

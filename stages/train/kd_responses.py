@@ -158,6 +158,7 @@ class ResponseTask(TextTask):
 
     def student_responses(self, model, prompts: list) -> list:
         from stages.models.lm_generate import generate_ids, left_padded
+        from stages.train.sharding import sharded
         net = getattr(model, "module", model)  # under DDP: the wrapped model
         batch = left_padded([p.tolist() for p in prompts], self.pad_id)
         was = net.training
@@ -166,7 +167,8 @@ class ResponseTask(TextTask):
                             max_new_tokens=self.cfg.max_new_tokens or
                             int(self.meta.get("max_new_tokens", 64)),
                             temperature=self.cfg.student_temperature,
-                            seed=int(torch.randint(1 << 30, (1,), generator=self.gen)))
+                            seed=int(torch.randint(1 << 30, (1,), generator=self.gen)),
+                            synced=sharded(net))  # FSDP: every worker steps as often
         net.train(was)
         device = prompts[0].device
         return [torch.as_tensor(r["response_ids"], dtype=torch.long, device=device)

@@ -118,7 +118,8 @@ def test_a_global_batch_not_divisible_by_the_workers_is_refused():
 
 def test_num_workers_is_an_execution_setting():
     keyed, execution, kept = config(num_workers=2).split_execution()
-    assert "num_workers" not in keyed and execution == {"num_workers": 2, "max_failures": 0}
+    assert "num_workers" not in keyed and "strategy" not in keyed
+    assert execution == {"num_workers": 2, "max_failures": 0, "strategy": "ddp"}
     assert kept == {}
 
 
