@@ -35,13 +35,30 @@ def build_config(model: type[BaseModel], values: dict, where: str) -> BaseModel:
         raise UserError(f"{where}: {e}") from None
 
 
+_UNION_TAGS = ("constrained-", "literal[", "function-", "list[", "dict[", "tuple[")
+
+
+def _union_tag(part) -> bool:
+    """A location part pydantic adds for one member of a union (``int | 'auto'``)."""
+    return isinstance(part, str) and (part in ("int", "float", "str", "bool", "none")
+                                      or part.startswith(_UNION_TAGS))
+
+
 def format_errors(err: ValidationError, model: type[BaseModel], where: str) -> str:
-    lines = []
+    lines, unions = [], {}  # a union field (``int | 'auto'``): one line, "... or ..."
     for e in err.errors():
         loc = tuple(e["loc"])
-        field = ".".join(str(p) for p in loc) or "(config)"
+        field_loc = loc
+        while field_loc and _union_tag(field_loc[-1]):
+            field_loc = field_loc[:-1]
+        field = ".".join(str(p) for p in field_loc) or "(config)"
         value = e.get("input")
-        if e["type"] == "extra_forbidden":
+        if field_loc != loc:  # one member of a union rejected the value
+            if field not in unions:
+                unions[field] = (len(lines), value, [])
+                lines.append("")
+            unions[field][2].append(e["msg"])
+        elif e["type"] == "extra_forbidden":
             allowed = fields_of(model, loc[:-1])
             lines.append(f"unknown field '{field}'{did_you_mean(str(loc[-1]), allowed)}; "
                          f"allowed fields: {allowed_list(allowed)}")
@@ -49,6 +66,9 @@ def format_errors(err: ValidationError, model: type[BaseModel], where: str) -> s
             lines.append(f"field '{field}' is required")
         else:
             lines.append(f"field '{field}': value {value!r} is not valid: {e['msg']}")
+    for field, (i, value, msgs) in unions.items():
+        lines[i] = (f"field '{field}': value {value!r} is not valid: "
+                    + " or ".join([msgs[0]] + [m[0].lower() + m[1:] for m in msgs[1:]]))
     if len(lines) == 1:
         return f"{where}: {lines[0]}"
     return f"{where}:\n" + "\n".join(f"  - {line}" for line in lines)

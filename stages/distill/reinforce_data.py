@@ -29,7 +29,7 @@ import numpy as np
 from pydantic import Field
 
 from pipelines.stage import Dataset, Model, Resources, Stage
-from stages.data.tables import require_columns
+from stages.data.tables import parquet, require_columns
 from stages.models.classifiers import load_classifier
 from stages.teacher.signals import InferenceConfig, with_teacher_logits, write_signal
 
@@ -104,6 +104,7 @@ class ReinforceData(Stage):
             expand_views, batch_format="numpy",
             fn_kwargs={"seed": ctx.seed, "views": cfg.views, "max_shift": cfg.max_shift,
                        "noise_std": cfg.noise_std, "include_original": cfg.include_original})
-        ds = with_teacher_logits(ds, model, cfg, ctx, where)
+        ds = with_teacher_logits(ds, model, cfg, ctx, where,
+                                 rows=parquet(data).count_rows() * cfg.views)
         return {"signal": write_signal(ctx, ds, cfg, num_classes, data, views=cfg.views,
                                        augmentations=augmentations)}

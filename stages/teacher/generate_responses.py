@@ -137,7 +137,7 @@ class GenerateResponses(Stage):
                                                  "max_prompt_tokens")}
         kwargs = {"model": model, "cfg": settings, "seed": ctx.seed, "text_column": column,
                   "where": f"{where} input 'model'"}
-        ds = with_teacher(rows, ResponseActor, kwargs, cfg, ctx)            # 2.
+        ds = with_teacher(rows, ResponseActor, kwargs, cfg, ctx, table.count_rows())  # 2.
         c = teacher.config
         info = {"signal": "responses", "text_column": column, "model_type": c.model_type,
                 "vocab_size": int(c.vocab_size), "num_layers": int(c.num_hidden_layers),

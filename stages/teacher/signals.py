@@ -4,7 +4,7 @@ actor pool, the resumable shards of a teacher pass and the signal they write."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import Field
@@ -51,29 +51,47 @@ class InferenceConfig(StageConfig):
     """Settings of a teacher pass over a dataset, shared by the stages that make one."""
 
     precision: Literal[tuple(DTYPES)] = "float32"
-    actors: int = Field(1, ge=1)
+    # auto: one actor per GPU Ray reports, else per free CPU (``pool_size``)
+    actors: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     batch_size: int = Field(256, ge=1)
     # the rows are the same whatever the pool and its batches (equal within float
     # tolerance): how the pass runs, not in the cache key
     execution = ("actors", "batch_size")
 
 
-def with_teacher(ds, actor, kwargs: dict, cfg: InferenceConfig, ctx):
-    """``ds`` mapped by a pool of ``cfg.actors`` teacher actors (on GPUs when the cluster
-    has them). ``kwargs`` carry the teacher's artifact (``model``), never its path: each
-    actor reads ``model.path`` on its own node."""
+def pool_size(actors, rows: int | None, batch_size: int, free_cpus: float,
+              gpus: float) -> int:
+    """The teacher actors of a pass: ``actors`` when the config gives a number; ``auto``:
+    one per GPU Ray reports (an actor holds one), else one per CPU free in the cluster
+    when the pass starts (a CPU actor holds one CPU, so one torch thread: the pool fills
+    the cores), never more than the pass has batches (each actor loads the teacher)."""
+    if actors != "auto":
+        return actors
+    slots = int(gpus) if gpus >= 1 else int(free_cpus)
+    batches = -(-rows // batch_size) if rows is not None else slots
+    return max(1, min(slots, batches))
+
+
+def with_teacher(ds, actor, kwargs: dict, cfg: InferenceConfig, ctx, rows: int | None = None):
+    """``ds`` (``rows`` rows, when known) mapped by a pool of teacher actors (``pool_size``,
+    reported as the metric ``actors``; on GPUs when the cluster has them). ``kwargs`` carry
+    the teacher's artifact (``model``), never its path: each actor reads ``model.path`` on
+    its own node."""
+    size = pool_size(cfg.actors, rows, cfg.batch_size,
+                     ray.available_resources().get("CPU", 1.0), ctx.num_gpus_available)
+    ctx.log_metrics({"actors": size})
     return ds.map_batches(
         actor, batch_format="numpy", batch_size=cfg.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+        compute=ray.data.ActorPoolStrategy(size=size),
         num_gpus=1 if ctx.num_gpus_available > 0 else 0, fn_constructor_kwargs=kwargs)
 
 
 def with_teacher_logits(ds, model: Model, cfg: InferenceConfig, ctx, where: str,
-                        probabilities: bool = False):
+                        probabilities: bool = False, rows: int | None = None):
     """``ds`` plus a ``logits`` (or ``probabilities``) column from a classifier."""
     return with_teacher(ds, TeacherActor, {"model": model, "where": where,
                                            "precision": cfg.precision,
-                                           "probabilities": probabilities}, cfg, ctx)
+                                           "probabilities": probabilities}, cfg, ctx, rows)
 
 
 def write_signal(ctx, ds, cfg: InferenceConfig, num_classes: int, data, signal="logits",

@@ -35,7 +35,7 @@ from pydantic import Field, PositiveInt
 
 from pipelines.errors import bad_value
 from pipelines.stage import Dataset, Model, Resources, Stage
-from stages.data.tables import require_columns
+from stages.data.tables import parquet, require_columns
 from stages.models.classifiers import load_classifier
 from stages.models.text import is_transformers_folder, load_text_model
 from stages.teacher.signals import (CLASSIFIER_SIGNALS, SIGNALS, InferenceConfig, describe,
@@ -79,7 +79,8 @@ class TeacherOutputs(Stage):
         require_columns(data, ["x"], f"{where} input 'data'")  # fail before any work
         rows, shards = resumable(ctx, data, cfg.shard_rows)  # 1. keep earlier attempts' rows
         ds = with_teacher_logits(rows, model, cfg, ctx, f"{where} input 'model'",
-                                 probabilities=cfg.signal == "probabilities")  # 2. the rest
+                                 probabilities=cfg.signal == "probabilities",
+                                 rows=parquet(data).count_rows())  # 2. the rest
         return {"signal": write_signal(ctx, ds, cfg, num_classes, data, signal=cfg.signal,
                                        shards=shards)}  # 3. earlier shards + new ones
 
@@ -100,7 +101,7 @@ class TeacherOutputs(Stage):
                   "top_k": cfg.top_k, "layers": list(cfg.layers), "max_length": cfg.max_length,
                   "text_column": cfg.text_column, "where": f"{where} input 'model'"}
         rows, shards = resumable(ctx, data, cfg.shard_rows)
-        ds = with_teacher(rows, TextTeacherActor, kwargs, cfg, ctx)
+        ds = with_teacher(rows, TextTeacherActor, kwargs, cfg, ctx, parquet(data).count_rows())
         info = {"signal": cfg.signal, "precision": cfg.precision, "model_type": c.model_type,
                 "vocab_size": int(c.vocab_size), "hidden_size": int(c.hidden_size),
                 "num_layers": int(c.num_hidden_layers), "max_length": cfg.max_length,

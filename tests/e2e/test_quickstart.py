@@ -167,7 +167,7 @@ def test_scaling_out_reuses_every_cached_artifact(quickstart, capsys):
     assert [s["status"] for s in planned["stages"]] == ["cached"] * len(STAGES)
     reasons = {s["name"]: s["reason"] for s in planned["stages"]}
     assert reasons["teacher_outputs"] == ("artifact committed; execution settings changed "
-                                          "(actors 1 -> 2): cached artifact reused")
+                                          "(actors 'auto' -> 2): cached artifact reused")
     assert "num_workers 'auto' -> 2" in reasons["student"]
     code, ran, err = distill(capsys, "run", QUICKSTART, "--store", quickstart, *scale,
                              "--json")

@@ -109,7 +109,9 @@ def test_batch_norm_keeps_num_workers_in_the_key_and_says_why():
 
 
 def test_an_execution_setting_is_validated_like_any_field():
-    with pytest.raises(UserError, match=r"teacher-outputs.*field 'actors': value 0 is not valid"):
+    # one line for a union field (a number or auto), naming both what it may be
+    with pytest.raises(UserError, match=r"teacher-outputs.*field 'actors': value 0 is not "
+                                        r"valid: .*greater than or equal to 1 or .*'auto'$"):
         Pipeline.from_dict({"stages": {"t": {"kind": "teacher-outputs",
                                              "config": {"actors": 0}}}})
 

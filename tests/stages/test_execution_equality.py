@@ -67,3 +67,21 @@ def test_auto_workers_is_a_pure_decision_keyed_as_one():
     assert KDStudent.Config(**conv).split_execution()[0]["num_workers"] == 1
     assert KDStudent.Config(**conv, num_workers=1).split_execution()[0] == \
         KDStudent.Config(**conv).split_execution()[0]
+
+
+def test_auto_actors_fill_the_free_cores_or_gpus_never_more_than_the_batches():
+    from stages.teacher.signals import InferenceConfig, pool_size
+    assert InferenceConfig().actors == "auto"
+    assert pool_size("auto", 10_000, 256, free_cpus=2.0, gpus=0) == 2   # a 2-core laptop
+    assert pool_size("auto", 10_000, 256, free_cpus=16.0, gpus=4) == 4  # one per GPU
+    assert pool_size("auto", 300, 256, free_cpus=8.0, gpus=0) == 2      # 2 batches: 2 actors
+    assert pool_size("auto", 10, 256, free_cpus=0.0, gpus=0) == 1       # always one
+    assert pool_size(3, 10, 256, free_cpus=1.0, gpus=0) == 3            # the user's number
+    assert "actors" not in InferenceConfig().split_execution()[0]
+
+
+def test_auto_actors_are_reported(teacher, digits, tmp_path):
+    from stages.teacher.teacher_outputs import TeacherOutputs
+    _, ctx = run_stage(TeacherOutputs, {"batch_size": 1024}, tmp_path, "auto", model=teacher,
+                       data=digits)
+    assert [v for k, v, _ in ctx.board.history_of("auto") if k == "actors"] == [2]  # 2 batches
