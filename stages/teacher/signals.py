@@ -4,6 +4,7 @@ actor pool, the resumable shards of a teacher pass and the signal they write."""
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Literal
 
 import numpy as np
@@ -72,13 +73,21 @@ def pool_size(actors, rows: int | None, batch_size: int, free_cpus: float,
     return max(1, min(slots, batches))
 
 
+def free_cpus() -> float:
+    """The CPUs free in the cluster; on one node at most its cores (the embedded Ray
+    advertises at least 4 CPUs, so that pools and workers fit on a 2-core laptop)."""
+    free = ray.available_resources().get("CPU", 1.0)
+    if sum(1 for n in ray.nodes() if n.get("Alive")) == 1:
+        free = min(free, os.cpu_count() or 1)
+    return free
+
+
 def with_teacher(ds, actor, kwargs: dict, cfg: InferenceConfig, ctx, rows: int | None = None):
     """``ds`` (``rows`` rows, when known) mapped by a pool of teacher actors (``pool_size``,
     reported as the metric ``actors``; on GPUs when the cluster has them). ``kwargs`` carry
     the teacher's artifact (``model``), never its path: each actor reads ``model.path`` on
     its own node."""
-    size = pool_size(cfg.actors, rows, cfg.batch_size,
-                     ray.available_resources().get("CPU", 1.0), ctx.num_gpus_available)
+    size = pool_size(cfg.actors, rows, cfg.batch_size, free_cpus(), ctx.num_gpus_available)
     ctx.log_metrics({"actors": size})
     return ds.map_batches(
         actor, batch_format="numpy", batch_size=cfg.batch_size,
