@@ -4,8 +4,9 @@ import argparse
 import json
 import os
 
-from benchmarks import (cached_rerun, dataset_distillation, diffusion, kd_family, kd_llm, loader,
-                        sweep, sweep_overhead, teacher_generation, text_to_image, train_overhead)
+from benchmarks import (cached_rerun, dataset_distillation, diffusion, embedding_pass, kd_family,
+                        kd_llm, loader, sweep, sweep_overhead, teacher_generation, text_to_image,
+                        train_overhead)
 from benchmarks.machine import machine
 
 # BENCH_RESULTS=<dir>: write somewhere else (trial runs at BENCH_TINY=1 sizes)
@@ -14,7 +15,8 @@ RESULTS = os.environ.get("BENCH_RESULTS") or os.path.join(
 BENCHMARKS = {"cached_rerun": cached_rerun, "dataset_distillation": dataset_distillation, "kd_family": kd_family, "diffusion": diffusion, "sweep": sweep,
               "teacher_generation": teacher_generation, "train_overhead": train_overhead,
               "sweep_overhead": sweep_overhead, "loader": loader,
-              "text_to_image": text_to_image, "kd_llm": kd_llm}
+              "text_to_image": text_to_image, "kd_llm": kd_llm,
+              "embedding_pass": embedding_pass}
 
 
 def write_readme(results: list[dict], info: dict) -> None:
