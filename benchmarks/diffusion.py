@@ -138,7 +138,8 @@ def run_example(store: str, overrides: dict, gpus: float, keep: tuple[str, ...] 
                 many[up] = arts[out] if out else next(iter(arts.values()))
                 ups.append(keys[up])
             inputs[inp] = many if isinstance(ref, list) else many[up]
-        keyed = [cls.kind, cls.version, stage.config.model_dump(mode="json"), ups]
+        # the config as the orchestrator keys it: execution settings left out
+        keyed = [cls.kind, cls.version, stage.config.split_execution()[0], ups]
         keys[name] = hashlib.sha256(json.dumps(keyed + ([seed] if seed else [])).encode()
                                     ).hexdigest()[:16]
         configs[name] = stage.config.model_dump(mode="json")

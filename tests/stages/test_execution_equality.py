@@ -85,3 +85,11 @@ def test_auto_actors_are_reported(teacher, digits, tmp_path):
     _, ctx = run_stage(TeacherOutputs, {"batch_size": 1024}, tmp_path, "auto", model=teacher,
                        data=digits)
     assert [v for k, v, _ in ctx.board.history_of("auto") if k == "actors"] == [2]  # 2 batches
+
+
+def test_a_loop_in_the_stages_task_uses_the_free_cores():
+    from stages.train.drivers import loop_threads
+    assert loop_threads(held=1, free=1, cores=2) == 2     # a teacher stage on a laptop
+    assert loop_threads(held=0, free=3, cores=2) == 2     # the embedded Ray's 4 CPUs, 2 cores
+    assert loop_threads(held=1, free=0, cores=2) == 1     # the other core is taken
+    assert loop_threads(held=0, free=0, cores=8) == 1     # always one
