@@ -74,14 +74,12 @@ def run(repetitions: int = 5) -> dict:
         result, setup_s = common.run_pipeline(pipeline, store)
         corpus, model = common.artifact(result, "corpus"), common.artifact(result, "teacher")
         cfg = pipeline["stages"]["teacher_outputs"]["config"]
-        rows = None
         bare_pass(corpus, model, cfg, threads)  # warm-up: imports, kernels (not timed)
         reps, last = [], {}
         for i in range(repetitions):
             def bare():
                 seconds, ids, emb = bare_pass(corpus, model, cfg, threads)
                 last["bare"] = (ids, emb)
-                rows_seen[0] = len(ids)
                 return seconds
 
             def stage():
@@ -90,10 +88,9 @@ def run(repetitions: int = 5) -> dict:
                 last["signal"] = common.artifact(res, "teacher_outputs")
                 return seconds
 
-            rows_seen = [rows]
             sides = [("bare", bare), ("pipeline", stage)]
             timed = dict((n, f()) for n, f in (sides if i % 2 == 0 else sides[::-1]))
-            n = rows_seen[0]
+            n = len(last["bare"][0])
             reps.append({"bare_s": round(timed["bare"], 2), "run_s": round(timed["pipeline"], 2),
                          "ratio": round(timed["bare"] / timed["pipeline"], 4)})
             print(f"  {i + 1}/{repetitions}: bare {timed['bare']:.1f}s ({n / timed['bare']:.0f}"

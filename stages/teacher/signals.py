@@ -14,6 +14,7 @@ from pipelines.errors import bad_value
 from pipelines.stage import Model, StageConfig
 from stages.data.tables import parquet
 from stages.models.classifiers import load_classifier
+from stages.models.device import alive_nodes
 from stages.models.device import device as torch_device
 from stages.teacher.text_teacher import DTYPES, TEXT_SIGNALS
 from stages.lazy import lazy
@@ -77,7 +78,7 @@ def free_cpus() -> float:
     """The CPUs free in the cluster; on one node at most its cores (the embedded Ray
     advertises at least 4 CPUs, so that pools and workers fit on a 2-core laptop)."""
     free = ray.available_resources().get("CPU", 1.0)
-    if sum(1 for n in ray.nodes() if n.get("Alive")) == 1:
+    if alive_nodes() == 1:
         free = min(free, os.cpu_count() or 1)
     return free
 

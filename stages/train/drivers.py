@@ -11,6 +11,7 @@ import tempfile
 
 from pipelines.errors import UserError
 from stages.lazy import lazy
+from stages.models.device import alive_nodes
 from stages.models.device import device as local_device
 from stages.train.harness import Trained, train_loop
 
@@ -190,11 +191,6 @@ def workers_for(cfg, rows, gpus: float, nodes: int = 1) -> int:
     alone = nodes == 1 and not (gpus > 0 and cfg.use_gpu) and cfg.max_failures == 0 \
         and cfg.strategy == "ddp"
     return 0 if small and alone else 1
-
-
-def alive_nodes() -> int:
-    import ray
-    return sum(1 for n in ray.nodes() if n.get("Alive")) if ray.is_initialized() else 1
 
 
 def loop_threads(held: float, free: float, cores: int) -> int:
