@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .artifacts import WRITE_OPTIONS, Dataset, Model, Report
+from .artifacts import Dataset, Model, Report
 from ._internal.board import Board, LocalBoard
 
 
@@ -60,18 +60,20 @@ class StageContext:
     def write_dataset(self, name: str, data, info: dict | None = None) -> Dataset:
         """Write ``data`` (a ``ray.data.Dataset``, a ``pyarrow.Table`` or a dict of
         numpy arrays) as the parquet output ``name``, with a checksum on every page."""
+        from ._internal.writer import write_blocks, write_table
         path = self.output_dir(name)
         if hasattr(data, "write_parquet") and self.remote_dir:  # ray.data.Dataset
-            # on a remote store its write tasks, on whichever nodes, put the files there
-            uri = f"{self.remote_dir}/{name}"
-            data.write_parquet(uri, **WRITE_OPTIONS)
-            return Dataset(path=path, info=dict(info or {}), uri=uri)
+            # on a remote store the files go there directly, from this process on one
+            # node, from Ray Data's write tasks on whichever nodes of a cluster
+            from ._internal.shards import _filesystem
+            fs, target, scheme = _filesystem(f"{self.remote_dir}/{name}")
+            write_blocks(data, target, fs, scheme=scheme)
+            return Dataset(path=path, info=dict(info or {}), uri=f"{scheme}{target}")
         if hasattr(data, "write_parquet"):
-            data.write_parquet(path, **WRITE_OPTIONS)
+            write_blocks(data, path)
         else:
-            import pyarrow.parquet as pq
             table = data if hasattr(data, "schema") else numpy_to_arrow(data)
-            pq.write_table(table, os.path.join(path, "part-00000.parquet"), **WRITE_OPTIONS)
+            write_table(table, os.path.join(path, "part-00000.parquet"))
         return Dataset(path=path, info=dict(info or {}))
 
     def resumable_write(self, name: str, id_column: str = "id"):

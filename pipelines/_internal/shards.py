@@ -105,10 +105,10 @@ class ResumableWrite:
         output ``name`` of the stage from every shard; returns its ``Dataset``."""
         import pyarrow.fs
 
-        from ..artifacts import WRITE_OPTIONS, Dataset
+        from ..artifacts import Dataset
+        from .writer import write_blocks
         if ds is not None:
-            ds.write_parquet(f"{self.scheme}{self.attempt}", filesystem=self.fs,
-                             **WRITE_OPTIONS)
+            write_blocks(ds, self.attempt, self.fs, scheme=self.scheme)
         mine = sorted(i.path for i in self.fs.get_file_info(pyarrow.fs.FileSelector(
             self.attempt, recursive=True, allow_not_found=True)) if i.path.endswith(".parquet"))
         ctx = self.ctx

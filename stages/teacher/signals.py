@@ -85,7 +85,8 @@ def free_cpus() -> float:
 
 def with_teacher(ds, actor, kwargs: dict, cfg: InferenceConfig, ctx, rows: int | None = None):
     """``ds`` (``rows`` rows, when known) mapped by a pool of teacher actors (``pool_size``,
-    reported as the metric ``actors``; on GPUs when the cluster has them). ``kwargs`` carry
+    reported as the metric ``actors``, 0 for a pass ``in_task``; on GPUs when the cluster
+    has them). ``kwargs`` carry
     the teacher's artifact (``model``), never its path: each actor reads ``model.path`` on
     its own node."""
     size = pool_size(cfg.actors, rows, cfg.batch_size, free_cpus(), ctx.num_gpus_available)
@@ -94,6 +95,40 @@ def with_teacher(ds, actor, kwargs: dict, cfg: InferenceConfig, ctx, rows: int |
         actor, batch_format="numpy", batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(size=size),
         num_gpus=1 if ctx.num_gpus_available > 0 else 0, fn_constructor_kwargs=kwargs)
+
+
+SMALL_PASS = 2e9  # rows x teacher parameters: about a second of CPU work
+
+
+def in_task(actors, rows: int, params: int, gpus: float, nodes: int) -> bool:
+    """Whether a teacher pass runs in the stage's own task instead of an actor pool: when
+    the pool is left to ``auto``, Ray has one node and no GPU, and the pass is small
+    (rows x the teacher's parameters at most ``SMALL_PASS``). Starting a pool costs 2-3 s
+    (a worker process per actor, each importing torch and loading the teacher), many
+    times such a pass. The rows are the same either way (up to float summation order)."""
+    return actors == "auto" and gpus == 0 and nodes == 1 and rows * params <= SMALL_PASS
+
+
+def teacher_in_task(data, actor, batch_size: int, ctx):
+    """The pass of ``actor`` (an instance of a pool's actor class) over ``data``'s rows in
+    this process: batches of ``batch_size`` rows in the numpy format Ray Data hands the
+    pool, made back into Arrow the way Ray Data does, so the table has the pool's columns
+    and types; torch at ``task_threads`` (metric ``teacher_threads``)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from ray.data.block import BlockAccessor
+    from stages.models.device import task_torch_threads
+
+    table = pq.read_table(data.files())
+    ctx.log_metrics({"actors": 0})
+    out = []
+    with task_torch_threads() as threads:
+        for start in range(0, table.num_rows, batch_size):
+            batch = BlockAccessor.for_block(table.slice(start, batch_size))
+            out.append(BlockAccessor.batch_to_block(actor(batch.to_batch_format("numpy"))))
+            ctx.progress(min(start + batch_size, table.num_rows), table.num_rows, "rows")
+    ctx.log_metrics({"teacher_threads": threads})
+    return pa.concat_tables(out) if out else table
 
 
 def with_teacher_logits(ds, model: Model, cfg: InferenceConfig, ctx, where: str,

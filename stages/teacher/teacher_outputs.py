@@ -38,10 +38,10 @@ from pipelines.stage import Dataset, Model, Resources, Stage
 from stages.data.tables import parquet, require_columns
 from stages.models.classifiers import load_classifier
 from stages.models.text import is_transformers_folder, load_text_model
-from stages.teacher.signals import (CLASSIFIER_SIGNALS, SIGNALS, InferenceConfig, describe,
-                                    resumable, with_teacher, with_teacher_logits, write_rows,
-                                    write_signal)
-from stages.teacher.signals import TeacherActor  # noqa: F401  (the actor this stage runs)
+from stages.models.device import alive_nodes
+from stages.teacher.signals import (CLASSIFIER_SIGNALS, SIGNALS, InferenceConfig, TeacherActor,
+                                    describe, in_task, resumable, teacher_in_task, with_teacher,
+                                    with_teacher_logits, write_rows, write_signal)
 from stages.teacher.text_teacher import TEXT_SIGNALS, TextTeacherActor
 
 
@@ -61,7 +61,9 @@ class TeacherOutputs(Stage):
 
     inputs = {"model": Model, "data": Dataset}
     outputs = {"signal": Dataset}
-    metrics = ("rows", "rows_resumed")  # rows_resumed: kept from an earlier attempt's shards
+    # rows_resumed: kept from an earlier attempt's shards; actors 0: a small pass ran in the
+    # stage's own task (``signals.in_task``), at teacher_threads torch threads
+    metrics = ("rows", "rows_resumed", "actors", "teacher_threads")
     resources = Resources(num_cpus=0)  # only launches Ray Data work
 
     def run(self, ctx, model, data):
@@ -75,12 +77,19 @@ class TeacherOutputs(Stage):
                             f"for {teacher} teacher: {', '.join(allowed)}")
         if text:
             return {"signal": self._text_signal(ctx, model, data, where)}
-        num_classes = load_classifier(model.path, f"{where} input 'model'").num_classes
+        teacher = load_classifier(model.path, f"{where} input 'model'")
         require_columns(data, ["x"], f"{where} input 'data'")  # fail before any work
+        num_classes, n = teacher.num_classes, parquet(data).count_rows()
+        params = sum(p.numel() for p in teacher.parameters())
+        probabilities = cfg.signal == "probabilities"
+        if in_task(cfg.actors, n, params, ctx.num_gpus_available, alive_nodes()):
+            actor = TeacherActor(model, cfg.precision, f"{where} input 'model'", probabilities)
+            table = teacher_in_task(data, actor, cfg.batch_size, ctx)  # a small pass
+            return {"signal": write_signal(ctx, table, cfg, num_classes, data,
+                                           signal=cfg.signal)}
         rows, shards = resumable(ctx, data, cfg.shard_rows)  # 1. keep earlier attempts' rows
         ds = with_teacher_logits(rows, model, cfg, ctx, f"{where} input 'model'",
-                                 probabilities=cfg.signal == "probabilities",
-                                 rows=parquet(data).count_rows())  # 2. the rest
+                                 probabilities=probabilities, rows=n)  # 2. the rest
         return {"signal": write_signal(ctx, ds, cfg, num_classes, data, signal=cfg.signal,
                                        shards=shards)}  # 3. earlier shards + new ones
 

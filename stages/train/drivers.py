@@ -11,8 +11,8 @@ import tempfile
 
 from pipelines.errors import UserError
 from stages.lazy import lazy
-from stages.models.device import alive_nodes
 from stages.models.device import device as local_device
+from stages.models.device import task_torch_threads
 from stages.train.harness import Trained, train_loop
 
 torch = lazy("torch")
@@ -193,43 +193,16 @@ def workers_for(cfg, rows, gpus: float, nodes: int = 1) -> int:
     return 0 if small and alone else 1
 
 
-def loop_threads(held: float, free: float, cores: int) -> int:
-    """torch threads for a loop in the stage's own Ray task: the CPUs the task holds plus
-    those free on its (one-node) Ray when it starts, at most the node's cores. Ray starts a
-    task with one thread per CPU it reserved (one for a stage, none for a coordinator),
-    which left the other cores idle while a teacher trained."""
-    return max(1, min(int(held + free), cores))
-
-
-def _task_threads() -> int | None:
-    """``loop_threads`` inside a Ray task; None in a driver (a test, a benchmark), whose
-    own setting stays."""
-    import ray
-    if not ray.is_initialized():
-        return None
-    context = ray.get_runtime_context()
-    if context.worker.mode != ray._private.worker.WORKER_MODE:
-        return None
-    held = context.get_assigned_resources().get("CPU", 0.0)
-    free = ray.available_resources().get("CPU", 0.0) if alive_nodes() == 1 else 0.0
-    return loop_threads(held, free, os.cpu_count() or 1)
-
-
 def run_in_process(run, method) -> Trained:
     """The loop in this process, with ``loop_threads`` torch threads in a Ray task
     (reported as ``train_threads``); its checkpoint is a work file of the stage, so a run
     of the same key that was killed resumes from its last epoch."""
     session = _LocalSession(run.ctx)
-    threads, before = _task_threads(), torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+    with task_torch_threads() as threads:
         train_loop(run, method, session)
-    finally:
-        torch.set_num_threads(before)
     state = session.last if session.last is not None else session.load()
     metrics = dict(session.metrics or state.get("metrics", {}))
-    return Trained(state=state, metrics={**metrics, "train_threads": threads or before})
+    return Trained(state=state, metrics={**metrics, "train_threads": threads})
 
 
 # -- checkpoint files ----------------------------------------------------------------------

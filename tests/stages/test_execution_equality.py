@@ -80,15 +80,19 @@ def test_auto_actors_fill_the_free_cores_or_gpus_never_more_than_the_batches():
     assert "actors" not in InferenceConfig().split_execution()[0]
 
 
-def test_auto_actors_are_reported(teacher, digits, tmp_path):
-    from stages.teacher.teacher_outputs import TeacherOutputs
-    _, ctx = run_stage(TeacherOutputs, {"batch_size": 1024}, tmp_path, "auto", model=teacher,
-                       data=digits)
+def test_auto_actors_are_reported(ray_session, teacher, digits, tmp_path):
+    """The pool of a pass too large to run in the stage's task (``signals.in_task``)."""
+    from pipelines.context import StageContext
+    from stages.teacher.signals import InferenceConfig, with_teacher_logits
+    ctx = StageContext.for_testing(tmp_path, name="auto")
+    ds = with_teacher_logits(digits.read(), teacher, InferenceConfig(batch_size=1024), ctx,
+                             "test", rows=1797)
+    assert ds.count() == 1797
     assert [v for k, v, _ in ctx.board.history_of("auto") if k == "actors"] == [2]  # 2 batches
 
 
 def test_a_loop_in_the_stages_task_uses_the_free_cores():
-    from stages.train.drivers import loop_threads
+    from stages.models.device import loop_threads
     assert loop_threads(held=1, free=1, cores=2) == 2     # a teacher stage on a laptop
     assert loop_threads(held=0, free=3, cores=2) == 2     # the embedded Ray's 4 CPUs, 2 cores
     assert loop_threads(held=1, free=0, cores=2) == 1     # the other core is taken

@@ -56,3 +56,32 @@ def test_data_without_inputs_is_user_error(tmp_path, teacher):
     data = ctx.write_dataset("data", {"id": np.arange(3), "label": np.zeros(3, np.int64)})
     with pytest.raises(UserError, match=r"stage 'nox' \(teacher-outputs\) input 'data'.*'x'"):
         TeacherOutputs({}).run(ctx, model=teacher, data=data)
+
+
+def test_a_small_pass_runs_in_the_stage_task_with_the_pools_rows(ray_session, tmp_path,
+                                                                 signal, teacher, digits):
+    """``actors: auto`` on a small pass: no actor pool (metric ``actors`` 0), the same
+    columns, types and rows as the pool's pass (the ``signal`` fixture, 2 actors)."""
+    outputs, ctx = run_stage(TeacherOutputs, {"batch_size": 200}, tmp_path, "small",
+                             model=teacher, data=digits)
+    small = outputs["signal"]
+    metrics = {k: v for k, v, _ in ctx.board.history_of("small")}
+    assert metrics["actors"] == 0 and metrics["teacher_threads"] >= 1
+    assert metrics["rows"] == 1797
+    a, b = small.to_arrow().sort_by("id"), signal.to_arrow().sort_by("id")
+    assert a.schema == b.schema
+    for name in ("id", "x", "label", "split"):
+        assert a[name].equals(b[name]), name
+    mine, pool = small.to_numpy(), signal.to_numpy()
+    np.testing.assert_allclose(mine["logits"][np.argsort(mine["id"])],
+                               pool["logits"][np.argsort(pool["id"])], rtol=1e-5, atol=1e-5)
+    assert small.info == signal.info
+
+
+def test_in_task_decision():
+    from stages.teacher.signals import SMALL_PASS, in_task
+    assert in_task("auto", 5000, 10_000, gpus=0, nodes=1)
+    assert not in_task(2, 5000, 10_000, gpus=0, nodes=1)          # the user's pool stays
+    assert not in_task("auto", 5000, 10_000, gpus=1, nodes=1)     # the pool gets the GPU
+    assert not in_task("auto", 5000, 10_000, gpus=0, nodes=3)     # a cluster spreads it
+    assert not in_task("auto", int(SMALL_PASS), 2, gpus=0, nodes=1)  # a large pass
