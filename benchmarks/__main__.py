@@ -58,11 +58,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--only", choices=sorted(BENCHMARKS), action="append")
     parser.add_argument("--repetitions", type=int, default=5, help="repetitions per benchmark")
+    parser.add_argument("--readme", action="store_true",
+                        help="only rewrite the README table from the JSON files there")
     args = parser.parse_args()
     os.makedirs(RESULTS, exist_ok=True)
     info = machine()
     results = []
-    for name in args.only or sorted(BENCHMARKS):
+    for name in [] if args.readme else (args.only or sorted(BENCHMARKS)):
         print(f"benchmark {name}", flush=True)
         result = BENCHMARKS[name].run(repetitions=1 if args.quick else args.repetitions) | {"machine": info}
         with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:

@@ -24,8 +24,10 @@ Figures, each side run alternately in every repetition (order rotated), median a
    included: the stage's whole time over its epochs; target <= 1.15);
 2. ``scaling`` (README row): time per epoch with 2 workers / with 1 worker, on 2 cores
    (ideal 0.5);
-3. ``example`` (README row): figure 1 at example size: an MLP [64] student, 30 epochs on
-   the 4000 train rows of the 5000-row MNIST-1D example data, where fixed costs dominate.
+3. ``example`` (README row): at example size, an MLP [64] student, 30 epochs on the 4000
+   train rows of the 5000-row MNIST-1D example data, with the stage's default
+   ``num_workers: auto`` (whichever path it picks: here the stage's own process): its
+   whole ``run()`` seconds less twice the bare loop's (target: at most 2 s).
 
 ``last_epoch_s`` in the JSON: the time between the last two checkpoints Ray Train wrote
 (file times; the steady-state cost of one epoch, without start-up).
@@ -82,7 +84,7 @@ def students() -> dict:
     conv = {"arch": "convnet1d", "width": width, "depth": 3, "epochs": epochs, **KD}
     mlp = {"arch": "mlp", "hidden": [64], "epochs": 2 if common.tiny() else 30, **KD}
     main = ["student_1w"] + (["student_2w"] if scaling() else [])
-    return {"main": (conv, main), "example": (mlp, ["student_1w"])}
+    return {"main": (conv, main), "example": (mlp, ["student_auto"])}
 
 
 def scaling() -> bool:
@@ -91,11 +93,18 @@ def scaling() -> bool:
     return os.environ.get("BENCH_SCALING", "1") != "0"
 
 
+def workers(name: str) -> dict:
+    """``student_1w``: 1 Ray Train worker; ``student_2w``: 2; ``student_auto``: the stage's
+    default (``num_workers: auto``: whichever path the stage picks)."""
+    n = name.split("_")[1]
+    return {} if n == "auto" else {"num_workers": int(n[0])}
+
+
 def spec(label: str) -> dict:
     rows, width = teacher_sizes()[label] if label == "main" else (EXAMPLE_ROWS, EXAMPLE_WIDTH)
     cfg, names = students()[label]
     extra = {n: {"kind": "kd-student", "inputs": {"signal": "signal"},
-                 "config": {**cfg, "num_workers": int(n.split("_")[1][0])}} for n in names}
+                 "config": {**cfg, **workers(n)}} for n in names}
     return common.mnist1d_spec(f"bench_train_{label}", rows, width, extra=extra)
 
 
@@ -195,9 +204,11 @@ def run(repetitions: int = 5) -> dict:
                                  "startup_s": (round(o["seconds"] - epochs * o["last_epoch_s"], 2)
                                                if o["last_epoch_s"] else None),
                                  "train_loss": o["train_loss"]}
-                rep["ratio"] = round(out["student_1w"]["seconds"] / b["seconds"], 4)
-                line = (f"  {label} {i + 1}/{repetitions}: bare {b['seconds']:.1f}s, 1 worker "
-                        f"{out['student_1w']['seconds']:.1f}s (ratio {rep['ratio']:.3f})")
+                first = s["names"][0]
+                rep["ratio"] = round(out[first]["seconds"] / b["seconds"], 4)
+                rep["over_2x_bare_s"] = round(out[first]["seconds"] - 2 * b["seconds"], 2)
+                line = (f"  {label} {i + 1}/{repetitions}: bare {b['seconds']:.1f}s, {first} "
+                        f"{out[first]['seconds']:.1f}s (ratio {rep['ratio']:.3f})")
                 if "student_2w" in out:
                     rep["scaling"] = round(out["student_2w"]["seconds"]
                                            / out["student_1w"]["seconds"], 4)
@@ -215,14 +226,16 @@ def run(repetitions: int = 5) -> dict:
             "config": s["config"], "rows": r[0]["rows"], "setup_s": s["setup_s"],
             "repetitions": r, "median_ratio": median, "spread": spread,
             "median_bare_s": common.summary([x["bare_s"] for x in r], 2)[0],
-            "median_1w_s": common.summary([x["student_1w"]["run_s"] for x in r], 2)[0]}
-        last = [x["student_1w"]["last_epoch_s"] for x in r]
+            "median_1w_s": common.summary([x[s["names"][0]]["run_s"] for x in r], 2)[0],
+            "median_over_2x_bare_s": common.summary([x["over_2x_bare_s"] for x in r], 2)[0],
+            "spread_over_2x_bare_s": common.summary([x["over_2x_bare_s"] for x in r], 2)[1]}
+        last = [x[s["names"][0]]["last_epoch_s"] for x in r]
         bare_last = [x["bare_epoch_s"][-1] for x in r]
         if all(v is not None for v in last):
             figures[label]["median_last_epoch_ratio"] = common.summary(
                 [a / b for a, b in zip(last, bare_last)])[0]
             figures[label]["median_startup_s"] = common.summary(
-                [x["student_1w"]["startup_s"] for x in r], 2)[0]
+                [x[s["names"][0]]["startup_s"] for x in r], 2)[0]
         if "scaling" in r[0]:
             figures[label]["scaling"] = dict(zip(("median", "spread"), common.summary(
                 [x["scaling"] for x in r])))
@@ -237,7 +250,7 @@ def run(repetitions: int = 5) -> dict:
                 f"{cfg['width']}, {main['rows']} train rows, {cfg['epochs']} epochs, batch 64",
         "command": command,
         "median_ratio": main["median_ratio"], "spread": main["spread"],
-        "target": "ratio <= 1.15", "met": main["median_ratio"] <= 1.15,
+        "target": "ratio <= 1.05 (issue 26)", "met": main["median_ratio"] <= 1.05,
         "torch_threads": threads, "ray_start_s": round(ray_start, 2),
         "bare_at_least_60s": main["median_bare_s"] >= 60,
         "main": main, "example": example, "before": BEFORE, "stop14": STOP14,
@@ -253,11 +266,14 @@ def run(repetitions: int = 5) -> dict:
                          f"the 2-worker side out: BENCH_SCALING=0)"}),
              "target": "- (ideal 0.5)", "command": command},
             {"name": "train_overhead (example size)",
-             "what": f"as the first row at example size: "
-                     f"MLP [64], {example['rows']} train rows, {example['config']['epochs']} "
-                     f"epochs (fixed costs)",
-             "median_ratio": example["median_ratio"], "spread": example["spread"],
-             "target": "- (start-up visible)", "command": command},
+             "what": f"kd-student with its default num_workers auto (whichever path the stage "
+                     f"picks) at example size: MLP [64], {example['rows']} train rows, "
+                     f"{example['config']['epochs']} epochs: whole run() seconds minus 2x the "
+                     f"bare loop's (bare median {example['median_bare_s']} s, stage "
+                     f"{example['median_1w_s']} s, ratio {example['median_ratio']})",
+             "median_ratio": example["median_over_2x_bare_s"],
+             "spread": example["spread_over_2x_bare_s"],
+             "target": "<= 2 s (issue 26: at most 2x bare + 2 s)", "command": command},
             {"name": "train_overhead before the fix",
              "what": f"the first row at commit {BEFORE['commit']} ({BEFORE['epochs']} epochs, "
                      f"rows streamed every epoch, 2 s controller polls); example size then "
