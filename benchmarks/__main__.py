@@ -5,8 +5,9 @@ import json
 import os
 
 from benchmarks import (cached_rerun, dataset_distillation, diffusion, embedding_pass, kd_family,
-                        kd_llm, loader, sweep, sweep_overhead, teacher_generation, text_to_image,
-                        train_overhead)
+                        kd_llm, loader, orchestration, sweep, sweep_overhead,
+                        teacher_generation,
+                        teacher_training, text_to_image, train_overhead)
 from benchmarks.machine import machine
 
 # BENCH_RESULTS=<dir>: write somewhere else (trial runs at BENCH_TINY=1 sizes)
@@ -14,6 +15,7 @@ RESULTS = os.environ.get("BENCH_RESULTS") or os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "results")
 BENCHMARKS = {"cached_rerun": cached_rerun, "dataset_distillation": dataset_distillation, "kd_family": kd_family, "diffusion": diffusion, "sweep": sweep,
               "teacher_generation": teacher_generation, "train_overhead": train_overhead,
+              "teacher_training": teacher_training, "orchestration": orchestration,
               "sweep_overhead": sweep_overhead, "loader": loader,
               "text_to_image": text_to_image, "kd_llm": kd_llm,
               "embedding_pass": embedding_pass}
