@@ -1,6 +1,7 @@
 """Sweep overhead: a sweep of N trials vs the ideal (shared stages once + N x trial stages).
 
-The pipeline is examples/quickstart.yaml without its ``evaluate`` stage (a sweep does not
+The pipeline is examples/quickstart.yaml without its ``evaluate`` stage and the stages
+that read it (``export``) (a sweep does not
 run stages downstream of the metric's stage, so both sides do the same stages). Each
 repetition, with a fresh store for each side, times as the user sees them (the whole
 ``distill`` process, interpreter and embedded Ray start-up included):
@@ -78,7 +79,16 @@ def run(repetitions: int = 5) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-sweep-overhead-") as work:
         with open(PIPELINE) as f:
             spec = yaml.safe_load(f)
-        del spec["stages"]["evaluate"]
+        gone = {"evaluate"}  # and whatever reads it (the export of the student's card)
+        while True:
+            more = {n for n, st in spec["stages"].items() if n not in gone and
+                    {str(v) for value in (st.get("inputs") or {}).values()
+                     for v in (value if isinstance(value, list) else [value])} & gone}
+            if not more:
+                break
+            gone |= more
+        for name in gone:
+            del spec["stages"][name]
         pipeline, space = os.path.join(work, "pipeline.yaml"), os.path.join(work, "space.yaml")
         with open(pipeline, "w") as f:
             yaml.safe_dump(spec, f, sort_keys=False)
