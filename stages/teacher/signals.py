@@ -115,11 +115,10 @@ def teacher_in_task(data, actor, batch_size: int, ctx):
     pool, made back into Arrow the way Ray Data does, so the table has the pool's columns
     and types; torch at ``task_threads`` (metric ``teacher_threads``)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
     from ray.data.block import BlockAccessor
     from stages.models.device import task_torch_threads
 
-    table = pq.read_table(data.files())
+    table = parquet(data).to_table()  # local files or the store's URIs, checksums verified
     ctx.log_metrics({"actors": 0})
     out = []
     with task_torch_threads() as threads:

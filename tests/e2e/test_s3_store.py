@@ -16,7 +16,8 @@ from tests.conftest import S3_BUCKET
 from tests.e2e.test_quickstart import QUICKSTART, STAGES
 
 FAST = ["--set", "teacher.epochs=5", "--set", "student.epochs=3",
-        "--set", "student.num_workers=1"]  # Ray Train, its checkpoints on the store
+        "--set", "student.num_workers=1",     # Ray Train, its checkpoints on the store
+        "--set", "teacher_outputs.actors=2"]  # an actor pool: its shards written to the store
 
 
 def distill(capsys, *args) -> tuple[int, dict, str]:
