@@ -42,6 +42,7 @@ import time
 import yaml
 
 from benchmarks import common
+from pipelines import Pipeline
 
 PIPELINE = os.path.join(common.ROOT, "examples", "quickstart.yaml")
 # the same command at commit 871e176: a fresh Tune trial actor for every trial
@@ -79,15 +80,8 @@ def run(repetitions: int = 5) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-sweep-overhead-") as work:
         with open(PIPELINE) as f:
             spec = yaml.safe_load(f)
-        gone = {"evaluate"}  # and whatever reads it (the export of the student's card)
-        while True:
-            more = {n for n, st in spec["stages"].items() if n not in gone and
-                    {str(v) for value in (st.get("inputs") or {}).values()
-                     for v in (value if isinstance(value, list) else [value])} & gone}
-            if not more:
-                break
-            gone |= more
-        for name in gone:
+        # evaluate and whatever reads it (the export of the student's card)
+        for name in {"evaluate"} | Pipeline.from_dict(spec).downstream("evaluate"):
             del spec["stages"][name]
         pipeline, space = os.path.join(work, "pipeline.yaml"), os.path.join(work, "space.yaml")
         with open(pipeline, "w") as f:

@@ -17,6 +17,13 @@ from .artifacts import Dataset, Model, Report
 from ._internal.board import Board, LocalBoard
 
 
+def alive_nodes() -> int:
+    """The nodes of the Ray cluster this process is connected to (1 without Ray): how a
+    stage or the core tells a laptop's one-node Ray from a cluster."""
+    import ray
+    return sum(1 for n in ray.nodes() if n.get("Alive")) if ray.is_initialized() else 1
+
+
 @dataclass
 class StageContext:
     name: str                 # the stage's name in the pipeline

@@ -45,16 +45,12 @@ def write_table(table, path: str, filesystem=None) -> None:
     pq.write_table(table, path, filesystem=filesystem, **options(table.schema))
 
 
-def one_node() -> bool:
-    import ray
-    return sum(1 for n in ray.nodes() if n.get("Alive")) <= 1
-
-
 def write_blocks(ds, directory: str, filesystem=None, threads: int | None = None,
                  scheme: str = "") -> None:
     """Write ``ds`` as parquet files under ``directory`` (a path of ``filesystem``; local
     when None; ``scheme`` + ``directory`` is its URI for Ray Data on several nodes)."""
-    if not one_node():
+    from ..context import alive_nodes
+    if alive_nodes() > 1:
         ds.write_parquet(f"{scheme}{directory}", filesystem=filesystem,
                          use_dictionary=False, **CHECKSUMS)
         return

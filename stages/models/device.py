@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 
+from pipelines.context import alive_nodes
 from stages.lazy import lazy
 
 torch = lazy("torch")
@@ -15,12 +16,6 @@ def device() -> torch.device:
     task or actor that reserved a GPU (a stage's ``resources.num_gpus``, a GPU actor of Ray
     Data, a ``use_gpu`` Ray Train worker), so a process without one sees no CUDA device."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def alive_nodes() -> int:
-    """The nodes of the Ray cluster this process is connected to (1 without Ray)."""
-    import ray
-    return sum(1 for n in ray.nodes() if n.get("Alive")) if ray.is_initialized() else 1
 
 
 def loop_threads(held: float, free: float, cores: int) -> int:

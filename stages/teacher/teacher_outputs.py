@@ -33,12 +33,12 @@ from typing import Literal
 
 from pydantic import Field, PositiveInt
 
+from pipelines.context import alive_nodes
 from pipelines.errors import bad_value
 from pipelines.stage import Dataset, Model, Resources, Stage
 from stages.data.tables import parquet, require_columns
 from stages.models.classifiers import load_classifier
 from stages.models.text import is_transformers_folder, load_text_model
-from stages.models.device import alive_nodes
 from stages.teacher.signals import (CLASSIFIER_SIGNALS, SIGNALS, InferenceConfig, TeacherActor,
                                     describe, in_task, resumable, teacher_in_task, with_teacher,
                                     with_teacher_logits, write_rows, write_signal)
@@ -78,8 +78,8 @@ class TeacherOutputs(Stage):
         if text:
             return {"signal": self._text_signal(ctx, model, data, where)}
         teacher = load_classifier(model.path, f"{where} input 'model'")
-        require_columns(data, ["x"], f"{where} input 'data'")  # fail before any work
-        num_classes, n = teacher.num_classes, parquet(data).count_rows()
+        table = require_columns(data, ["x"], f"{where} input 'data'")  # before any work
+        num_classes, n = teacher.num_classes, table.count_rows()
         params = sum(p.numel() for p in teacher.parameters())
         probabilities = cfg.signal == "probabilities"
         if in_task(cfg.actors, n, params, ctx.num_gpus_available, alive_nodes()):

@@ -327,7 +327,7 @@ def fit(ctx, method: TrainMethod, rows: Rows, cfg: TrainConfig, max_minutes=None
     the last checkpoint (a re-run of the same artifact key resumes from it), its metrics
     with ``train_workers`` (0: in the stage's process). ``max_minutes`` stops early;
     ``deadline_minutes`` fails (``BudgetSpent``) instead."""
-    from stages.models.device import alive_nodes
+    from pipelines.context import alive_nodes
     from stages.train.drivers import run_in_process, run_ray_train, workers_for
     if cfg.strategy == "fsdp" and method.ema:
         raise UserError(f"stage '{ctx.name}' ({ctx.kind}) field 'strategy': fsdp is for "

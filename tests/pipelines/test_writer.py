@@ -35,7 +35,7 @@ def test_every_block_one_file_rows_unchanged(ray_session, tmp_path):
     ctx = StageContext.for_testing(tmp_path, name="w", kind="teacher-outputs")
     out = ctx.write_dataset("signal", ds)
     written = files(out.path)
-    assert 1 <= len(written) <= 7 and all(os.path.basename(f).startswith("part-") for f in written)
+    assert len(written) == 7 and all(os.path.basename(f).startswith("part-") for f in written)
     back = pa.concat_tables(pq.read_table(f) for f in written).sort_by("id")
     assert back["id"].to_pylist() == list(range(900))
     np.testing.assert_array_equal(np.stack(back["x"].to_numpy(zero_copy_only=False)), x[:900])
