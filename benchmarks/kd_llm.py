@@ -4,8 +4,8 @@
 Runs the stages of ``examples/kd_llm.yaml`` in order, in this process (each with its own
 stage context; Ray Data and Ray Train on an embedded local Ray): the GGUF teacher ->
 instructions from the standard library -> greedy responses with top-20 log-probabilities
--> four 10-layer students (SFT, token KD, on-policy GKD, token KD from a depth-pruned
-initialisation), same tokens and steps -> one evaluate-lm each on the held-out prompts.
+-> four 10-layer students, same tokens and steps: SFT, token KD and on-policy GKD from a
+depth-pruned initialisation, and token KD from fixed layers (no pruning) -> one evaluate-lm each on the held-out prompts.
 Then the first responses are generated again with 1 actor and compared with the
 example's 2-actor rows.
 
@@ -15,7 +15,9 @@ Writes ``benchmarks/results/kd_llm.json`` (via ``python -m benchmarks``) and
     python -m benchmarks --only kd_llm --repetitions 1
 
 ``KD_LLM_BENCH_STORE=<dir>`` keeps the stages' outputs there (a later invocation reuses
-those whose key is unchanged).
+those whose key is unchanged); ``KD_LLM_BENCH_KEEP=responses`` (comma-separated stage
+names) reuses those stages' kept outputs even when their key changed (an earlier commit made
+them), so the students can be compared again without the 15-minute generation.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from benchmarks.diffusion import run_example
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PIPELINE = os.path.join(ROOT, "examples", "kd_llm.yaml")
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
-STUDENTS = ("sft", "token_kd", "gkd", "pruned_kd")
+STUDENTS = ("sft", "token_kd", "gkd", "layers_kd")
 CHECK_ROWS = 16
 COLUMNS = [("response_perplexity", "perplexity on the teacher's responses", "{:.3f}"),
            ("top1_agreement", "top-1 agreement", "{:.3f}"),
@@ -65,7 +67,7 @@ def same_rows(outputs: dict, configs: dict, store: str, gpus: float) -> bool:
 
 
 def acceptance(m: dict, identical: bool) -> list[dict]:
-    s, t, g = m["sft"], m["token_kd"], m["gkd"]
+    s, t, g, f = m["sft"], m["token_kd"], m["gkd"], m["layers_kd"]
     return [
         {"check": "token KD beats SFT: held-out perplexity on the teacher's responses",
          "value": f"{t['response_perplexity']:.3f} vs {s['response_perplexity']:.3f}",
@@ -77,6 +79,11 @@ def acceptance(m: dict, identical: bool) -> list[dict]:
          "value": f"{g['response_perplexity']:.3f}, {g['top1_agreement']:.3f}",
          "ok": g["response_perplexity"] <= t["response_perplexity"]
          and g["top1_agreement"] >= t["top1_agreement"]},
+        {"check": "depth-pruned initialisation vs fixed layers, token KD (perplexity, "
+                   "agreement)",
+         "value": f"{t['response_perplexity']:.3f}, {t['top1_agreement']:.3f} vs "
+                  f"{f['response_perplexity']:.3f}, {f['top1_agreement']:.3f}",
+         "ok": t["response_perplexity"] < f["response_perplexity"]},
         {"check": "generation speed-up of the 10-layer student over the teacher, batch 8",
          "value": f"{t['generation_speedup']:.2f}x", "ok": t["generation_speedup"] >= 2},
         {"check": f"generate-responses identical with 1 and 2 actors (first {CHECK_ROWS})",
@@ -89,7 +96,9 @@ def write_markdown(result: dict, path: str) -> None:
     lines = ["# Instruction-model distillation: SmolLM2-135M-Instruct -> 10 of its 30 layers",
              "", f"Machine: {result['machine_line']}. Commit: {result['commit']}.",
              f"Command: `{result['command']}`. Stage times (s): "
-             + ", ".join(f"{k} {v}" for k, v in result["stage_seconds"].items()) + ".", "",
+             + ", ".join(f"{k} {v}" for k, v in result["stage_seconds"].items()) + "."
+             + (f" Reused from the kept store: {', '.join(result['reused'])}."
+                if result["reused"] else ""), "",
              f"Teacher on the same held-out responses: perplexity "
              f"{m['sft']['teacher_response_perplexity']:.3f}, "
              f"{m['sft']['teacher_tokens_per_s']:.1f} tokens/s at batch 8; ROUGE-L of its "
@@ -116,7 +125,8 @@ def run(repetitions: int = 1) -> dict:
     # the students and their evaluations (the example's export needs the orchestrator's
     # commit, which this in-process runner does not make)
     outputs, configs, seconds, reused = run_example(
-        store, {}, gpus, pipeline=PIPELINE, only=tuple(f"eval_{n}" for n in STUDENTS))
+        store, {}, gpus, pipeline=PIPELINE, only=tuple(f"eval_{n}" for n in STUDENTS),
+        keep=tuple(n for n in os.environ.get("KD_LLM_BENCH_KEEP", "").split(",") if n))
     identical = same_rows(outputs, configs, store, gpus)
     metrics = {name: outputs[f"eval_{name}"]["report"].metrics() for name in STUDENTS}
     info = machine()
