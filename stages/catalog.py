@@ -20,7 +20,7 @@ from stages.teacher import fit_causal_lm  # noqa: F401
 from stages.data import mnist  # noqa: F401
 from stages.data import load_prompts  # noqa: F401
 from stages.teacher import expert_trajectories  # noqa: F401
-from stages.distill import random_subset, dm, mtt, herding  # noqa: F401
+from stages.distill import random_subset, dm, mtt, herding, datadam, sre2l  # noqa: F401
 from stages.evaluate import evaluate_synthetic  # noqa: F401
 from stages.teacher import fit_diffusion_teacher  # noqa: F401
 from stages.teacher import diffusion_trajectories  # noqa: F401

@@ -142,16 +142,33 @@ def real_init(x: torch.Tensor, y: torch.Tensor, ipc: int, num_classes: int,
     return x[idx].clone(), y[idx].clone()
 
 
-def write_synthetic(ctx, x: torch.Tensor, y: torch.Tensor, info: dict) -> Dataset:
+def write_synthetic(ctx, x: torch.Tensor, y: torch.Tensor, info: dict,
+                    soft: torch.Tensor | None = None) -> Dataset:
+    """The synthetic-set artifact: ``id``, ``x``, ``label`` (hard), ``split``, and with
+    ``soft`` a ``soft_label`` column (one probability vector per image; info
+    ``soft_labels``: true)."""
     x = x.detach().float().cpu().numpy()
     columns = {"id": np.arange(len(x), dtype=np.int64), "x": x,
                "label": y.cpu().numpy().astype(np.int64), "split": np.full(len(x), "train")}
-    info = {"input_shape": list(x.shape[1:]), "num_rows": len(x), **info}
+    if soft is not None:
+        columns["soft_label"] = soft.detach().float().cpu().numpy()
+    info = {"input_shape": list(x.shape[1:]), "num_rows": len(x), **info,
+            "soft_labels": soft is not None}
     return ctx.write_dataset("synthetic", columns, info=info)
 
 
 def read_synthetic(syn: Dataset, where: str) -> tuple[torch.Tensor, torch.Tensor]:
     return real_split(syn, "train", where)
+
+
+def read_soft_labels(syn: Dataset, where: str) -> torch.Tensor | None:
+    """The ``soft_label`` column of a synthetic set ([N, classes], rows in ``read_synthetic``'s
+    order), or None when it has none."""
+    from stages.data.tables import parquet
+    if "soft_label" not in parquet(syn).schema.names:
+        return None
+    cols = read_split(syn, "train", ["soft_label"], where)
+    return torch.tensor(np.stack(cols["soft_label"]), dtype=torch.float32)
 
 
 # -- differentiable siamese augmentation ---------------------------------------------
@@ -198,14 +215,22 @@ def load_checkpoint(work, name: str) -> dict | None:
 # -- training a fresh network --------------------------------------------------------
 def train_net(arch: dict, x, y, epochs: int, lr: float, seed: int, momentum: float = 0.9,
               weight_decay: float = 5e-4, batch_size: int = 256, augment: bool = False,
-              on_epoch=None) -> ConvNet:
+              on_epoch=None, soft=None, teacher: torch.nn.Module | None = None,
+              sam_rho: float = 0.0) -> ConvNet:
     """SGD on (x, y) for ``epochs``; ``on_epoch(epoch, net)`` after every epoch (and with
-    epoch 0 before training). One thread: callers run several of these as Ray tasks; on
-    ``device()``, so on a GPU when the task was given a share of one."""
+    epoch 0 before training). Targets: the hard labels ``y`` (cross-entropy); or soft ones,
+    -sum_k p_k log q_k, with p the rows of ``soft`` ([N, classes]) or the ``teacher``'s
+    softmax on the same (augmented) batch (SRe2L's relabelling, as its evaluation does).
+    ``sam_rho`` > 0: sharpness-aware steps (``train_epoch``), FTD's flat experts.
+    One thread: callers run several of these as Ray tasks; on ``device()``, so on a GPU when
+    the task was given a share of one."""
     torch.set_num_threads(1)
     dev = device()
     x = torch.tensor(np.array(x), dtype=torch.float32, device=dev)
     y = torch.tensor(np.array(y), device=dev)
+    soft = None if soft is None else torch.tensor(np.array(soft), dtype=torch.float32,
+                                                  device=dev)
+    teacher = None if teacher is None else teacher.to(dev).eval().requires_grad_(False)
     net = build_net(arch, seed).to(dev)
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     gen = torch.Generator().manual_seed(seed)
@@ -215,11 +240,18 @@ def train_net(arch: dict, x, y, epochs: int, lr: float, seed: int, momentum: flo
     def loss_fn(model, idx):
         xb = dsa(x[idx], int(torch.randint(2**62, (1,), generator=gen))) if augment else x[idx]
         logits = model(xb)
-        return F.cross_entropy(logits, y[idx]), logits, y[idx]
+        if teacher is not None:
+            with torch.no_grad():
+                p = teacher(xb).softmax(1)
+        elif soft is not None:
+            p = soft[idx]
+        else:
+            return F.cross_entropy(logits, y[idx]), logits, y[idx]
+        return -(p * logits.log_softmax(1)).sum(1).mean(), logits, y[idx]
 
     for epoch in range(1, epochs + 1):
         train_epoch(net, torch.randperm(len(y), generator=gen).split(batch_size), opt, loss_fn,
-                    epoch)
+                    epoch, sam_rho)
         if on_epoch:
             on_epoch(epoch, net)
     return net.eval()
@@ -263,8 +295,11 @@ def image_grid(x: torch.Tensor, y: torch.Tensor, num_classes: int, title: str):
 
 
 def train_epoch(model: torch.nn.Module, batches, opt: torch.optim.Optimizer,
-                loss_fn, epoch: int) -> dict[str, float]:
+                loss_fn, epoch: int, sam_rho: float = 0.0) -> dict[str, float]:
     """One pass over ``batches``; ``loss_fn(model, batch) -> (loss, logits, labels)``.
+    ``sam_rho`` > 0: each step is sharpness-aware (SAM, Foret et al. 2021, arXiv
+    2010.01412, as FTD trains flat experts, Du et al. 2023): the gradient is taken at
+    w + rho g / ||g|| (g the batch's gradient at w) and applied at w.
     Returns the mean loss and the training accuracy (no accuracy when ``logits`` is None;
     ``labels`` then only counts the examples); a NaN/inf loss raises
     ``FloatingPointError`` naming the epoch and the step within it."""
@@ -277,6 +312,8 @@ def train_epoch(model: torch.nn.Module, batches, opt: torch.optim.Optimizer,
                                      f"step {step}; lower the learning rate")
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if sam_rho > 0:
+            sharpness_aware_grad(model, batch, loss_fn, sam_rho)
         opt.step()
         total_loss += loss.item() * len(labels)
         if logits is not None:
@@ -286,3 +323,19 @@ def train_epoch(model: torch.nn.Module, batches, opt: torch.optim.Optimizer,
     if scored or not seen:
         metrics["train_accuracy"] = correct / max(seen, 1)
     return metrics
+
+
+def sharpness_aware_grad(model: torch.nn.Module, batch, loss_fn, rho: float) -> None:
+    """Replace the parameters' gradients g (at w) by the gradient at w + rho g / ||g||."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.norm(torch.stack([p.grad.norm(2) for p in params]), 2).clamp(min=1e-12)
+    with torch.no_grad():
+        steps = [rho * p.grad / norm for p in params]
+        for p, e in zip(params, steps):
+            p.add_(e)
+    for p in params:
+        p.grad = None
+    loss_fn(model, batch)[0].backward()
+    with torch.no_grad():
+        for p, e in zip(params, steps):
+            p.sub_(e)

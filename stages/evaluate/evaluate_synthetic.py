@@ -16,6 +16,21 @@ same IPC (a different subset per network) and ``full_networks`` on the full trai
 With ``use_learned_lr`` the synthetic networks use the learning rate learned by the
 distillation (``info.synthetic_lr`` of ``mtt``), as MTT's own evaluation does; the baselines
 keep ``lr``.
+
+Labels: the figures above always train on the hard labels (cross-entropy). Soft labels are
+reported beside them, never mixed in, when the set has them or a teacher is wired: N more
+networks trained with the soft cross-entropy -sum_k p_k log q_k against
+
+- the optional input ``teacher`` (a classifier folder, e.g. ``fit-classifier`` with batch
+  norm): its softmax on every (augmented) training batch, SRe2L's relabelling as its
+  evaluation does (Yin et al. 2023, arXiv 2306.13092); the random subsets get the same
+  teacher, so the comparison stays honest;
+- else the set's own ``soft_label`` column (``mtt`` with ``soft_labels``, DATM); the random
+  subsets have no learned labels, so no soft random figure is reported (info says so).
+
+    accuracy_soft_mean / _std             the synthetic set with soft labels
+    random_accuracy_soft_mean / _std      the random subsets relabelled by the teacher
+    ior_soft = accuracy_soft_mean - random_accuracy_soft_mean
 """
 
 from __future__ import annotations
@@ -25,15 +40,21 @@ import torch
 from pydantic import Field
 
 from pipelines.errors import bad_value
-from pipelines.stage import Dataset, Report, Resources, Stage
+from pipelines.stage import Dataset, Model, Report, Resources, Stage
 from stages.distill.dd_common import (NetConfig, accuracy, check_ipc, image_grid,
-                                      num_classes_of, pyplot, read_synthetic, real_init,
-                                      real_split, task_gpus, train_net)
+                                      num_classes_of, pyplot, read_soft_labels, read_synthetic,
+                                      real_init, real_split, task_gpus, train_net)
 
 
-def fresh_accuracy(arch, x, y, x_test, y_test, protocol: dict, seed: int) -> float:
-    """Train one fresh ConvNet on (x, y); its final test accuracy."""
-    net = train_net(arch, x, y, seed=seed, **protocol)
+def fresh_accuracy(arch, x, y, x_test, y_test, protocol: dict, seed: int, soft=None,
+                   teacher_path: str | None = None) -> float:
+    """Train one fresh ConvNet on (x, y) (soft targets: ``soft`` or the teacher's); its
+    final test accuracy."""
+    teacher = None
+    if teacher_path is not None:
+        from stages.models.classifiers import load_classifier
+        teacher = load_classifier(teacher_path, "evaluate-synthetic input 'teacher'")
+    net = train_net(arch, x, y, seed=seed, soft=soft, teacher=teacher, **protocol)
     return accuracy(net, x_test, y_test)
 
 
@@ -54,10 +75,11 @@ class EvaluateSynthetic(Stage):
         full_epochs: int = Field(50, ge=1)
 
     inputs = {"synthetic": Dataset, "data": Dataset}
+    optional_inputs = {"teacher": Model}   # a classifier: soft labels by relabelling
     outputs = {"report": Report}
     resources = Resources(num_cpus=0)  # only launches the training Ray tasks
 
-    def run(self, ctx, synthetic, data):
+    def run(self, ctx, synthetic, data, teacher=None):
         import ray
 
         cfg = self.config
@@ -76,12 +98,23 @@ class EvaluateSynthetic(Stage):
                     "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size,
                     "augment": cfg.augment}
         syn_lr = float(synthetic.info.get("synthetic_lr", cfg.lr)) if cfg.use_learned_lr else cfg.lr
+        soft = read_soft_labels(synthetic, f"{where} input 'synthetic'")
+        if teacher is not None:
+            check_teacher(teacher.path, x.shape[1:], num_classes, f"{where} input 'teacher'")
+        elif soft is not None and soft.shape[1] != num_classes:
+            raise bad_value(f"{where} input 'synthetic'", "soft_label length", soft.shape[1],
+                            f"{num_classes}, the classes of input 'data'")
+        labels = "teacher" if teacher is not None else "stored" if soft is not None else None
 
         # 1. every network of every set is one Ray task (num_cpus=1, one torch thread, a
         #    share of a GPU when Ray reports one)
         task = ray.remote(num_cpus=1, num_gpus=task_gpus(ctx))(fresh_accuracy)
         test = [ray.put(a.numpy()) for a in (x_test, y_test)]
         refs = {"synthetic": [], "random": [], "full": []}
+        refs.update({"synthetic_soft": []} if labels else {})
+        refs.update({"random_soft": []} if labels == "teacher" else {})
+        by = {"teacher_path": teacher.path} if teacher is not None else {"soft": (
+            soft.numpy() if soft is not None else None)}
         for n in range(cfg.networks):
             seed = ctx.seed * 1000 + n
             refs["synthetic"].append(task.remote(arch, xs.numpy(), ys.numpy(), *test,
@@ -89,6 +122,12 @@ class EvaluateSynthetic(Stage):
             xr, yr = real_init(x, y, ipc, num_classes, seed=seed + 7919)
             refs["random"].append(task.remote(arch, xr.numpy(), yr.numpy(), *test, protocol,
                                               seed))
+            if labels:
+                refs["synthetic_soft"].append(task.remote(
+                    arch, xs.numpy(), ys.numpy(), *test, {**protocol, "lr": syn_lr}, seed, **by))
+            if labels == "teacher":
+                refs["random_soft"].append(task.remote(arch, xr.numpy(), yr.numpy(), *test,
+                                                       protocol, seed, **by))
         full = [ray.put(a.numpy()) for a in (x, y)]
         for n in range(cfg.full_networks):
             refs["full"].append(task.remote(arch, *full, *test,
@@ -111,12 +150,22 @@ class EvaluateSynthetic(Stage):
             "ior": acc["synthetic"].mean() - acc["random"].mean(),
             "hlr": acc["full"].mean() - acc["synthetic"].mean(),
             "ipc": ipc, "synthetic_lr": syn_lr}
+        if labels:
+            metrics.update(accuracy_soft_mean=acc["synthetic_soft"].mean(),
+                           accuracy_soft_std=acc["synthetic_soft"].std())
+        if labels == "teacher":
+            metrics.update(random_accuracy_soft_mean=acc["random_soft"].mean(),
+                           random_accuracy_soft_std=acc["random_soft"].std(),
+                           ior_soft=acc["synthetic_soft"].mean() - acc["random_soft"].mean())
         method = synthetic.info.get("method", "synthetic")
         figures = {"synthetic.png": image_grid(xs, ys, num_classes, f"{method}, ipc {ipc}"),
                    "accuracy.png": _accuracy_plot(acc, method, ipc)}
         info = {"method": method, "ipc": ipc, "networks": cfg.networks,
                 "per_network": {k: [float(a) for a in v] for k, v in acc.items()},
-                "protocol": protocol, "full_epochs": cfg.full_epochs}
+                "protocol": protocol, "full_epochs": cfg.full_epochs,
+                "soft_labels": labels or "none",
+                "random_soft": ("relabelled by the teacher" if labels == "teacher" else
+                                "not reported: only a teacher input relabels random subsets")}
         report = ctx.write_report("report", metrics, figures=figures, info=info)
         for fig in figures.values():
             pyplot().close(fig)
@@ -124,12 +173,27 @@ class EvaluateSynthetic(Stage):
 
 
 def _accuracy_plot(acc: dict, method: str, ipc: int):
-    fig, ax = pyplot().subplots(figsize=(5, 3.5))
-    names = [f"random ipc {ipc}", f"{method} ipc {ipc}", "full data"]
-    vals = [acc["random"], acc["synthetic"], acc["full"]]
-    bars = ax.bar(names, [v.mean() for v in vals], yerr=[v.std() for v in vals], capsize=4,
-                  color=["tab:gray", "tab:blue", "tab:green"])
-    ax.bar_label(bars, fmt="%.3f")
+    fig, ax = pyplot().subplots(figsize=(5 + len(acc) - 3, 3.5))
+    bars = [(f"random ipc {ipc}", "random", "tab:gray"),
+            (f"random ipc {ipc}\nsoft", "random_soft", "silver"),
+            (f"{method} ipc {ipc}", "synthetic", "tab:blue"),
+            (f"{method} ipc {ipc}\nsoft", "synthetic_soft", "lightsteelblue"),
+            ("full data", "full", "tab:green")]
+    bars = [b for b in bars if b[1] in acc]
+    vals = [acc[key] for _, key, _ in bars]
+    drawn = ax.bar([b[0] for b in bars], [v.mean() for v in vals],
+                   yerr=[v.std() for v in vals], capsize=4, color=[b[2] for b in bars])
+    ax.bar_label(drawn, fmt="%.3f")
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("final test accuracy (mean ± std)")
     return fig
+
+
+def check_teacher(path: str, in_shape, num_classes: int, where: str) -> None:
+    """The teacher classifier must take the data's images and give its classes."""
+    from stages.models.classifiers import load_classifier
+    net = load_classifier(path, where)
+    if list(net.in_shape) != list(in_shape) or net.num_classes != num_classes:
+        raise bad_value(where, "classifier (input shape, classes)",
+                        [list(net.in_shape), net.num_classes],
+                        f"{[list(in_shape), num_classes]}, those of input 'data'")

@@ -15,6 +15,12 @@ The experts train as parallel Ray tasks (``num_cpus=1`` each, one torch thread).
 expert's file is put in the stage's work files (``ctx.work_files``: the store's work
 location, seen by every node) as soon as it finishes, so a re-run after an interruption,
 on any node, trains only the missing experts.
+
+FTD's flat experts (Du et al. 2023, CVPR, "Minimizing the Accumulated Trajectory Error to
+Improve Dataset Distillation", arXiv 2211.11004): with ``sam_rho`` > 0 every expert step is
+sharpness-aware (SAM: the gradient taken at w + rho g / ||g||), which FTD uses so that the
+trajectories the synthetic set is matched against are flat and its matching errors do not
+accumulate; with it ``mtt``'s ``ema_decay`` is FTD's second half.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ def train_expert(arch: dict, x, y, x_test, y_test, cfg: dict, seed: int, expert:
     rows = []
     net = train_net(arch, x, y, cfg["epochs"], cfg["lr"], seed, momentum=cfg["momentum"],
                     weight_decay=0.0, batch_size=cfg["batch_size"], augment=cfg["augment"],
+                    sam_rho=cfg["sam_rho"],
                     on_epoch=lambda e, n: rows.append(flat_params(n).cpu().numpy()))
     acc = accuracy(net, x_test, y_test)
     params = np.stack(rows).astype(PRECISIONS[cfg["precision"]])
@@ -73,6 +80,7 @@ class ExpertTrajectories(Stage):
         batch_size: int = Field(256, ge=1)
         augment: bool = False                        # DSA while training the experts
         precision: Literal[tuple(PRECISIONS)] = "float32"
+        sam_rho: float = Field(0.0, ge=0)            # FTD: sharpness-aware experts (rho)
 
     inputs = {"data": Dataset}
     outputs = {"experts": Dataset}
@@ -115,7 +123,7 @@ class ExpertTrajectories(Stage):
         num_params = pq.ParquetFile(os.path.join(out, shard_name(0))).schema_arrow.field(
             "params").type.list_size
         info = {"arch": arch, "dataset": key, "experts": cfg.experts, "epochs": cfg.epochs,
-                "lr": cfg.lr, "precision": cfg.precision, "num_params": num_params,
+                "lr": cfg.lr, "precision": cfg.precision, "sam_rho": cfg.sam_rho, "num_params": num_params,
                 "expert_test_accuracy_mean": float(np.mean(accs))}
         ctx.log_metrics({"expert_test_accuracy_mean": float(np.mean(accs))})
         return {"experts": Dataset(path=out, info=info)}
