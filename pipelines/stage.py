@@ -32,6 +32,7 @@ import inspect
 from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic_core import to_jsonable_python
 
 from .artifacts import Artifact, Dataset, Model, Report  # noqa: F401  (re-exported)
 from .errors import UserError, allowed_list, did_you_mean
@@ -47,10 +48,15 @@ class StageConfig(BaseModel):
     theirs: a config's execution fields are those of every class it derives from. A config
     whose maths does depend on one of them for some values (per-worker BatchNorm
     statistics, noise drawn on each worker) names it in ``keyed_execution``, with why:
-    that field then stays in the key."""
+    that field then stays in the key.
+
+    ``added`` names fields added to a kind after its artifacts existed, whose default keeps
+    what the kind computed before: at its default such a field is left out of the key, so
+    the artifacts already in a store stay cache hits; any other value is keyed as usual."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
     execution: ClassVar[tuple[str, ...]] = ()
+    added: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def execution_fields(cls) -> tuple[str, ...]:
@@ -61,6 +67,10 @@ class StageConfig(BaseModel):
                     seen.append(name)
         return tuple(seen)
 
+    @classmethod
+    def added_fields(cls) -> tuple[str, ...]:
+        return tuple(n for klass in reversed(cls.__mro__) for n in klass.__dict__.get("added", ()))
+
     def keyed_execution(self) -> dict[str, str]:
         """Execution fields this config keeps in its key, each with the reason."""
         return {}
@@ -69,6 +79,10 @@ class StageConfig(BaseModel):
         """(the keyed config, the execution settings left out of it, the execution fields
         kept in it with why), as JSON values."""
         values = self.model_dump(mode="json")
+        for name in self.added_fields():
+            field = type(self).model_fields[name]
+            if values[name] == to_jsonable_python(field.get_default(call_default_factory=True)):
+                values.pop(name)
         kept = {k: v for k, v in self.keyed_execution().items() if k in values}
         execution = {k: values.pop(k) for k in self.execution_fields() if k not in kept}
         return values, execution, kept

@@ -71,6 +71,9 @@ class MatchTrajectories(Stage):
     #                defaults: without them the stage computes what it did
 
     class Config(NetConfig):
+        # added after artifacts existed: at their defaults, left out of the key
+        added = ('min_start_epoch', 'max_start_epoch_from', 'soft_labels', 'lr_label',
+                 'ema_decay')
         ipc: int = Field(1, ge=1)                    # images per class
         iterations: int = Field(300, ge=1)
         syn_steps: int = Field(20, ge=1)             # N student steps

@@ -73,6 +73,8 @@ class ExpertTrajectories(Stage):
     version = "1"
 
     class Config(NetConfig):
+        # added after artifacts existed: at their defaults, left out of the key
+        added = ('sam_rho',)
         experts: int = Field(8, ge=1)                # E
         epochs: int = Field(20, ge=1)                # recorded epochs per expert
         lr: float = Field(0.01, gt=0)                # expert SGD learning rate

@@ -1,9 +1,6 @@
-"""``scm-distill``: continuous-time consistency distillation, sCM (Lu & Song 2024,
-"Simplifying, Stabilizing and Scaling Continuous-time Consistency Models", arXiv
-2410.11081: TrigFlow, the continuous-time CM gradient, tangent normalisation, tangent
-warm-up, adaptive weighting; Algorithm 1), image-free as TBCM (Tang et al. 2025, arXiv
-2511.20410: the teacher's own routes from pure noise, no VAE, no images), trained through
-the training harness (Ray Train workers by default).
+"""``scm-distill``: continuous-time consistency distillation, sCM (Lu & Song 2024, arXiv
+2410.11081, Algorithm 1), image-free as TBCM (Tang et al. 2025, arXiv 2511.20410: the
+teacher's own routes from noise, no VAE, no images), through the training harness.
 
 TrigFlow (``stages.models.trigflow``): x_t = cos t x0 + sin t sigma_d eps, t in [0, pi/2];
 the teacher (epsilon, v, x0 or flow prediction, pixel or latent) and its student are
@@ -18,6 +15,9 @@ guided at w for latent teachers; the pixel teacher is unguided). Per example:
     g = -cos^2 t (sigma_d F- - dx_t/dt) - r (cos t sin t x_t + sigma_d cos t sin t dF-/dt)
     g <- g / (||g|| + c)                              tangent normalisation, c = tangent_norm_c
     L = w(t) / exp(u(t)) ||F_theta - F- - g||^2 / D + u(t)
+
+``time_derivative``: the exact ``jvp``, or a central difference in t over +-``time_delta``
+(``stages.models.trigflow.jvp``: why, and what was measured).
 
 r = min(1, step / tangent_warmup_steps) (tangent warm-up; the step counter is kept in the
 checkpoint, so a resumed run goes on with it), D the dimension, u(t) the learned
@@ -36,21 +36,17 @@ Data (no images either way):
 - ``data: noise``: the teacher rolls out from pure noise inside training: per batch,
   ``rollout_steps`` DDIM steps in TrigFlow time from the schedule's last time to 0 give
   x0_teacher; then x_t = cos t x0_teacher + sin t sigma_d eps with sCM's proposal
-  t = atan(exp(tau) / sigma_d), tau ~ N(P_mean, P_std^2) (defaults -1.0, 1.4: sCM's
-  pixel-space CIFAR-10 / ImageNet-64 values), clamped to the times the teacher's schedule
-  covers: Algorithm 1 with the teacher's samples for the dataset. An epoch is ``rows``
-  rows (pixel: label = id mod classes; latent: a train prompt each, w fixed or drawn per
-  row from ``guidance_range`` for ``guidance: embedded``).
+  t = atan(exp(tau) / sigma_d), tau ~ N(P_mean, P_std^2) (sCM's pixel-space -1.0, 1.4),
+  clamped to the teacher's times: Algorithm 1 with the teacher's samples for data. An
+  epoch is ``rows`` rows (pixel: label = id mod classes; latent: a train prompt each, w
+  fixed or drawn from ``guidance_range`` for ``guidance: embedded``).
 
 Saved (the student starts from the teacher, ``init`` / ``architecture`` as the other
 students; latent: ``guidance`` / ``guidance_scale`` / ``lora`` as
 ``stages.train.latent_student``): pixel, a diffusers folder whose ``student.json`` holds
-sCM's multistep sampler as x0 chains (``stages.models.diffusion_sampling``): at each VP
-timestep the network's x0, re-noised to the next; 1 step from T - 1, 2 steps through sCM's
-t = 1.1, 4 steps through t = 1.3, 1.1, 0.8 (1.1 kept, one time either side of it on the
-arctan scale), each TrigFlow time as its nearest VP timestep. Latent: a pipeline folder
-with the family's consistency scheduler (``LCMScheduler`` / ``FlowMatchLCMScheduler``);
-its chains are that scheduler's own grid (4 points; the 2-step chain its grid's half).
+sCM's multistep x0 chains from T - 1 (2 steps through t = 1.1; 4 through 1.3, 1.1, 0.8, each
+time's nearest VP timestep); latent, a pipeline folder with the family's consistency
+scheduler, whose own 4-point grid (and its half) are the chains.
 """
 
 from __future__ import annotations
@@ -130,7 +126,9 @@ class SCM:
         plain = getattr(net, "module", net)
         r = self.warmup()
         self.step += 1
-        minus, d_minus = jvp(lambda x, s: tf.F(call(plain), x, s), x_t, t, v, plain)  # 3.
+        delta = cfg.time_delta if cfg.time_derivative == "central-difference" else None
+        minus, d_minus = jvp(lambda x, s: tf.F(call(plain), x, s), x_t, t, v, plain,  # 3.
+                             delta, tf.t_range())
         c, s = _col(t.cos(), x_t), _col(t.sin(), x_t)
         g = -c * c * (sd * minus - v) - r * (c * s * x_t + sd * d_minus)            # 4. g
         norm = g.flatten(1).norm(dim=1)
@@ -219,12 +217,15 @@ class SCMDistill(StudentStage):
     version = "1"
 
     class Config(StudentConfig):
+        added = ("time_derivative", "time_delta")  # at their defaults: out of the key
         data: Literal["trajectories", "noise"] = "trajectories"
         sigma_d: float = Field(0.5, gt=0)
         P_mean: float = -1.0                     # data: noise: tau ~ N(P_mean, P_std^2)
         P_std: float = Field(1.4, gt=0)
         tangent_warmup_steps: int = Field(1000, ge=0)  # r from 0 to 1 over these steps
         tangent_norm_c: float = Field(0.1, gt=0)
+        time_derivative: Literal["jvp", "central-difference"] = "jvp"
+        time_delta: float = Field(0.02, gt=0, le=0.2)  # d of the central difference
         logvar: bool = True                      # adaptive weighting u(t)
         prior_weighting: bool = True             # w(t) = 1 / (sigma_d tan t)
         rollout_steps: PositiveInt = 8           # data: noise: teacher steps per batch

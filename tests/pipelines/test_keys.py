@@ -192,3 +192,26 @@ def test_a_sweep_over_an_execution_setting_is_refused():
                                         r"setting of test-scale.*every trial would share one "
                                         r"artifact"):
         parse_space({"double.threads": {"choice": [1, 2]}}, p)
+
+
+def test_a_field_added_later_is_keyed_only_away_from_its_default():
+    """An artifact made before a field existed stays a cache hit while the field keeps its
+    default (which computes what the kind did before); any other value is keyed."""
+
+    class Before(StageConfig):
+        lr: float = 0.1
+
+    class After(StageConfig):
+        added = ("ema",)
+        lr: float = 0.1
+        ema: float | None = None
+
+    assert After().split_execution()[0] == Before().split_execution()[0] == {"lr": 0.1}
+    assert After(ema=0.9).split_execution()[0] == {"lr": 0.1, "ema": 0.9}
+    assert After(ema=None, lr=0.2).split_execution()[0] == {"lr": 0.2}
+
+
+@pytest.mark.parametrize("kind", sorted(k for k, c in registry().items() if c.Config.added_fields()))
+def test_added_fields_name_fields_of_the_config(kind):
+    cfg = registry()[kind].Config
+    assert set(cfg.added_fields()) <= set(cfg.model_fields), kind

@@ -113,6 +113,26 @@ def test_an_exact_consistency_function_has_a_zero_tangent():
     assert g.abs().max() < 1e-9 * x.abs().max()
 
 
+def test_time_difference_averages_out_an_embedding_that_only_integer_times_trained():
+    """fn = x cos t + a sin(k t): a smooth flow plus the fast ripple of a time embedding
+    between the timesteps it was trained at. The exact JVP follows the ripple (a k cos k t);
+    the central difference over +-d sees the flow (within a / d) and its part along dx_t/dt
+    stays exact."""
+    a, k, d = 1e-3, 2000.0, 0.02
+    fn = lambda x, t: x * t.cos().view(-1, 1) + a * torch.sin(k * t).view(-1, 1)  # noqa: E731
+    x = torch.randn(4, 3, dtype=torch.float64)
+    t = torch.tensor([0.3, 0.7, 1.0, 1.3], dtype=torch.float64)
+    v = torch.randn(4, 3, dtype=torch.float64)
+    cs = (t.cos() * t.sin()).view(-1, 1)
+    smooth = cs * (v * t.cos().view(-1, 1) - x * t.sin().view(-1, 1))
+    _, exact = jvp(fn, x, t, v, torch.nn.Identity())
+    F, averaged = jvp(fn, x, t, v, torch.nn.Identity(), time_delta=d, t_range=(0.0, 1.5))
+    torch.testing.assert_close(F, fn(x, t))
+    torch.testing.assert_close(exact, smooth + cs * a * k * torch.cos(k * t).view(-1, 1))
+    assert (averaged - smooth).abs().max() < cs.max() * (a / d + d)  # O(a / d) + O(d^2 x)
+    assert (exact - smooth).abs().max() > 10 * (averaged - smooth).abs().max()
+
+
 def test_unconvertible_prediction_lists_the_convertible_ones():
     with pytest.raises(UserError) as e:
         TrigFlow("mu", 0.5, None, 1000, where="stage 'scm' (scm-distill) input 'teacher'")
