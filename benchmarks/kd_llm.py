@@ -53,8 +53,10 @@ def same_rows(outputs: dict, configs: dict, store: str, gpus: float) -> bool:
     from stages.teacher.generate_responses import GenerateResponses
     prompts = outputs["instructions"]["prompts"]
     ids = sorted(prompts.to_numpy(["id"])["id"].tolist())[:CHECK_ROWS]
-    ctx = StageContext.for_testing(store, name="responses_1actor", seed=0,
-                                   num_gpus_available=gpus, key="bench-check")
+    # a fresh directory: the check generates again every time (no shards of an earlier run)
+    ctx = StageContext.for_testing(tempfile.mkdtemp(prefix="kdllm-1actor-"),
+                                   name="responses_1actor", seed=0, num_gpus_available=gpus,
+                                   key="bench-check")
     table = prompts.to_arrow()
     subset = ctx.write_dataset("prompts", table.filter(pc.is_in(table["id"], pa.array(ids))),
                                info=prompts.info)

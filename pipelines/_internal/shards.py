@@ -120,6 +120,8 @@ class ResumableWrite:
             return Dataset(path=path, info=dict(info or {}), uri=f"{scheme}{target}")
         for i, src in enumerate(self.shards + mine):
             dst = os.path.join(path, f"part-{i:05d}.parquet")
+            if os.path.lexists(dst):  # an earlier attempt's link into these staging files:
+                os.remove(dst)        # copying over it would truncate the shard it shares
             try:
                 os.link(src, dst)
             except OSError:

@@ -112,3 +112,23 @@ def test_shards_of_attempts_that_ran_at_once_are_used_once(tmp_path):
     dataset = out.write(None)
     ids = shard_ids(dataset.path)
     assert sorted(ids) == list(range(120))
+
+
+def test_a_second_write_into_the_same_staging_leaves_the_shards_whole(tmp_path):
+    """Staging files of an earlier attempt are hard links to the shards: writing the output
+    again (a context reused by name) replaces those links instead of copying through them,
+    which truncated the shards and gave empty parquet files."""
+    import pyarrow as pa
+
+    from pipelines import StageContext
+    from pipelines._internal.shards import ResumableWrite
+    ctx = StageContext.for_testing(tmp_path)
+    base = os.path.join(ctx.work_uri, "shards", "signal", "a1")
+    os.makedirs(base)
+    pq.write_table(pa.table({"id": list(range(10)), "x": [0.5] * 10}),
+                   os.path.join(base, "p0.parquet"))
+    size = os.path.getsize(os.path.join(base, "p0.parquet"))
+    for _ in range(2):
+        dataset = ResumableWrite(ctx, "signal").write(None)
+        assert sorted(shard_ids(dataset.path)) == list(range(10))
+    assert os.path.getsize(os.path.join(base, "p0.parquet")) == size
