@@ -124,11 +124,10 @@ class SCM:
         cfg, tf, sd = self.cfg, self.tf, self.cfg.sigma_d
         net = nets["student"]
         plain = getattr(net, "module", net)
-        r = self.warmup()
-        self.step += 1
-        delta = cfg.time_delta if cfg.time_derivative == "central-difference" else None
+        r, self.step = self.warmup(), self.step + 1
         minus, d_minus = jvp(lambda x, s: tf.F(call(plain), x, s), x_t, t, v, plain,  # 3.
-                             delta, tf.t_range())
+                             cfg.time_delta if cfg.time_derivative != "jvp" else None,
+                             tf.t_range())
         c, s = _col(t.cos(), x_t), _col(t.sin(), x_t)
         g = -c * c * (sd * minus - v) - r * (c * s * x_t + sd * d_minus)            # 4. g
         norm = g.flatten(1).norm(dim=1)
