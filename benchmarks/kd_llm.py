@@ -47,7 +47,7 @@ COLUMNS = [("response_perplexity", "perplexity on the teacher's responses", "{:.
            ("student_params", "parameters", "{:,.0f}")]
 
 
-def same_rows(outputs: dict, configs: dict, store: str, gpus: float) -> bool:
+def same_rows(outputs: dict, configs: dict, gpus: float) -> bool:
     """The first CHECK_ROWS prompts' responses again, with 1 actor: identical?"""
     from pipelines.context import StageContext
     from stages.teacher.generate_responses import GenerateResponses
@@ -129,7 +129,7 @@ def run(repetitions: int = 1) -> dict:
     outputs, configs, seconds, reused = run_example(
         store, {}, gpus, pipeline=PIPELINE, only=tuple(f"eval_{n}" for n in STUDENTS),
         keep=tuple(n for n in os.environ.get("KD_LLM_BENCH_KEEP", "").split(",") if n))
-    identical = same_rows(outputs, configs, store, gpus)
+    identical = same_rows(outputs, configs, gpus)
     metrics = {name: outputs[f"eval_{name}"]["report"].metrics() for name in STUDENTS}
     info = machine()
     s, t = metrics["sft"], metrics["token_kd"]

@@ -160,11 +160,11 @@ class MatchTrajectories(Stage):
                 with torch.no_grad():
                     label_logits.copy_(state["labels"])
                 opt_label.load_state_dict(state["opt_label"])
-                opt_label.param_groups[0]["lr"] = cfg.lr_label
             if ema is not None:
                 ema = state["ema"].to(dev)
-            for opt, lr in ((opt_img, cfg.lr_img), (opt_lr, cfg.lr_lr)):
-                opt.param_groups[0]["lr"] = lr  # the config's, not the checkpoint's
+            for opt, lr in ((opt_img, cfg.lr_img), (opt_lr, cfg.lr_lr), (opt_label, cfg.lr_label)):
+                if opt is not None:
+                    opt.param_groups[0]["lr"] = lr  # the config's, not the checkpoint's
             start = state["iteration"]
         syn_lr = log_lr.detach().exp()
         gen = torch.Generator()

@@ -113,8 +113,8 @@ class EvaluateSynthetic(Stage):
         refs = {"synthetic": [], "random": [], "full": []}
         refs.update({"synthetic_soft": []} if labels else {})
         refs.update({"random_soft": []} if labels == "teacher" else {})
-        by = {"teacher_path": teacher.path} if teacher is not None else {"soft": (
-            soft.numpy() if soft is not None else None)}
+        by = ({"teacher_path": teacher.path} if teacher is not None else
+              {"soft": ray.put(soft.numpy())} if soft is not None else {})
         for n in range(cfg.networks):
             seed = ctx.seed * 1000 + n
             refs["synthetic"].append(task.remote(arch, xs.numpy(), ys.numpy(), *test,

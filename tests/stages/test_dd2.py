@@ -214,3 +214,17 @@ def test_sharpness_aware_gradient_is_taken_at_the_perturbed_point():
     sharpness_aware_grad(model, None, loss_fn, rho=0.1)
     at = torch.tensor([1.0, 2.0]) + 0.1 * g / g.norm()
     assert torch.allclose(w.grad, 4 * at ** 3) and torch.equal(w.data, torch.tensor([1.0, 2.0]))
+
+
+def test_evaluate_synthetic_trains_against_a_stored_soft_label_column(experts, digits, tmp_path):
+    from stages.distill.mtt import MatchTrajectories
+    from stages.evaluate.evaluate_synthetic import EvaluateSynthetic
+    syn = run_stage(MatchTrajectories, {**DATM, "iterations": 1}, tmp_path, "datm",
+                    experts=experts, data=digits)[0]["synthetic"]
+    cfg = {**NET, "networks": 5, "epochs": 5, "full_networks": 1, "full_epochs": 1}
+    report = run_stage(EvaluateSynthetic, cfg, tmp_path, "eval", synthetic=syn,
+                       data=digits)[0]["report"]
+    m = report.metrics()
+    assert report.info["soft_labels"] == "stored"
+    assert len(report.info["per_network"]["synthetic_soft"]) == 5
+    assert np.isfinite(m["accuracy_soft_mean"]) and "random_accuracy_soft_mean" not in m
