@@ -50,8 +50,9 @@ from pydantic import Field, PositiveInt
 
 from pipelines.errors import bad_value
 from pipelines.stage import Dataset, Many, Model, Report, Stage, StageConfig
-from stages.evaluate.generation_metrics import (CLASSIFIER_VIEWS, RESERVED, Features, fid,
-                                                fid_plot, kid, precision_recall, real_floor)
+from stages.evaluate.generation_metrics import (CLASSIFIER_VIEWS, REFERENCES, RESERVED,
+                                                Features, fid, fid_plot, kid,
+                                                precision_recall, real_floor)
 from stages.evaluate.timing import pyplot
 from stages.models.classifiers import load_classifier
 from stages.models.diffusion import check_shape, load_diffusion, where_of
@@ -61,9 +62,10 @@ from stages.models.families import is_latent
 
 class EvaluateGeneration(Stage):
     kind = "evaluate-generation"
-    version = "5"  # 2: latency measured side by side in rounds (was one timed pass each)
+    version = "6"  # 2: latency measured side by side in rounds (was one timed pass each)
     # 3: any number of students, named by their stage; 4: latent text-to-image teachers;
     # 5: FID and KID by torchmetrics (FID the same to ~1e-12, KID on other random subsets)
+    # 6: text-to-image: the real reference paired with the prompts (``reference``)
 
     class Config(StageConfig):
         teacher_steps: list[PositiveInt] = [100, 50, 20, 10, 4, 2, 1]
@@ -97,6 +99,12 @@ class EvaluateGeneration(Stage):
         # for a teacher trained on the real images padded, e.g. 28 -> 32 pixels; resized
         # only where it is smaller)
         classifier_view: Literal[CLASSIFIER_VIEWS] = "resize"
+        # the real images a text-to-image teacher is compared with: "paired" (the data
+        # rows whose prompt is a held-out prompt; generated rows take their prompts),
+        # "test-split" (the data's test split; generated rows cycle through the held-out
+        # prompts: fair only when those cover the data as the test split does), "auto"
+        # (paired when the data has a ``prompt`` column)
+        reference: Literal[REFERENCES] = "auto"
 
     inputs = {"teacher": Model, "classifier": Model, "data": Dataset,
               "students": Many(Model)}

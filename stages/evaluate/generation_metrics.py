@@ -96,18 +96,37 @@ class Features:
         return torch.cat(feats).double().numpy(), torch.cat(logits).argmax(1).numpy()
 
 
-def real_floor(features, real: np.ndarray, cfg, seed: int):
-    """The real images split in two random halves A and B (seeded): the features of A, the
-    generated-set size n (``num_samples``, at most |B|) and the real-vs-real floors
-    FID(A, B[:n]) and KID."""
-    order = np.random.default_rng(seed).permutation(len(real))
-    half_a, half_b = order[: len(real) // 2], order[len(real) // 2:]
-    n = min(cfg.num_samples or len(half_b), len(half_b))
+def real_halves(count: int, num_samples: int | None, seed: int):
+    """Rows 0..count-1 split in two random halves A and B (seeded); B cut to the
+    generated-set size n (``num_samples``, at most |B|)."""
+    order = np.random.default_rng(seed).permutation(count)
+    half_a, half_b = order[: count // 2], order[count // 2:]
+    return half_a, half_b[:min(num_samples or len(half_b), len(half_b))]
+
+
+def real_floor(features, real: np.ndarray, cfg, seed: int, halves=None):
+    """The features of A, the generated-set size n and the real-vs-real floors FID(A,
+    B[:n]) and KID (``halves``: ``real_halves`` of the real images by default)."""
+    half_a, half_b = halves or real_halves(len(real), cfg.num_samples, seed)
     feat_a, _ = features(torch.as_tensor(real[half_a]))
-    feat_b, _ = features(torch.as_tensor(real[half_b[:n]]))
+    feat_b, _ = features(torch.as_tensor(real[half_b]))
     floors = {"fid/real/floor": fid(feat_a, feat_b),
               "kid/real/floor": kid(feat_a, feat_b, cfg.kid_subsets, cfg.kid_subset_size, seed)}
-    return feat_a, n, floors
+    return feat_a, len(half_b), floors
+
+
+def paired_rows(data_prompts, eval_prompts: list[str], num_samples: int | None, seed: int):
+    """The paired reference of a text-to-image evaluation (as COCO's FID takes the captions
+    of its reference images): the data rows whose prompt is one of ``eval_prompts``, in
+    halves A and B (``real_halves``); generated row r is prompted with B[r]'s prompt, so
+    the generated and the real sets share one prompt distribution. Returns (indices of
+    A, indices of B, the eval-prompt index of each generated row), indices into
+    ``data_prompts``."""
+    at = {p: i for i, p in enumerate(eval_prompts)}
+    index = np.array([at.get(str(p), -1) for p in data_prompts], dtype=np.int64)
+    rows = np.flatnonzero(index >= 0)
+    half_a, half_b = real_halves(len(rows), num_samples, seed)
+    return rows[half_a], rows[half_b], index[rows[half_b]]
 
 
 def prompt_labels(data, prompts: list[str]) -> np.ndarray | None:
@@ -130,6 +149,7 @@ def accuracy(metrics: dict, key: str, pred, row_label) -> None:
 
 
 CLASSIFIER_VIEWS = ("resize", "crop")
+REFERENCES = ("auto", "paired", "test-split")  # evaluate-generation's t2i real reference
 
 
 def to_classifier(images: torch.Tensor, in_shape, view: str = "resize") -> torch.Tensor:

@@ -2,9 +2,18 @@
 of a supported family) and its few-step students, on the held-out prompts (``split ==
 "test"`` of the ``encode-prompts`` output, sorted by id).
 
-Rows: n images per (model, steps), n = min(``num_samples`` or |B|, |B|) as in the pixel path
-(A, B: random halves of the ``data`` test images); row r is prompt r mod P with x_T =
-``row_noise(seed, 2^40 + r)`` (no trajectory row's noise), the same for every model.
+Rows: n images per (model, steps), n = min(``num_samples`` or |B|, |B|), x_T of row r =
+``row_noise(seed, 2^40 + r)`` (no trajectory row's noise), the same for every model. A and B
+(random halves, seeded) and the prompts, by ``reference`` (``auto``: ``paired`` when ``data``
+has a ``prompt`` column, else ``test-split``; the choice is the report's ``reference``):
+- ``paired``: the ``data`` rows (every split) whose prompt is a held-out prompt; row r is
+  prompted with B[r]'s prompt, so real and generated sets share one prompt distribution,
+  as COCO's FID takes its reference images' captions. Every split, as FID's reference is
+  conventionally the whole real set (CIFAR-10's and ImageNet's training images): the
+  held-out prompts' test images alone are too few (MNIST's 13 held-out captions: ~140).
+- ``test-split``: the ``data`` test images; row r is held-out prompt r mod P. Fair only when
+  those prompts cover the data as its test split does (MNIST's 13 held-out captions name 8
+  of the 10 digits: real images of them, uniform per caption, score 2.7x the floor).
 
 Quality, on the stored embeddings (no text encoder): the teacher at each of
 ``teacher_steps`` with ``sampler`` and w = ``guidance_scale`` (classifier-free or the
@@ -13,14 +22,14 @@ family's embedded guidance), students with their own scheduler at ``student_step
 the teacher's VAE, D(z / scaling_factor + shift_factor), to [0, 1]; for the classifier
 (``fit-classifier``) grey (BT.601 luma) if it takes one channel, then ``classifier_view``:
 centre-cropped to its aspect ratio and resized (bilinear, antialiased) to its size, or
-(``crop``, a teacher trained on padded images) its centre crop of the classifier's size. Metrics ``<metric>/<model>/
-<steps>``: ``fid``, ``kid``, ``precision``, ``recall`` against A (``fid/real/floor``: FID(A,
-B) at n; FID and KID by torchmetrics, as in the pixel path); ``teacher_distance``: per-row
-RMSE over pixels in [0, 1] to the reference teacher's image (the largest ``teacher_steps``)
-from the same noise and prompt, averaged
-(0 for the reference); ``digit_accuracy`` when ``data`` has ``prompt`` and ``label``
-columns (a prompt's label: the majority label of its rows; rows of unlabelled prompts
-skipped); ``digit_accuracy_w/<model>/<w>`` for each of ``guidance_scales``: the reference
+(``crop``, a teacher trained on padded images) its centre crop of the classifier's size.
+Metrics ``<metric>/<model>/<steps>``: ``fid``, ``kid``, ``precision``, ``recall``
+against A (``fid/real/floor``: FID(A, B) at n; FID and KID by torchmetrics, as in the pixel
+path); ``teacher_distance``: per-row RMSE over pixels in [0, 1] to the reference teacher's
+image (the largest ``teacher_steps``) from the same noise and prompt, averaged (0 for the
+reference); ``digit_accuracy`` when ``data`` has ``prompt`` and ``label`` columns (paired:
+B[r]'s label; else a prompt's label: the majority label of its rows; rows of unlabelled
+prompts skipped); ``digit_accuracy_w/<model>/<w>`` for each of ``guidance_scales``: the reference
 teacher and every embedded-guidance student at its largest step count.
 
 Latency, on the saved pipelines (``DiffusionPipeline.from_pretrained``; the teacher's
@@ -41,10 +50,10 @@ import numpy as np
 import torch
 
 from pipelines.errors import bad_value
-from stages.data.tables import read_split
+from stages.data.tables import parquet, read_split
 from stages.evaluate.generation_metrics import (Features, accuracy, fid, fid_plot, kid,
-                                                precision_recall, prompt_labels,
-                                                real_floor, to_classifier)
+                                                paired_rows, precision_recall, prompt_labels,
+                                                real_floor, real_halves, to_classifier)
 from stages.evaluate.timing import pyplot
 from stages.models.classifiers import load_classifier
 from stages.models.device import device as torch_device
@@ -90,16 +99,14 @@ def run_latent(stage, ctx, teacher, classifier, data, students, embeddings, w) -
     if len(in_shape) != 3 or in_shape[0] not in (1, 3):
         raise bad_value(w("classifier"), "input shape", list(in_shape),
                         "(1 or 3 channels, height, width): an image classifier")
-    real = read_split(data, "test", ["x"], w("data"))["x"].astype(np.float32)
+    device = torch_device()
+    cond = Conditioning(embeddings, "test", w("embeddings")).to(device)
+    real, halves, prompt_of, row_label, mode, pool = reference(data, cond, cfg, ctx.seed, w)
     if tuple(real.shape[1:]) != in_shape:
         raise bad_value(w("data"), "image shape", list(real.shape[1:]),
                         f"the classifier's input {list(in_shape)}")
-    device = torch_device()
-    cond = Conditioning(embeddings, "test", w("embeddings")).to(device)
-    labels = prompt_labels(data, cond.prompts)
     features = Features(net)
-
-    feat_a, n, metrics = real_floor(features, real, cfg, ctx.seed)  # 2. real halves
+    feat_a, n, metrics = real_floor(features, real, cfg, ctx.seed, halves)  # 2. real halves
 
     ref = max(cfg.teacher_steps)
     embedded = [s for s in students if models[s].student.get("guidance") == "embedded"]
@@ -108,8 +115,9 @@ def run_latent(stage, ctx, teacher, classifier, data, students, embeddings, w) -
     runs = list(dict.fromkeys([("teacher", ref)] + [("teacher", s) for s in cfg.teacher_steps]
                               + [(s, k) for s in students for k in cfg.steps_of(s)]))
     rows = np.arange(n)
-    row_label = labels[rows % len(cond)] if labels is not None else None
-    sampler = Sampler(models, cond, torch.as_tensor(rows % len(cond)),
+    grid_rows = np.unique(prompt_of, return_index=True)[1]
+    grid_rows = np.sort(grid_rows)[:GRID_ROWS]  # the first rows of distinct prompts
+    sampler = Sampler(models, cond, torch.as_tensor(prompt_of),
                       row_noise(ctx.seed, EVAL_ROWS + rows, shape), cfg, ctx.seed, device,
                       f"{where} config")
     threads = torch.get_num_threads()
@@ -129,8 +137,8 @@ def run_latent(stage, ctx, teacher, classifier, data, students, embeddings, w) -
                     ref_images[a:a + len(images)] = images
                 diff = images.float() - ref_images[a:a + len(images)].float()
                 dist.append(diff.pow(2).flatten(1).mean(1).sqrt())
-                if a == 0:
-                    grids[(name, steps)] = images[:min(GRID_ROWS, len(cond))].float()
+                pick = grid_rows[(grid_rows >= a) & (grid_rows < a + len(images))] - a
+                grids.setdefault((name, steps), []).append(images[pick].float())
             feat, preds[(name, steps)] = np.concatenate(feats), np.concatenate(pred)
             key = f"{name}/{steps}"
             metrics[f"fid/{key}"] = fid(feat_a, feat)
@@ -162,13 +170,17 @@ def run_latent(stage, ctx, teacher, classifier, data, students, embeddings, w) -
             metrics[f"denoiser_speedup/{name}/{steps}"] = (den[("teacher", ref)] /
                                                            den[(name, steps)])
     metrics["steps/teacher/reference"] = ref
-    figures = {"samples.png": grid_plot(grids, runs, cond.prompts),         # 6. plots
+    grids = {k: torch.cat(v) for k, v in grids.items()}
+    figures = {"samples.png": grid_plot(grids, runs, [cond.prompts[prompt_of[r]]   # 6. plots
+                                                      for r in grid_rows]),
                "fid_vs_steps.png": fid_plot(metrics, cfg.teacher_steps,
                                             {n: cfg.steps_of(n) for n in students},
                                             ref, list(students), "teacher reference")}
     if any(k.startswith("digit_accuracy_w/") for k in metrics):
         figures["accuracy_vs_w.png"] = w_plot(metrics, curves, cfg.guidance_scales)
-    info = {"num_samples": n, "prompts": len(cond), "real_images": len(real),
+    info = {"num_samples": n, "prompts": len(cond), "reference": mode,
+            "real_images": pool,
+            "row_prompts": len(np.unique(prompt_of)),
             "labelled_rows": int((row_label >= 0).sum()) if row_label is not None else 0,
             "threads": cfg.threads, "device": str(device), "batch_size": cfg.batch_size,
             "teacher_reference_steps": ref, "guidance_scale": cfg.guidance_scale,
@@ -178,6 +190,36 @@ def run_latent(stage, ctx, teacher, classifier, data, students, embeddings, w) -
     for fig in figures.values():
         pyplot().close(fig)
     return {"report": report}
+
+
+def reference(data, cond, cfg, seed: int, w):
+    """(real images, (A, B), held-out prompt index of each generated row, row labels or
+    None, the reference used, |A| + |B| before the cut to n): the module docstring's
+    ``reference``."""
+    names = set(parquet(data).schema.names)
+    mode = cfg.reference if cfg.reference != "auto" else (
+        "paired" if "prompt" in names else "test-split")
+    if mode == "test-split":
+        real = read_split(data, "test", ["x"], w("data"))["x"].astype(np.float32)
+        halves = real_halves(len(real), cfg.num_samples, seed)
+        prompt_of = np.arange(len(halves[1])) % len(cond)
+        labels = prompt_labels(data, cond.prompts)
+        return (real, halves, prompt_of, None if labels is None else labels[prompt_of], mode,
+                len(real))
+    if "prompt" not in names:
+        raise bad_value(f"{w('data')} (config reference: paired)", "columns", sorted(names),
+                        "a 'prompt' column (or reference: test-split)")
+    cols = data.to_numpy(["x", "prompt", *(["label"] if "label" in names else [])])
+    half_a, half_b, prompt_of = paired_rows(cols["prompt"], cond.prompts, cfg.num_samples,
+                                            seed)
+    if len(half_b) < max(10, cfg.pr_k + 1):
+        raise bad_value(f"{w('data')} (config reference: {cfg.reference})",
+                        "images whose prompt is a held-out prompt", len(half_a) + len(half_b),
+                        f"at least {2 * max(10, cfg.pr_k + 1)} (or reference: test-split)")
+    labels = cols["label"][half_b].astype(np.int64) if "label" in cols else None
+    real = np.asarray(cols["x"]).astype(np.float32)
+    pool = int(np.isin(cols["prompt"], cond.prompts).sum())
+    return real, (half_a, half_b), prompt_of, labels, mode, pool
 
 
 class Sampler:

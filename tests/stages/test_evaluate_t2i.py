@@ -15,6 +15,7 @@ from pipelines.errors import UserError
 from stages.data.load_prompts import LoadPrompts
 from stages.distill.diffusion_pairs import DiffusionPairs
 from stages.evaluate.evaluate_generation import EvaluateGeneration
+from stages.evaluate.generation_metrics import paired_rows
 from stages.evaluate.generation_t2i import prompt_labels, to_classifier
 from stages.teacher.diffusion_trajectories import DiffusionTrajectories
 from stages.teacher.encode_prompts import EncodePrompts
@@ -99,6 +100,10 @@ def test_t2i_metrics(chain, tmp_path):
     assert all(0 <= m[k] <= 1 for k in m if k.startswith("digit_accuracy"))
     assert m["speedup/cd/1"] > 0 and m["ms_per_image/teacher/2"] > 0
     assert report.info["num_samples"] == 12 and report.info["labelled_rows"] > 0
+    held = set(test_prompts["prompt"][test_prompts["split"] == "test"])
+    data_prompts = chain["data"].to_numpy(["prompt"])["prompt"]
+    assert report.info["reference"] == "paired"  # auto: the data has a prompt column
+    assert report.info["real_images"] == sum(str(p) in held for p in data_prompts)
     assert {"samples.png", "accuracy_vs_w.png", "fid_vs_steps.png"} <= set(
         os.listdir(report.path))
 
@@ -137,3 +142,35 @@ def test_t2i_classifier_view_crop():
     assert not torch.allclose(to_classifier(padded, (1, 28, 28), "resize"), digit, atol=1e-2)
     small = to_classifier(torch.rand(2, 3, 16, 16), (1, 28, 28), "crop")  # smaller: resized
     assert small.shape == (2, 1, 28, 28)
+
+
+def test_paired_rows_share_the_real_images_prompts():
+    """Generated row r takes the prompt of real image B[r]; A and B are disjoint halves of
+    the rows whose prompt is evaluated, so both sets have one prompt distribution (a
+    generator that returned real images would score the floor, not a mismatch)."""
+    rng = np.random.default_rng(1)
+    data_prompts = rng.choice(["p0", "p1", "p2", "other"], size=300, p=[.5, .2, .1, .2])
+    evaluated = ["p2", "p0", "p1"]
+    a, b, prompt_of = paired_rows(data_prompts, evaluated, None, seed=3)
+    assert set(a).isdisjoint(b) and abs(len(a) - len(b)) <= 1
+    assert len(a) + len(b) == (data_prompts != "other").sum()
+    assert [evaluated[i] for i in prompt_of] == data_prompts[b].tolist()
+    again = paired_rows(data_prompts, evaluated, 10, seed=3)
+    assert again[0].tolist() == a.tolist() and again[1].tolist() == b[:10].tolist()
+    assert np.array_equal(again[2], prompt_of[:10])
+
+
+def test_t2i_reference_test_split_and_bad_reference(chain, tmp_path):
+    report = evaluate(chain, tmp_path, {"reference": "test-split", "teacher_steps": [1],
+                                        "student_steps": [1], "guidance_scales": [4.0]})
+    test = chain["data"].to_numpy(["split"])["split"] == "test"
+    assert report.info["reference"] == "test-split"
+    assert report.info["real_images"] == test.sum()
+    from pipelines.context import StageContext
+    ctx = StageContext.for_testing(tmp_path, name="plain", kind="test")
+    plain = ctx.write_dataset("data", {"id": np.arange(40), "x": np.zeros((40, 1, 8, 8),
+                                                                          np.float32),
+                                       "split": np.array(["test", "train"] * 20)})
+    with pytest.raises(UserError, match=r"input 'data' \(config reference: paired\).*"
+                                        r"columns.*'prompt' column"):
+        evaluate(chain, tmp_path, {"reference": "paired"}, data=plain)
