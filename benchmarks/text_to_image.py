@@ -120,6 +120,15 @@ def acceptance(m: dict, identical: bool, loaded: dict, lora_params: int) -> list
     ]
 
 
+def _reference_line(info: dict) -> str:
+    if info.get("reference") == "paired":
+        return (f"paired (`reference: paired`): the {info['real_images']} real images whose "
+                f"caption is one of the {info['prompts']} held-out prompts, in halves A and B; "
+                f"the {info['num_samples']} generated rows take B's captions "
+                f"({info['row_prompts']} distinct), the same rows for every model.")
+    return f"{info.get('reference', 'the test split')}."
+
+
 def write_markdown(result: dict, path: str) -> None:
     m = result["metrics"]
     lines = ["# Text-to-image distillation on MNIST digits (latent SD pipeline trained here)", "",
@@ -128,19 +137,22 @@ def write_markdown(result: dict, path: str) -> None:
              + ", ".join(f"{k} {v}" for k, v in result["stage_seconds"].items()) + ".",
              (f"Reused from an earlier invocation: {', '.join(result['reused'])}."
               if result["reused"] else ""), "",
-             f"Real-vs-real floor (classifier features): {m['fid/real/floor']:.3f}.", "",
+             f"Real-vs-real floor (classifier features): {m['fid/real/floor']:.3f}. Reference: "
+             + _reference_line(result.get("eval_info", {})), "",
              "## Acceptance", "", "| check | measured | target | ok |", "|---|---|---|---|"]
     for row in result["acceptance"]:
         lines.append(f"| {row['check']} | {row['value']:.3f} | {row['target']} | "
                      f"{'yes' if row['ok'] else 'NO'} |")
     lines += ["", "## Quality and latency", "",
-              "| model | steps | FD | digit acc. | distance to teacher | ms/image e2e | "
-              "denoiser ms/image |", "|---|---|---|---|---|---|---|"]
+              "| model | steps | FD | precision | recall | digit acc. | distance to teacher | "
+              "ms/image e2e | denoiser ms/image |", "|---|---|---|---|---|---|---|---|---|"]
     runs = sorted({tuple(k.split("/")[1:3]) for k in m if k.startswith("fid/")
                    and k.split("/")[1] not in ("real",) and k.split("/")[2].isdigit()})
     for model, steps in runs:
         k = f"{model}/{steps}"
         lines.append(f"| {model} | {steps} | {m.get(f'fid/{k}', float('nan')):.3f} | "
+                     f"{m.get(f'precision/{k}', float('nan')):.3f} | "
+                     f"{m.get(f'recall/{k}', float('nan')):.3f} | "
                      f"{m.get(f'digit_accuracy/{k}', float('nan')):.3f} | "
                      f"{m.get(f'teacher_distance/{k}', float('nan')):.4f} | "
                      f"{m.get(f'ms_per_image/{k}', float('nan')):.2f} | "
@@ -192,6 +204,8 @@ def run(repetitions: int = 1) -> dict:
         "acceptance": table, "all_ok": all(r["ok"] for r in table), "metrics": metrics,
         "configs": configs, "stage_seconds": seconds, "reused": reused, "loaded": loaded,
         "students": {n: s.info for n, s in students.items()}, "plots": plots,
+        "eval_info": {k: report.info.get(k) for k in ("reference", "real_images", "prompts",
+                                                      "num_samples", "row_prompts")},
         "total_s": round(time.perf_counter() - start, 1), "commit": code,
         "machine_line": f"{info['cores']} cores, {info['memory_gib']} GiB, GPU: {info['gpu']}",
     }
