@@ -203,6 +203,14 @@ def test_examples_name_every_cell(example):
             assert synthetic.stage.kind == kind and synthetic.stage.config.ipc == ipc
             assert evaluation.inputs["synthetic"][0] == f"{method}_ipc{ipc}"
             assert evaluation.stage.config.networks >= 5
+    cells = [n for n in p.nodes if n.startswith("eval_")]  # every cell: its method, its IPC
+    for cell in cells:
+        synthetic = p.nodes[p.nodes[cell].inputs["synthetic"][0]]
+        assert synthetic.name == cell[len("eval_"):]
+        assert f"_ipc{synthetic.stage.config.ipc}" == cell[cell.rindex("_"):]
+        if synthetic.stage.kind == "sre2l":  # relabelled by its teacher, as SRe2L evaluates
+            assert p.nodes[cell].inputs["teacher"][0] == synthetic.inputs["teacher"][0]
+    assert len(cells) == {"dd_digits.yaml": 16, "dd_mnist.yaml": 14}[example]
 
 
 def test_load_mnist(tmp_path):
