@@ -120,6 +120,9 @@ def run_example(store: str, overrides: dict, gpus: float, keep: tuple[str, ...] 
                                                .items() if n not in missing}
         spec["stages"] = {n: v for n, v in spec["stages"].items() if n not in missing}
         print(f"  left out (not trained): {missing}", flush=True)
+    # ``export`` packages a committed student for users (its card reads the commit's
+    # lineage, which these in-process contexts do not make): not part of a measurement
+    spec["stages"] = {n: v for n, v in spec["stages"].items() if v["kind"] != "export"}
     wanted = set(spec["stages"]) if not only else needed(spec, only)
     outputs, configs, seconds, keys, reused = {}, {}, {}, {}, []
     for name, node in spec["stages"].items():
