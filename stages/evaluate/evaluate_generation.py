@@ -130,6 +130,10 @@ class EvaluateGeneration(Stage):
         if embeddings is not None:
             raise bad_value(w("embeddings"), "input", "wired", "unwired for a pixel-space "
                             "UNet2DModel teacher (embeddings are for text-to-image pipelines)")
+        if cfg.reference != "auto":
+            raise bad_value(f"{where} config reference", "value", cfg.reference,
+                            "auto for a pixel-space UNet2DModel teacher (scored against the "
+                            "real images of its classes; reference is for text-to-image)")
         t_model = load_diffusion(teacher.path, w("teacher"))                # 1. load, check
         models = {"teacher": t_model}
         for name in students:

@@ -11,6 +11,7 @@ has a ``prompt`` column, else ``test-split``; the choice is the report's ``refer
   as COCO's FID takes its reference images' captions. Every split, as FID's reference is
   conventionally the whole real set (CIFAR-10's and ImageNet's training images): the
   held-out prompts' test images alone are too few (MNIST's 13 held-out captions: ~140).
+  A held-out prompt no data row has is not scored (info ``row_prompts`` of ``prompts``).
 - ``test-split``: the ``data`` test images; row r is held-out prompt r mod P. Fair only when
   those prompts cover the data as its test split does (MNIST's 13 held-out captions name 8
   of the 10 digits: real images of them, uniform per caption, score 2.7x the floor).
@@ -47,10 +48,11 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 
 from pipelines.errors import bad_value
-from stages.data.tables import parquet, read_split
+from stages.data.tables import parquet, read_split, require_columns
 from stages.evaluate.generation_metrics import (Features, accuracy, fid, fid_plot, kid,
                                                 paired_rows, precision_recall, prompt_labels,
                                                 real_floor, real_halves, to_classifier)
@@ -209,16 +211,18 @@ def reference(data, cond, cfg, seed: int, w):
     if "prompt" not in names:
         raise bad_value(f"{w('data')} (config reference: paired)", "columns", sorted(names),
                         "a 'prompt' column (or reference: test-split)")
-    cols = data.to_numpy(["x", "prompt", *(["label"] if "label" in names else [])])
+    where = f"{w('data')} (config reference: {cfg.reference})"
+    require_columns(data, ["x"], where)
+    cols = data.to_numpy(["x", "prompt", *(["label"] if "label" in names else [])],
+                         filter=pc.field("prompt").isin(cond.prompts))  # in row order
+    pool, need = len(cols["prompt"]), 2 * max(10, cfg.pr_k + 1)
+    if pool < need:
+        raise bad_value(where, "images whose prompt is a held-out prompt", pool,
+                        f"at least {need} (or reference: test-split)")
     half_a, half_b, prompt_of = paired_rows(cols["prompt"], cond.prompts, cfg.num_samples,
                                             seed)
-    if len(half_b) < max(10, cfg.pr_k + 1):
-        raise bad_value(f"{w('data')} (config reference: {cfg.reference})",
-                        "images whose prompt is a held-out prompt", len(half_a) + len(half_b),
-                        f"at least {2 * max(10, cfg.pr_k + 1)} (or reference: test-split)")
     labels = cols["label"][half_b].astype(np.int64) if "label" in cols else None
     real = np.asarray(cols["x"]).astype(np.float32)
-    pool = int(np.isin(cols["prompt"], cond.prompts).sum())
     return real, (half_a, half_b), prompt_of, labels, mode, pool
 
 

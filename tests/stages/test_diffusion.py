@@ -240,6 +240,11 @@ def test_more_steps_than_trained(tmp_path, students, dteacher, teacher, digits):
         run_stage(EvaluateGeneration, {"steps_for": {"progresive": [1]}}, tmp_path, "eval",
                   teacher=dteacher, classifier=teacher, data=digits,
                   students={n: students[n] for n in STUDENTS})
+    with pytest.raises(UserError, match=r"config reference.*'paired'.*auto for a "
+                                        r"pixel-space"):
+        run_stage(EvaluateGeneration, {"reference": "paired"}, tmp_path, "eval",
+                  teacher=dteacher, classifier=teacher, data=digits,
+                  students={n: students[n] for n in STUDENTS})
 
 
 def test_pixel_students_are_mlflow_models(students):

@@ -174,3 +174,7 @@ def test_t2i_reference_test_split_and_bad_reference(chain, tmp_path):
     with pytest.raises(UserError, match=r"input 'data' \(config reference: paired\).*"
                                         r"columns.*'prompt' column"):
         evaluate(chain, tmp_path, {"reference": "paired"}, data=plain)
+    with pytest.raises(UserError, match=r"input 'data' \(config reference: auto\).*"
+                                        r"images whose prompt is a held-out prompt.*80.*at "
+                                        r"least 82 \(or reference: test-split\)"):
+        evaluate(chain, tmp_path, {"pr_k": 40})  # 2 x (k + 1) images needed, 80 held out
