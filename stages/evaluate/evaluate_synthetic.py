@@ -113,8 +113,11 @@ class EvaluateSynthetic(Stage):
         refs = {"synthetic": [], "random": [], "full": []}
         refs.update({"synthetic_soft": []} if labels else {})
         refs.update({"random_soft": []} if labels == "teacher" else {})
-        by = ({"teacher_path": teacher.path} if teacher is not None else
-              {"soft": ray.put(soft.numpy())} if soft is not None else {})
+        by = {}  # what the soft-label networks learn from: the teacher, or the stored labels
+        if teacher is not None:
+            by = {"teacher_path": teacher.path}
+        elif soft is not None:
+            by = {"soft": ray.put(soft.numpy())}
         for n in range(cfg.networks):
             seed = ctx.seed * 1000 + n
             refs["synthetic"].append(task.remote(arch, xs.numpy(), ys.numpy(), *test,

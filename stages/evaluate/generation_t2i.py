@@ -10,7 +10,7 @@ has a ``prompt`` column, else ``test-split``; the choice is the report's ``refer
   prompted with B[r]'s prompt, so real and generated sets share one prompt distribution,
   as COCO's FID takes its reference images' captions. Every split, as FID's reference is
   conventionally the whole real set (CIFAR-10's and ImageNet's training images): the
-  held-out prompts' test images alone are too few (MNIST's 13 held-out captions: ~140).
+  held-out prompts' test images alone are too few (MNIST's 13 held-out captions: 151).
   A held-out prompt no data row has is not scored (info ``row_prompts`` of ``prompts``).
 - ``test-split``: the ``data`` test images; row r is held-out prompt r mod P. Fair only when
   those prompts cover the data as its test split does (MNIST's 13 held-out captions name 8
