@@ -228,3 +228,18 @@ def test_evaluate_synthetic_trains_against_a_stored_soft_label_column(experts, d
     assert report.info["soft_labels"] == "stored"
     assert len(report.info["per_network"]["synthetic_soft"]) == 5
     assert np.isfinite(m["accuracy_soft_mean"]) and "random_accuracy_soft_mean" not in m
+
+
+def test_evaluate_synthetic_without_full_networks_reports_no_full_figures(digits, tmp_path):
+    """full_networks 0: the converged full-data reference lives in another cell; this one
+    trains no full-data network and reports no full_* or hlr (never a made-up value)."""
+    from stages.distill.random_subset import RandomSubset
+    from stages.evaluate.evaluate_synthetic import EvaluateSynthetic
+    syn = run_stage(RandomSubset, {"ipc": 1}, tmp_path, "rnd", data=digits)[0]["synthetic"]
+    cfg = {**NET, "networks": 5, "epochs": 2, "full_networks": 0, "augment": True}
+    report = run_stage(EvaluateSynthetic, cfg, tmp_path, "eval", synthetic=syn,
+                       data=digits)[0]["report"]
+    m = report.metrics()
+    assert not {"full_accuracy_mean", "full_accuracy_std", "hlr"} & set(m)
+    assert "full" not in report.info["per_network"]
+    assert len(report.info["per_network"]["random"]) == 5 and np.isfinite(m["ior"])
