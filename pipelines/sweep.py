@@ -14,8 +14,9 @@ or ``distill tune CONFIG --space SPACE.yaml --metric STAGE.METRIC --mode max``.
    stage does not report or a stage the space cannot change are one clear error.
 2. The stages the metric needs that the space cannot change (neither their config nor any
    of their inputs) are *shared*: they run once, or are found in the store, with the normal
-   runner, before the trials. Stages downstream of the metric's stage are not needed to
-   rank trials and do not run in them.
+   runner, in the driver, while Tune starts the trials; the trials wait for them (the
+   board's gate) and fail at once, naming the error, if they fail. Stages downstream of
+   the metric's stage are not needed to rank trials and do not run in them.
 3. Every trial (``sweep_trial.run_trial``) runs the rest through the same cache: the shared
    artifacts are cache hits, and trials with equal upstream configs share those too. The
    metric goes to Tune after every epoch of the stage that logs it, so ASHA stops bad
@@ -33,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 import time
 import uuid
 
@@ -107,7 +109,7 @@ def sweep(pipeline, space, metric: str, mode: str, samples: int | None = None,
     ``max_concurrent``: at most this many trials at once (default: half the cluster's CPUs,
     each trial's training workers plus the Ray Data tasks feeding them)."""
     from ._internal.progress import Display
-    from ._internal.runner import connect_ray, run_plan
+    from ._internal.runner import connect_ray
     from ._internal.planner import Plan, make_plan
     from ._internal.store import Store
     from ._internal.tracking import Tracker, resolve_tracking_uri
@@ -150,24 +152,36 @@ def sweep(pipeline, space, metric: str, mode: str, samples: int | None = None,
                                 **{f"space.{p.key}": json.dumps({p.dist: list(p.values)})
                                    for p in params}})
     outcome = "FAILED"
+    board = None
     try:
-        shared_status = []
-        if shared:
+        from ._internal.board import start_board_actor
+        board = start_board_actor()
+        shared_run = None
+        if shared:  # run by the driver while Tune starts the trials, which wait for them
             full = make_plan(pipeline, st)
             sub = Plan(pipeline, st, {n: full.states[n] for n in shared},
                        {n: full.decisions[n] for n in shared},
                        [w for w in full.warnings if any(f"'{n}'" in w for n in shared)])
             display.event(f"sweep {sweep_id}: shared stages {', '.join(shared)}")
-            ran = run_plan(sub, address, tracking_uri, progress,
-                           tags={"mlflow.parentRunId": sweep_run, "distillery.sweep": sweep_id})
-            shared_status = [{"name": s.name, "status": s.status} for s in ran.stages]
+            shared_run = _SharedStages(sub, board, address, tracking_uri, progress, {
+                "mlflow.parentRunId": sweep_run, "distillery.sweep": sweep_id})
+            shared_run.start()
+        else:
+            board.open_gate.remote(True)
         display.event(f"sweep {sweep_id}: {samples} sample(s) of {', '.join(p.key for p in params)}"
                       f" on {', '.join(trial_stages)}; {scheduler}, {search} search, at most "
                       f"{max_concurrent} at once")
         trials = _tune(pipeline, params, st, trial_stages, metric, mode, samples, scheduler,
-                       search, max_concurrent, gpus, sweep_id, display)
+                       search, max_concurrent, gpus, sweep_id, display, board)
+        shared_status = []
+        if shared_run is not None:
+            shared_run.join()
+            if shared_run.error is not None:  # the trials failed at the gate, saying so
+                raise shared_run.error
+            shared_status = [{"name": s.name, "status": s.status}
+                             for s in shared_run.result.stages]
         result = finish(pipeline, params, trials, shared_status, metric, mode, sweep_run,
-                         out_dir, tracker)
+                        out_dir, tracker)
         outcome = "FINISHED"
         return result
     except (KeyboardInterrupt, SystemExit):
@@ -175,6 +189,33 @@ def sweep(pipeline, space, metric: str, mode: str, samples: int | None = None,
         raise
     finally:
         tracker.end(sweep_run, outcome)
+        if board is not None:
+            import ray
+            ray.kill(board)
+
+
+class _SharedStages(threading.Thread):
+    """The stages every trial shares, run once by the driver (``run_plan``: committed,
+    tracked) while Tune starts its trial actors, so Tune's start-up overlaps them; the
+    trials wait at the board's gate, which opens when these end (or fail: the trials then
+    fail at once and the sweep raises this run's error)."""
+
+    def __init__(self, plan, board, address, tracking_uri, progress, tags):
+        super().__init__(name="distill-sweep-shared-stages", daemon=True)
+        self.plan, self.board, self.address = plan, board, address
+        self.tracking_uri, self.progress, self.tags = tracking_uri, progress, tags
+        self.result, self.error = None, None
+
+    def run(self):
+        from ._internal.runner import run_plan
+        try:
+            self.result = run_plan(self.plan, self.address, self.tracking_uri, self.progress,
+                                   tags=self.tags)
+        except BaseException as e:  # noqa: BLE001 - re-raised by the sweep's own thread
+            self.error = e
+        finally:
+            self.board.open_gate.remote(self.error is None,
+                                        "" if self.error is None else str(self.error))
 
 
 def _max_epochs(pipeline, params: list[Param], stage: str) -> int:
@@ -189,16 +230,13 @@ def _max_epochs(pipeline, params: list[Param], stage: str) -> int:
 
 
 def _tune(pipeline, params, st, trial_stages, metric, mode, samples, scheduler, search,
-          max_concurrent, gpus, sweep_id, display) -> list[TrialResult]:
+          max_concurrent, gpus, sweep_id, display, board) -> list[TrialResult]:
     import logging
 
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    import ray
-
-    from ._internal.board import start_board_actor
     from ._internal.planner import known_contents
     from ._internal.sweep_trial import run_trial
     tune_log = logging.getLogger("ray.tune")
@@ -220,7 +258,6 @@ def _tune(pipeline, params, st, trial_stages, metric, mode, samples, scheduler, 
         searcher = BasicVariantGenerator(random_state=pipeline.seed,
                                          max_concurrent=max_concurrent)
     log = _TrialLog(display, metric, [p.key for p in params])
-    board = start_board_actor()
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=pipeline, store_root=st.root,
                              stages=tuple(trial_stages), metric=metric, gpus=gpus,
@@ -243,7 +280,6 @@ def _tune(pipeline, params, st, trial_stages, metric, mode, samples, scheduler, 
             tuner.fit()
     finally:
         tune_log.setLevel(level)
-        ray.kill(board)
     return log.results()
 
 

@@ -23,6 +23,16 @@ class LocalBoard:
     def __init__(self):
         self.history: dict[str, list[tuple[str, float, int | None]]] = {}
         self.progress_: dict[str, dict] = {}
+        self.gate_: tuple[bool, str] | None = None
+
+    def open_gate(self, ok: bool, message: str = "") -> None:
+        """A sweep's shared stages ended (``ok``, or failed with ``message``): its trials,
+        started meanwhile, go on (``gate``)."""
+        self.gate_ = (ok, message)
+
+    def gate(self) -> tuple[bool, str] | None:
+        """None while the sweep's shared stages run."""
+        return self.gate_
 
     def log(self, stage, metrics, step):
         self.history.setdefault(stage, []).extend((k, v, step) for k, v in metrics.items())

@@ -2,8 +2,9 @@
 ordinary cache, and reports the sweep metric to Tune after every epoch of the stage that
 logs it (so ASHA can stop the trial) and once more at the end (``final``).
 
-The trial is a small driver of its own, in the Tune trial's actor: it plans the trial's
-pipeline (the shared stages are cache hits), runs the stages it must as Ray tasks (the
+The trial is a small driver of its own, in the Tune trial's actor: it waits until the
+sweep's driver has run the shared stages (the board's gate: Tune starts while they run),
+plans the trial's pipeline (the shared stages are cache hits), runs the stages it must as Ray tasks (the
 same ``execute_stage`` the runner uses, so artifacts are committed the same way), and
 reads the metrics the stages log from the sweep's board. When Tune stops the trial, its actor
 ends; the stage tasks it owns are cancelled with it (and explicitly, in ``finally``).
@@ -54,6 +55,7 @@ def run_trial(config: dict, base=None, store_root: str = "", stages: tuple = (),
 
     prefix = f"{tune.get_context().get_trial_id()}/"
     metric_stage, metric_name = metric.split(".", 1)
+    wait_for_shared(board_actor)
     pipeline = apply_params(base, config)
     store = Store.open(store_root, create=False)
     plan = make_plan(pipeline, store, known=known)
@@ -84,6 +86,18 @@ def run_trial(config: dict, base=None, store_root: str = "", stages: tuple = (),
                  "seconds": time.time() - hooks.started_at, "stages": status,
                  "stage_metrics": {n: manifests[n].get("metrics", {}) for n in stages
                                    if n in manifests}})
+
+
+def wait_for_shared(board_actor, poll_s: float = 0.05) -> None:
+    """Until the sweep's driver has run the shared stages (the board's gate): Tune starts
+    the trials meanwhile, so its start-up overlaps them. Shared stages that failed fail
+    the trial at once, naming the failure (the sweep raises it)."""
+    import ray
+    while (gate := ray.get(board_actor.gate.remote())) is None:
+        time.sleep(poll_s)
+    ok, message = gate
+    if not ok:
+        raise TrialFailed(f"the shared stages failed: {message}")
 
 
 class _TrialHooks(Hooks):

@@ -216,3 +216,26 @@ def test_trials_are_scheduled_like_a_run_with_its_retries(ray_session, tmp_path)
     assert [t.status for t in result.trials] == ["completed", "completed"]
     for t in result.trials:
         assert t.metric == pytest.approx(toy_stages.ToyTrain.score(t.params["train.lr"], 2, ROWS))
+
+
+def test_a_failed_shared_stage_fails_the_sweep_and_no_trial_trains(ray_session, tmp_path):
+    """Tune starts the trials while the driver runs the shared stages; when one of those
+    fails, the waiting trials fail at once naming it, no trial stage runs, and the sweep
+    raises the shared stage's own error (and its MLflow run is FAILED)."""
+    from pipelines import StageFailed
+    p = Pipeline.from_dict({"name": "failsweep", "seed": 0, "stages": {
+        "nums": {"kind": "test-numbers", "config": {"n": ROWS}},
+        "scaled": {"kind": "test-scale", "config": {"fail": "error"},
+                   "inputs": {"numbers": "nums"}},
+        "train": {"kind": "test-train", "config": {"epochs": 2},
+                  "inputs": {"numbers": "scaled"}}}})
+    store = str(tmp_path / "store")
+    with pytest.raises(StageFailed) as e:
+        sweep(p, {"train.lr": {"grid": [0.2, 0.4]}}, metric="train.score", mode="max",
+              samples=1, scheduler="fifo", store=store, progress=False)
+    assert e.value.stage == "scaled" and "boom in scale" in e.value.cause
+    assert not [m for m in Store(store).manifests() if m["kind"] == "test-train"]
+    client = MlflowClient(default_tracking_uri(store))
+    runs = client.search_runs([client.get_experiment_by_name("failsweep").experiment_id])
+    sweeps = [r for r in runs if r.data.tags.get("distillery.type") == "sweep"]
+    assert [r.info.status for r in sweeps] == ["FAILED"]
