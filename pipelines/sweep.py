@@ -152,11 +152,10 @@ def sweep(pipeline, space, metric: str, mode: str, samples: int | None = None,
                                 **{f"space.{p.key}": json.dumps({p.dist: list(p.values)})
                                    for p in params}})
     outcome = "FAILED"
-    board = None
+    board = shared_run = None
     try:
         from ._internal.board import start_board_actor
         board = start_board_actor()
-        shared_run = None
         if shared:  # run by the driver while Tune starts the trials, which wait for them
             full = make_plan(pipeline, st)
             sub = Plan(pipeline, st, {n: full.states[n] for n in shared},
@@ -186,11 +185,14 @@ def sweep(pipeline, space, metric: str, mode: str, samples: int | None = None,
         return result
     except (KeyboardInterrupt, SystemExit):
         outcome = "KILLED"
+        if shared_run is not None and shared_run.is_alive():
+            shared_run.interrupt()  # its stages stop and its MLflow run ends KILLED too
+            shared_run.join(timeout=30)
         raise
     finally:
         tracker.end(sweep_run, outcome)
-        if board is not None:
-            import ray
+        if board is not None and outcome != "KILLED":  # interrupted: Ray's shutdown ends
+            import ray                                 # it after the trials waiting on it
             ray.kill(board)
 
 
@@ -211,11 +213,22 @@ class _SharedStages(threading.Thread):
         try:
             self.result = run_plan(self.plan, self.address, self.tracking_uri, self.progress,
                                    tags=self.tags)
+        except KeyboardInterrupt as e:  # the sweep is going down (``interrupt``): the
+            self.error = e              # waiting trials end with Ray, saying nothing
+            return
         except BaseException as e:  # noqa: BLE001 - re-raised by the sweep's own thread
             self.error = e
-        finally:
-            self.board.open_gate.remote(self.error is None,
-                                        "" if self.error is None else str(self.error))
+        self.board.open_gate.remote(self.error is None, "" if self.error is None else
+                                    str(self.error) or type(self.error).__name__)
+
+    def interrupt(self) -> None:
+        """Ctrl-C reaches the sweep's main thread (Tune's); this raises KeyboardInterrupt
+        in the shared stages' run too (at its next Python step, within the scheduler's
+        0.5 s wait), which cancels its stages and ends its MLflow runs KILLED, as a
+        ``distill run`` interrupted by Ctrl-C does."""
+        import ctypes
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.ident),
+                                                   ctypes.py_object(KeyboardInterrupt))
 
 
 def _max_epochs(pipeline, params: list[Param], stage: str) -> int:

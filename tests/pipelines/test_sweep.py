@@ -239,3 +239,29 @@ def test_a_failed_shared_stage_fails_the_sweep_and_no_trial_trains(ray_session, 
     runs = client.search_runs([client.get_experiment_by_name("failsweep").experiment_id])
     sweeps = [r for r in runs if r.data.tags.get("distillery.type") == "sweep"]
     assert [r.info.status for r in sweeps] == ["FAILED"]
+
+
+def test_interrupting_the_shared_stages_thread_raises_keyboardinterrupt_in_it():
+    """Ctrl-C reaches only the sweep's main thread; ``interrupt`` carries it into the thread
+    running the shared stages, which then stops as an interrupted ``distill run`` does."""
+    import threading
+    import time
+
+    from pipelines.sweep import _SharedStages
+    seen = threading.Event()
+
+    class Busy(_SharedStages):
+        def run(self):
+            try:
+                while True:
+                    time.sleep(0.01)
+            except KeyboardInterrupt:
+                seen.set()
+
+    t = Busy(None, None, None, None, False, {})
+    t.start()
+    time.sleep(0.1)
+    assert t.is_alive() and not seen.is_set()
+    t.interrupt()
+    t.join(timeout=5)
+    assert seen.is_set() and not t.is_alive()
