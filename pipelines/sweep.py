@@ -34,14 +34,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import threading
 import time
 import uuid
 
 from .errors import UserError, allowed_list, did_you_mean
 from ._internal.sweep_report import (SweepResult, TrialResult, finish, fmt, fmt_params,
                                       print_table)  # noqa: F401  (print_table: the CLI's)
-from ._internal.sweep_space import Param, load_space, parse_space
+from ._internal.sweep_space import Param, load_space, max_epochs, parse_space
 
 SCHEDULERS = ("asha", "fifo")
 SEARCHERS = ("random", "optuna", "hyperopt")
@@ -155,6 +154,7 @@ def sweep(pipeline, space, metric: str, mode: str, samples: int | None = None,
     board = shared_run = None
     try:
         from ._internal.board import start_board_actor
+        from ._internal.sweep_shared import SharedStages
         board = start_board_actor()
         if shared:  # run by the driver while Tune starts the trials, which wait for them
             full = make_plan(pipeline, st)
@@ -162,7 +162,7 @@ def sweep(pipeline, space, metric: str, mode: str, samples: int | None = None,
                        {n: full.decisions[n] for n in shared},
                        [w for w in full.warnings if any(f"'{n}'" in w for n in shared)])
             display.event(f"sweep {sweep_id}: shared stages {', '.join(shared)}")
-            shared_run = _SharedStages(sub, board, address, tracking_uri, progress, {
+            shared_run = SharedStages(sub, board, address, tracking_uri, progress, {
                 "mlflow.parentRunId": sweep_run, "distillery.sweep": sweep_id})
             shared_run.start()
         else:
@@ -196,52 +196,6 @@ def sweep(pipeline, space, metric: str, mode: str, samples: int | None = None,
             ray.kill(board)
 
 
-class _SharedStages(threading.Thread):
-    """The stages every trial shares, run once by the driver (``run_plan``: committed,
-    tracked) while Tune starts its trial actors, so Tune's start-up overlaps them; the
-    trials wait at the board's gate, which opens when these end (or fail: the trials then
-    fail at once and the sweep raises this run's error)."""
-
-    def __init__(self, plan, board, address, tracking_uri, progress, tags):
-        super().__init__(name="distill-sweep-shared-stages", daemon=True)
-        self.plan, self.board, self.address = plan, board, address
-        self.tracking_uri, self.progress, self.tags = tracking_uri, progress, tags
-        self.result, self.error = None, None
-
-    def run(self):
-        from ._internal.runner import run_plan
-        try:
-            self.result = run_plan(self.plan, self.address, self.tracking_uri, self.progress,
-                                   tags=self.tags)
-        except KeyboardInterrupt as e:  # the sweep is going down (``interrupt``): the
-            self.error = e              # waiting trials end with Ray, saying nothing
-            return
-        except BaseException as e:  # noqa: BLE001 - re-raised by the sweep's own thread
-            self.error = e
-        self.board.open_gate.remote(self.error is None, "" if self.error is None else
-                                    str(self.error) or type(self.error).__name__)
-
-    def interrupt(self) -> None:
-        """Ctrl-C reaches the sweep's main thread (Tune's); this raises KeyboardInterrupt
-        in the shared stages' run too (at its next Python step, within the scheduler's
-        0.5 s wait), which cancels its stages and ends its MLflow runs KILLED, as a
-        ``distill run`` interrupted by Ctrl-C does."""
-        import ctypes
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.ident),
-                                                   ctypes.py_object(KeyboardInterrupt))
-
-
-def _max_epochs(pipeline, params: list[Param], stage: str) -> int:
-    """ASHA's horizon: the metric stage's ``epochs`` (the largest the space allows)."""
-    cfg = pipeline.nodes[stage].stage.config
-    values = [getattr(cfg, "epochs", None)]
-    for p in params:
-        if p.stage == stage and p.path == ("epochs",):
-            values += list(p.values)
-    values = [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
-    return max(values) if values else 100
-
-
 def _tune(pipeline, params, st, trial_stages, metric, mode, samples, scheduler, search,
           max_concurrent, gpus, sweep_id, display, board) -> list[TrialResult]:
     import logging
@@ -257,7 +211,7 @@ def _tune(pipeline, params, st, trial_stages, metric, mode, samples, scheduler, 
     tune_log.setLevel(logging.CRITICAL)  # trial errors are reported by the sweep itself
     if scheduler == "asha":
         sched = ASHAScheduler(time_attr="epoch", grace_period=1, reduction_factor=2,
-                              max_t=_max_epochs(pipeline, params, metric.split(".")[0]),
+                              max_t=max_epochs(pipeline, params, metric.split(".")[0]),
                               stop_last_trials=False)
     else:
         sched = FIFOScheduler()

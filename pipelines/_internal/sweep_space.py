@@ -181,3 +181,14 @@ def apply_params(pipeline, params: dict):
         stage, _, path = key.partition(".")
         set_path(spec["stages"][stage]["config"], tuple(path.split(".")), value)
     return Pipeline.from_dict(spec)
+
+
+def max_epochs(pipeline, params: list[Param], stage: str) -> int:
+    """ASHA's horizon: the metric stage's ``epochs`` (the largest the space allows)."""
+    cfg = pipeline.nodes[stage].stage.config
+    values = [getattr(cfg, "epochs", None)]
+    for p in params:
+        if p.stage == stage and p.path == ("epochs",):
+            values += list(p.values)
+    values = [v for v in values if isinstance(v, int) and not isinstance(v, bool)]
+    return max(values) if values else 100

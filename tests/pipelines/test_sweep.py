@@ -247,10 +247,10 @@ def test_interrupting_the_shared_stages_thread_raises_keyboardinterrupt_in_it():
     import threading
     import time
 
-    from pipelines.sweep import _SharedStages
+    from pipelines._internal.sweep_shared import SharedStages
     seen = threading.Event()
 
-    class Busy(_SharedStages):
+    class Busy(SharedStages):
         def run(self):
             try:
                 while True:
