@@ -7,7 +7,7 @@ epoch counts of the same runs, as JSON.
     python -m benchmarks.dd_full_curve STORE none|dsa [NETS]
 
 STORE holds a committed ``load-digits`` artifact (e.g. ``DD_BENCH_STORE``). Recorded in
-``benchmarks/results/dd2_digits_full.md``."""
+``benchmarks/results/dd2_protocol.md`` (section 1)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,10 @@ def main(store: str, mode: str, nets: int = 4) -> dict:
     from pipelines.artifacts import Dataset
     if mode not in ("none", "dsa"):
         sys.exit(f"dd_full_curve: mode '{mode}' is not allowed; allowed: none, dsa")
-    keys = os.listdir(os.path.join(store, "load-digits"))
+    keys = [k for k in os.listdir(os.path.join(store, "load-digits")) if not k.startswith("_")]
+    if len(keys) != 1:  # the curve must be of the one digits split the cells used
+        sys.exit(f"dd_full_curve: {store} holds {len(keys)} load-digits artifacts "
+                 f"({', '.join(keys) or 'none'}); allowed: exactly one")
     manifest = Store(store).manifest("load-digits", keys[0])
     data = Dataset.from_manifest(os.path.join(store, "load-digits", keys[0]),
                                  manifest["outputs"]["data"])
