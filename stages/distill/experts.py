@@ -29,6 +29,7 @@ class ExpertReader:
         self.path = experts.path
         self.num_experts = int(experts.info["experts"])
         self.epochs = int(experts.info["epochs"])
+        self.lr = float(experts.info["lr"])  # the experts' SGD learning rate
         self.rows_read = 0
 
     def load(self, expert: int, epoch: int) -> torch.Tensor:

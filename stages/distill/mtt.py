@@ -6,7 +6,8 @@ Every iteration draws an expert e and a start epoch t < ``max_start_epoch`` from
 theta*_{t+M} (M = ``expert_epochs``). A student starts at theta*_t and takes N =
 ``syn_steps`` SGD steps on minibatches of the synthetic set (DSA-augmented if ``augment``),
 with the learnable synthetic learning rate alpha = exp(a) (eq. 1 of the paper; learned in
-log space so that it stays positive and its step is scale-free):
+log space so that it stays positive and its step is scale-free), starting, as in the
+paper's code, at the experts' own learning rate (``lr_init`` overrides it):
 
     theta_{n+1} = theta_n - alpha * grad_theta L_CE(A(x_syn), y_syn; theta_n)
 
@@ -87,7 +88,7 @@ class MatchTrajectories(Stage):
         batch_syn: int | None = Field(None, ge=1)    # student minibatch; None = whole set
         lr_img: float = Field(100.0, gt=0)
         lr_lr: float = Field(1e-3, gt=0)           # on log alpha
-        lr_init: float = Field(0.01, gt=0)           # initial synthetic learning rate alpha
+        lr_init: float | None = Field(None, gt=0)    # initial alpha; None: the experts' lr
         max_lr: float = Field(10.0, gt=0)            # alpha above this counts as diverged
         momentum: float = Field(0.5, ge=0, lt=1)
         augment: bool = True                         # DSA on the student's minibatches
@@ -144,7 +145,8 @@ class MatchTrajectories(Stage):
             label_logits.requires_grad_(True)
         xs, ys = xs.to(dev).requires_grad_(True), ys.to(dev)
         ema = xs.detach().clone() if cfg.ema_decay else None
-        log_lr = torch.tensor(math.log(cfg.lr_init), device=dev, requires_grad=True)
+        lr_init = cfg.lr_init or reader.lr  # alpha starts where the experts' SGD was
+        log_lr = torch.tensor(math.log(lr_init), device=dev, requires_grad=True)
         opt_img = torch.optim.SGD([xs], lr=cfg.lr_img, momentum=cfg.momentum)
         opt_lr = torch.optim.SGD([log_lr], lr=cfg.lr_lr, momentum=cfg.momentum)
         opt_label = (torch.optim.SGD([label_logits], lr=cfg.lr_label, momentum=cfg.momentum)
@@ -251,7 +253,7 @@ class MatchTrajectories(Stage):
     def _diverged(self, ctx, where, it, what, syn_lr):
         raise FloatingPointError(
             f"{where}: diverged at iteration {it}: {what} (synthetic lr {syn_lr.item():.4g}); "
-            f"lower lr_init ({self.config.lr_init}), lr_lr ({self.config.lr_lr}) or lr_img "
+            f"lower lr_init ({self.config.lr_init or 'unset: the experts lr'}), lr_lr ({self.config.lr_lr}) or lr_img "
             f"({self.config.lr_img}); the last checkpoint is kept in {ctx.work_uri}")
 
 

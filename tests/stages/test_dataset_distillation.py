@@ -127,6 +127,19 @@ def test_mtt_resumes_streams_and_reports_divergence(experts, digits, tmp_path):
                   "mtt_lr", experts=experts, data=digits)
 
 
+def test_mtt_alpha_starts_at_the_experts_learning_rate(experts, digits, tmp_path):
+    """As in MTT's code (syn_lr starts at lr_teacher): a student taking syn_steps steps at a
+    fifth of the experts' rate can only match them with images that give huge gradients."""
+    assert experts.info["lr"] == EXPERTS["lr"]
+    tiny = {**MTT, "iterations": 1, "lr_lr": 1e-9}  # alpha all but frozen: its start shows
+    own = run_stage(MatchTrajectories, tiny, tmp_path, "own", experts=experts,
+                    data=digits)[0]["synthetic"]
+    assert own.info["synthetic_lr"] == pytest.approx(EXPERTS["lr"], rel=1e-6)
+    set_ = run_stage(MatchTrajectories, {**tiny, "lr_init": 0.01}, tmp_path, "set",
+                     experts=experts, data=digits)[0]["synthetic"]
+    assert set_.info["synthetic_lr"] == pytest.approx(0.01, rel=1e-6)
+
+
 def test_mtt_refines_the_synthetic_set_wired_as_init(experts, digits, tmp_path):
     # a synthetic set drawn with another seed than mtt's own real init
     start = run_stage(RandomSubset, {"ipc": 1}, tmp_path, "start", seed=5,
