@@ -198,6 +198,13 @@ def test_sharpness_aware_experts_differ_and_are_recorded(ray_session, digits, tm
     a, b = ExpertReader(plain, "t").load(0, 2), ExpertReader(flat, "t").load(0, 2)
     assert torch.equal(ExpertReader(plain, "t").load(0, 0), ExpertReader(flat, "t").load(0, 0))
     assert not torch.allclose(a, b) and torch.isfinite(b).all()
+    from pipelines import Pipeline
+    for rho, bound in ((2, "less than or equal to 1"), (-0.1, "greater than or equal to 0")):
+        with pytest.raises(UserError, match=rf"stage 'experts'.*'sam_rho': value {rho} .*{bound}"):
+            Pipeline.from_dict({"name": "rho", "stages": {
+                "data": {"kind": "load-digits"},
+                "experts": {"kind": "expert-trajectories", "config": {"sam_rho": rho},
+                            "inputs": {"data": "data"}}}})
 
 
 def test_sharpness_aware_gradient_is_taken_at_the_perturbed_point():
