@@ -237,6 +237,20 @@ def test_evaluate_synthetic_trains_against_a_stored_soft_label_column(experts, d
     assert np.isfinite(m["accuracy_soft_mean"]) and "random_accuracy_soft_mean" not in m
 
 
+def test_evaluate_synthetic_refuses_soft_labels_of_another_class_count(digits, tmp_path):
+    """A soft_label column with 3 entries per image for 10-class data: one clear error
+    naming the input, the field, the bad length and the allowed one."""
+    from stages.distill.dd_common import read_synthetic, write_synthetic
+    from stages.evaluate.evaluate_synthetic import EvaluateSynthetic
+    syn = run_stage(RandomSubset, {"ipc": 1}, tmp_path, "rnd", data=digits)[0]["synthetic"]
+    xs, ys = read_synthetic(syn, "test")
+    ctx = StageContext.for_testing(tmp_path, name="soft3", kind="random-subset")
+    bad = write_synthetic(ctx, xs, ys, {"method": "test"}, soft=torch.full((len(xs), 3), 1 / 3))
+    cfg = {**NET, "networks": 5, "epochs": 1, "full_networks": 0}
+    with pytest.raises(UserError, match=r"input 'synthetic'.*soft_label length 3 .*10, the classes"):
+        run_stage(EvaluateSynthetic, cfg, tmp_path, "eval", synthetic=bad, data=digits)
+
+
 def test_evaluate_synthetic_without_full_networks_reports_no_full_figures(digits, tmp_path):
     """full_networks 0: the converged full-data reference lives in another cell; this one
     trains no full-data network and reports no full_* or hlr (never a made-up value)."""
