@@ -88,7 +88,7 @@ def test_latent_generator_loads_in_a_plain_pipeline(tiny_sd15, tmp_path):
               "dmd_np", teacher=c["teacher"], embeddings=c["embeddings"])
 
 
-RESUME = {**FAST, "epochs": 10, "rows": 8}
+RESUME = {**FAST, "epochs": 40, "rows": 8}  # enough that the kill lands mid-run on a quiet machine
 
 
 def test_a_killed_run_resumes_with_both_networks(tiny_diffusion, tmp_path):
