@@ -82,7 +82,7 @@ class ExpertTrajectories(Stage):
         batch_size: int = Field(256, ge=1)
         augment: bool = False                        # DSA while training the experts
         precision: Literal[tuple(PRECISIONS)] = "float32"
-        sam_rho: float = Field(0.0, ge=0, le=1)      # FTD: SAM's radius (FTD: 0.01-0.05)
+        sam_rho: float = Field(0.0, ge=0, le=1)      # FTD: SAM's radius (the examples: 0.01)
 
     inputs = {"data": Dataset}
     outputs = {"experts": Dataset}
