@@ -253,8 +253,9 @@ class MatchTrajectories(Stage):
     def _diverged(self, ctx, where, it, what, syn_lr):
         raise FloatingPointError(
             f"{where}: diverged at iteration {it}: {what} (synthetic lr {syn_lr.item():.4g}); "
-            f"lower lr_init ({self.config.lr_init or 'unset: the experts lr'}), lr_lr ({self.config.lr_lr}) or lr_img "
-            f"({self.config.lr_img}); the last checkpoint is kept in {ctx.work_uri}")
+            f"lower lr_init ({self.config.lr_init or 'unset: the experts lr'}), lr_lr "
+            f"({self.config.lr_lr}) or lr_img ({self.config.lr_img}); the last checkpoint is "
+            f"kept in {ctx.work_uri}")
 
 
 @torch.no_grad()
