@@ -162,6 +162,13 @@ class TrigFlow:
         """The teacher's probability-flow velocity dx_t/dt = sigma_d F."""
         return self.sigma_d * self.F(call, x_t, t)
 
+    @staticmethod
+    def step(x_t, t, s, v):
+        """One DDIM step of the probability-flow ODE from t to s, given v = dx_t/dt at
+        (x_t, t): x_s = cos(t - s) x_t - sin(t - s) v (exact when x0_hat stays fixed)."""
+        d = t - s
+        return _col(d.cos(), x_t) * x_t - _col(d.sin(), x_t) * v
+
     @torch.no_grad()
     def rollout(self, call, z: torch.Tensor, steps: int) -> torch.Tensor:
         """The teacher's deterministic sample from pure noise z ~ N(0, I): DDIM in

@@ -33,6 +33,13 @@ Data (no images either way):
   state of a trajectory (clean excluded) is an example, so a step sees ``batch_size``
   trajectories times their K - 1 states: x_t = x_m N(t) at t = atan(sigma / (sigma_d alpha))
   of its stored timestep, dx_t/dt by one teacher forward (latent: at the row's w or the fixed w).
+  ``jitter``: each stored state first moved along the teacher's ODE by one DDIM step,
+  x_s = cos(t - s) x_t - sin(t - s) dx_t/dt, to s ~ U[t_next, t] (t_next: the next stored
+  state's time, 0 after the last), and dx_s/ds by a second teacher forward. Without it the
+  loss sees only the K - 1 stored times and the student, free between them, drifts: on the
+  digits teacher 1000 steps collapsed (FID 66.6 at 1 step; tangent norm 0.75 -> 11.5);
+  with it the same run is stable (8.37 / 2.02 / 1.47 at 1 / 2 / 4 steps,
+  ``benchmarks/results/tbcm_time_derivative.md``).
 - ``data: noise``: the teacher rolls out from pure noise inside training: per batch,
   ``rollout_steps`` DDIM steps in TrigFlow time from the schedule's last time to 0 give
   x0_teacher; then x_t = cos t x0_teacher + sin t sigma_d eps with sCM's proposal
@@ -61,98 +68,15 @@ from pipelines.stage import Dataset, Model
 from stages.data.tables import parquet, require_columns
 from stages.models.diffusion import check_shape, load_diffusion, where_of
 from stages.models.families.sampling import guidance_mode, row_guidance
-from stages.models.trigflow import LogVar, TrigFlow, jvp
+from stages.models.trigflow import TrigFlow
 from stages.train.diffusion_student import StudentConfig, StudentMethod, StudentStage
-from stages.train.harness import Loss, TrainMethod
+from stages.train.harness import TrainMethod
 from stages.train.latent_student import (LatentStudentMethod, build_student,
                                          check_latent_student)
 from stages.train.rows import Rows
+from stages.train.scm_parts import CHAINS, SCM, chains
 
-# TrigFlow times of the saved chains (None: the schedule's last time)
-CHAINS = {1: (None,), 2: (None, 1.1), 4: (None, 1.3, 1.1, 0.8)}
 KEYS = {"pixel": ["label"], "latent": ["prompt_index", "guidance_scale"]}
-
-
-def chains(tf: TrigFlow) -> dict[str, list[float]]:
-    """Each chain's model times (rounded to the nearest timestep)."""
-    t_max = tf.t_range()[1]
-    return {str(k): [float(round(v)) for v in tf.model_time(torch.tensor(
-        [t_max if t is None else t for t in ts], dtype=torch.float32)).tolist()]
-            for k, ts in CHAINS.items()}
-
-
-def _col(v, like):
-    return v.view((-1,) + (1,) * (like.ndim - 1))
-
-
-class SCM:
-    """Mixin of a ``TrainMethod``: sCM's loss on TrigFlow states (the module docstring)."""
-
-    noisy: list[int] | None = None  # trajectories: the indices of the noisy stored states
-    step = 0
-
-    def with_logvar(self, nets, device):
-        if self.cfg.logvar:
-            nets["logvar"] = LogVar().to(device)
-        return nets
-
-    def optimizers(self, nets):
-        params = [p for net in nets.values() for p in net.parameters() if p.requires_grad]
-        return {"student": torch.optim.AdamW(params, lr=self.cfg.lr, betas=(0.9, 0.99),
-                                             weight_decay=0.0)}
-
-    def stored(self, batch, keys):
-        """Every noisy stored state of the batch's trajectories, in TrigFlow."""
-        states = batch["states"][:, self.noisy]
-        k = states.shape[1]
-        x_t, t = self.tf.from_model(states.flatten(0, 1), batch["timesteps"][:, self.noisy]
-                                    .flatten().float())
-        return x_t, t, {key: batch[key].repeat_interleave(k, 0) for key in keys}
-
-    def from_noise(self, teacher, shape, n, gen, device):
-        """x0 of the teacher's rollout from noise, noised at t from sCM's proposal."""
-        cfg, tf = self.cfg, self.tf
-        z = torch.randn((n, *shape), generator=gen).to(device)
-        x0 = tf.rollout(teacher, z, cfg.rollout_steps)
-        tau = cfg.P_mean + cfg.P_std * torch.randn(n, generator=gen)
-        t = torch.atan(tau.exp() / cfg.sigma_d).clamp(*tf.t_range()).to(device)
-        eps = torch.randn(x0.shape, generator=gen).to(device)
-        return _col(t.cos(), x0) * x0 + _col(t.sin(), x0) * cfg.sigma_d * eps, t
-
-    def scm_loss(self, nets, x_t, t, v, call) -> Loss:
-        """``call(net)`` is the network as ``(x_m, tau) -> raw output``; v = dx_t/dt."""
-        cfg, tf, sd = self.cfg, self.tf, self.cfg.sigma_d
-        net = nets["student"]
-        plain = getattr(net, "module", net)
-        r, self.step = self.warmup(), self.step + 1
-        minus, d_minus = jvp(lambda x, s: tf.F(call(plain), x, s), x_t, t, v, plain,  # 3.
-                             cfg.time_delta if cfg.time_derivative != "jvp" else None,
-                             tf.t_range())
-        c, s = _col(t.cos(), x_t), _col(t.sin(), x_t)
-        g = -c * c * (sd * minus - v) - r * (c * s * x_t + sd * d_minus)            # 4. g
-        norm = g.flatten(1).norm(dim=1)
-        g = g / _col(norm + cfg.tangent_norm_c, g)
-        F = tf.F(call(net), x_t, t)                                                 # 5. F_theta
-        dist = (F - minus - g).pow(2).flatten(1).mean(1)
-        w = 1 / (sd * t.tan()) if cfg.prior_weighting else torch.ones_like(t)
-        u = nets["logvar"](t) if cfg.logvar else torch.zeros_like(t)
-        loss = (w * dist / u.exp() + u).mean()                                      # 6. L
-        return Loss({"student": loss}, len(x_t), {
-            "weighted_distance": (w * dist).sum().item(), "logvar": u.sum().item(),
-            "tangent_norm": norm.sum().item()})
-
-    def warmup(self) -> float:
-        steps = self.cfg.tangent_warmup_steps
-        return min(1.0, self.step / steps) if steps else 1.0
-
-    def epoch_metrics(self, nets):
-        return {"tangent_warmup": self.warmup(), "steps": float(self.step)}
-
-    def state_dict(self):
-        return {"step": torch.tensor(self.step)}
-
-    def load_state_dict(self, state):
-        self.step = int(state["step"])
 
 
 class PixelSCM(SCM, StudentMethod):
@@ -177,8 +101,11 @@ class PixelSCM(SCM, StudentMethod):
         else:
             x_t, t = self.from_noise(self.call(self.teacher.unet, y), self.shape, len(y),
                                      gen, y.device)
+        teacher = self.call(self.teacher.unet, y)
         with torch.no_grad():                                           # 2. dx_t/dt
-            v = self.tf.velocity(self.call(self.teacher.unet, y), x_t, t)
+            v = self.tf.velocity(teacher, x_t, t)
+        if self.noisy is not None and self.cfg.jitter:
+            x_t, t, v = self.jittered(teacher, x_t, t, v, gen)
         return self.scm_loss(nets, x_t, t, v, lambda net: self.call(net, y))
 
 
@@ -207,6 +134,8 @@ class LatentSCM(SCM, LatentStudentMethod, TrainMethod):
             x_t, t = self.from_noise(teacher, self.shape, len(w), gen, w.device)
         with torch.no_grad():                                           # 2. dx_t/dt
             v = self.tf.velocity(teacher, x_t, t)
+        if self.noisy is not None and self.cfg.jitter:
+            x_t, t, v = self.jittered(teacher, x_t, t, v, gen)
         return self.scm_loss(nets, x_t, t, v, lambda net: (
             lambda x, tau: self.model.predict(net, x, tau, cond, w, mode)))
 
@@ -216,7 +145,7 @@ class SCMDistill(StudentStage):
     version = "1"
 
     class Config(StudentConfig):
-        added = ("time_derivative", "time_delta")  # at their defaults: out of the key
+        added = ("time_derivative", "time_delta", "jitter")  # at defaults: out of the key
         data: Literal["trajectories", "noise"] = "trajectories"
         sigma_d: float = Field(0.5, gt=0)
         P_mean: float = -1.0                     # data: noise: tau ~ N(P_mean, P_std^2)
@@ -225,6 +154,7 @@ class SCMDistill(StudentStage):
         tangent_norm_c: float = Field(0.1, gt=0)
         time_derivative: Literal["jvp", "central-difference"] = "jvp"
         time_delta: float = Field(0.02, gt=0, le=0.2)  # d of the central difference
+        jitter: bool = False                     # trajectories: states moved to any time
         logvar: bool = True                      # adaptive weighting u(t)
         prior_weighting: bool = True             # w(t) = 1 / (sigma_d tan t)
         rollout_steps: PositiveInt = 8           # data: noise: teacher steps per batch
@@ -237,6 +167,9 @@ class SCMDistill(StudentStage):
         def _noise_fields(self):
             if self.rows is not None and self.data != "noise":
                 raise ValueError("rows is for data: noise (trajectories bring their own)")
+            if self.jitter and self.data != "trajectories":
+                raise ValueError("jitter is for data: trajectories (data: noise draws "
+                                 "its times from sCM's proposal, every time already)")
             if self.guidance_range is not None and (self.data != "noise"
                                                     or self.guidance != "embedded"):
                 raise ValueError("guidance_range is for data: noise with guidance: embedded "

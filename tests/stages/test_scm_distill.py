@@ -1,7 +1,7 @@
 """``scm-distill`` (sCM / TBCM): the TrigFlow conversion and its JVP against finite
 differences (a UNet with attention, and a flow-matching SD3 transformer against the
-analytic flow velocity); pixel students from stored trajectories (Ray Train, one worker)
-and from the teacher's rollouts, sampled by the x0 chain in 1, 2 and 4 steps; a latent
+analytic flow velocity); ``jitter``'s step along the teacher's flow; pixel students from
+stored trajectories (Ray Train, one worker, ``jitter``) and from the teacher's rollouts, sampled by the x0 chain in 1, 2 and 4 steps; a latent
 SD 1.5 student with embedded guidance that a plain ``DiffusionPipeline`` samples in 2
 steps; a run SIGKILLed after its first epochs resuming with its tangent warm-up counter;
 one clear error for each bad input, before any training."""
@@ -19,6 +19,7 @@ from stages.models.diffusion import load_diffusion
 from stages.models.diffusion_sampling import chain_timesteps, sample_student
 from stages.models.trigflow import CONVERTIBLE, TrigFlow, jvp
 from stages.train.scm_distill import SCMDistill
+from stages.train.scm_parts import SCM
 from tests.stages.conftest import run_stage
 from tests.stages.killed import kill_after_first_epoch, stage_script
 
@@ -113,6 +114,31 @@ def test_an_exact_consistency_function_has_a_zero_tangent():
     assert g.abs().max() < 1e-9 * x.abs().max()
 
 
+def test_jitter_moves_stored_states_along_the_teachers_flow():
+    """TBCM's ``jitter``: a state at t moved by one DDIM step to a time between t and the
+    next stored state's stays on the teacher's flow. For the flow-matching teacher of data
+    at one point x0* (exact x0_hat everywhere) the step is exact: f(x_s, s) = x0*, and the
+    velocity returned is the teacher's at (x_s, s)."""
+    torch.manual_seed(0)
+    x0 = torch.randn(1, 2, 4, 4, dtype=torch.float64)
+    call = lambda x_m, tau: (x_m - x0) / (tau / 1000).view(-1, 1, 1, 1)  # noqa: E731
+    tf = TrigFlow("flow", 0.5)
+    t = torch.tensor([0.4, 0.9, 1.2, 1.5], dtype=torch.float64)
+    eps = torch.randn(4, 2, 4, 4, dtype=torch.float64)
+    col = lambda v: v.view(-1, 1, 1, 1)  # noqa: E731
+    x = col(t.cos()) * x0 + 0.5 * col(t.sin()) * eps
+    method = SCM()
+    method.tf, method.t_next = tf, torch.tensor([0.2, 0.4, 0.9, 1.2], dtype=torch.float64)
+    with torch.no_grad():
+        v = tf.velocity(call, x, t)
+        x_s, s, v_s = method.jittered(call, x, t, v, torch.Generator().manual_seed(1))
+        torch.testing.assert_close(tf.f(call, x_s, s), x0.expand_as(x))
+        torch.testing.assert_close(x_s, col(s.cos()) * x0 + 0.5 * col(s.sin()) * eps)
+        torch.testing.assert_close(v_s, tf.velocity(call, x_s, s))
+    assert ((s >= method.t_next) & (s <= t)).all() and (s != t).all()
+    torch.testing.assert_close(TrigFlow.step(x, t, t, v), x)  # no move, no change
+
+
 def test_time_difference_averages_out_an_embedding_that_only_integer_times_trained():
     """fn = x cos t + a sin(k t): a smooth flow plus the fast ripple of a time embedding
     between the timesteps it was trained at. The exact JVP follows the ripple (a k cos k t);
@@ -144,8 +170,8 @@ def test_unconvertible_prediction_lists_the_convertible_ones():
 def pixel_students(ray_session, tiny_diffusion, tmp_path_factory):
     root = tmp_path_factory.mktemp("scm")
     t0 = time.time()
-    traj = run_stage(SCMDistill, {**FAST, "num_workers": 1}, root / "traj", "scm_traj",
-                     teacher=tiny_diffusion["teacher"],
+    traj = run_stage(SCMDistill, {**FAST, "num_workers": 1, "jitter": True}, root / "traj",
+                     "scm_traj", teacher=tiny_diffusion["teacher"],
                      trajectories=tiny_diffusion["trajectories"])[0]["model"]
     noise = run_stage(SCMDistill, {**FAST, "data": "noise", "rows": 16, "rollout_steps": 2},
                       root / "noise", "scm_noise", teacher=tiny_diffusion["teacher"])[0]["model"]
@@ -245,4 +271,6 @@ def test_bad_inputs_fail_before_training(tiny_diffusion, tiny_sd15, tmp_path):
     assert "guidance_range" in msg
     with pytest.raises(ValueError, match="rows is for data: noise"):
         SCMDistill({"rows": 8})
+    with pytest.raises(ValueError, match="jitter is for data: trajectories"):
+        SCMDistill({"data": "noise", "jitter": True})
     assert not os.path.exists(tmp_path / "scm" / "model")  # nothing trained
