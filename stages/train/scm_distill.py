@@ -145,7 +145,8 @@ class SCMDistill(StudentStage):
     version = "1"
 
     class Config(StudentConfig):
-        added = ("time_derivative", "time_delta", "jitter")  # at defaults: out of the key
+        added = ("time_derivative", "time_delta", "jitter", "logvar_lr")  # at defaults:
+        # out of the key
         data: Literal["trajectories", "noise"] = "trajectories"
         sigma_d: float = Field(0.5, gt=0)
         P_mean: float = -1.0                     # data: noise: tau ~ N(P_mean, P_std^2)
@@ -156,6 +157,7 @@ class SCMDistill(StudentStage):
         time_delta: float = Field(0.02, gt=0, le=0.2)  # d of the central difference
         jitter: bool = False                     # trajectories: states moved to any time
         logvar: bool = True                      # adaptive weighting u(t)
+        logvar_lr: float | None = Field(None, gt=0)  # u(t)'s learning rate (None: lr)
         prior_weighting: bool = True             # w(t) = 1 / (sigma_d tan t)
         rollout_steps: PositiveInt = 8           # data: noise: teacher steps per batch
         rows: PositiveInt | None = None          # data: noise: rows per epoch (1024)

@@ -37,8 +37,15 @@ class SCM:
         return nets
 
     def optimizers(self, nets):
-        params = [p for net in nets.values() for p in net.parameters() if p.requires_grad]
-        return {"student": torch.optim.AdamW(params, lr=self.cfg.lr, betas=(0.9, 0.99),
+        """One AdamW; with ``logvar_lr``, u(t) in its own group at that rate."""
+        own = self.cfg.logvar_lr is not None and "logvar" in nets
+        params = [p for n, net in nets.items() if not (own and n == "logvar")
+                  for p in net.parameters() if p.requires_grad]
+        groups = [{"params": params}]
+        if own:
+            groups.append({"params": list(nets["logvar"].parameters()),
+                           "lr": self.cfg.logvar_lr})
+        return {"student": torch.optim.AdamW(groups, lr=self.cfg.lr, betas=(0.9, 0.99),
                                              weight_decay=0.0)}
 
     def stored(self, batch, keys):

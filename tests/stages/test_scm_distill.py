@@ -17,7 +17,7 @@ from pipelines.context import StageContext
 from pipelines.errors import UserError
 from stages.models.diffusion import load_diffusion
 from stages.models.diffusion_sampling import chain_timesteps, sample_student
-from stages.models.trigflow import CONVERTIBLE, TrigFlow, jvp
+from stages.models.trigflow import CONVERTIBLE, LogVar, TrigFlow, jvp
 from stages.train.scm_distill import SCMDistill
 from stages.train.scm_parts import SCM
 from tests.stages.conftest import run_stage
@@ -137,6 +137,21 @@ def test_jitter_moves_stored_states_along_the_teachers_flow():
         torch.testing.assert_close(v_s, tf.velocity(call, x_s, s))
     assert ((s >= method.t_next) & (s <= t)).all() and (s != t).all()
     torch.testing.assert_close(TrigFlow.step(x, t, t, v), x)  # no move, no change
+
+
+def test_logvar_learns_at_its_own_rate_only_when_asked():
+    """``logvar_lr``: u(t) in its own AdamW group (a fine-tuning lr leaves u(t) near 0, so
+    the adaptive weighting would not adapt); unset, one group as before (old checkpoints
+    of the same key resume)."""
+    nets = {"student": torch.nn.Linear(3, 3), "logvar": LogVar()}
+    method = SCM()
+    for logvar_lr, lrs in ((None, [1e-4]), (1e-2, [1e-4, 1e-2])):
+        method.cfg = SCMDistill({"lr": 1e-4, "logvar_lr": logvar_lr}).config
+        groups = method.optimizers(nets)["student"].param_groups
+        assert [g["lr"] for g in groups] == lrs
+        assert sum(len(g["params"]) for g in groups) == 4
+        keyed = method.cfg.split_execution()[0]
+        assert ("logvar_lr" in keyed) == (logvar_lr is not None)  # unset: the old key
 
 
 def test_time_difference_averages_out_an_embedding_that_only_integer_times_trained():
