@@ -94,18 +94,14 @@ class PixelSCM(SCM, StudentMethod):
         return lambda x_m, tau: net(x_m, tau, **kwargs).sample
 
     def loss(self, nets, emas, batch, gen):
-        y = batch["label"]                                              # 1. the states
+        y, t_next = batch["label"], None                                # 1. the states
         if self.noisy is not None:
-            x_t, t, rep = self.stored(batch, ["label"])
+            x_t, t, t_next, rep = self.stored(batch, ["label"])
             y = rep["label"]
-        else:
-            x_t, t = self.from_noise(self.call(self.teacher.unet, y), self.shape, len(y),
-                                     gen, y.device)
         teacher = self.call(self.teacher.unet, y)
-        with torch.no_grad():                                           # 2. dx_t/dt
-            v = self.tf.velocity(teacher, x_t, t)
-        if self.noisy is not None and self.cfg.jitter:
-            x_t, t, v = self.jittered(teacher, x_t, t, v, gen)
+        if self.noisy is None:
+            x_t, t = self.from_noise(teacher, self.shape, len(y), gen, y.device)
+        x_t, t, v = self.teacher_velocity(teacher, x_t, t, t_next, gen)  # 2. dx_t/dt
         return self.scm_loss(nets, x_t, t, v, lambda net: self.call(net, y))
 
 
@@ -122,9 +118,9 @@ class LatentSCM(SCM, LatentStudentMethod, TrainMethod):
         return self.with_logvar(nets, device)
 
     def loss(self, nets, emas, batch, gen):
-        x_t = None                                                      # 1. the states
+        x_t = t_next = None                                             # 1. the states
         if self.noisy is not None:
-            x_t, t, batch = self.stored(batch, KEYS["latent"])
+            x_t, t, t_next, batch = self.stored(batch, KEYS["latent"])
         cond, w, mode = self.conditioning(batch)
         teacher_w = batch["guidance_scale"] if self.cfg.guidance == "embedded" else w
         guided = guidance_mode(self.model, True)
@@ -132,10 +128,7 @@ class LatentSCM(SCM, LatentStudentMethod, TrainMethod):
             self.teacher, x, tau, cond, teacher_w, guided)
         if x_t is None:
             x_t, t = self.from_noise(teacher, self.shape, len(w), gen, w.device)
-        with torch.no_grad():                                           # 2. dx_t/dt
-            v = self.tf.velocity(teacher, x_t, t)
-        if self.noisy is not None and self.cfg.jitter:
-            x_t, t, v = self.jittered(teacher, x_t, t, v, gen)
+        x_t, t, v = self.teacher_velocity(teacher, x_t, t, t_next, gen)  # 2. dx_t/dt
         return self.scm_loss(nets, x_t, t, v, lambda net: (
             lambda x, tau: self.model.predict(net, x, tau, cond, w, mode)))
 

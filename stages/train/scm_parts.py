@@ -49,22 +49,33 @@ class SCM:
                                              weight_decay=0.0)}
 
     def stored(self, batch, keys):
-        """Every noisy stored state of the batch's trajectories, in TrigFlow, with the
-        TrigFlow time of the stored state after each (0 after the last noisy one)."""
+        """Every noisy stored state of the batch's trajectories, in TrigFlow; with
+        ``jitter``, also the TrigFlow time of the stored state after each (0 after the last
+        noisy one), else None."""
         states = batch["states"][:, self.noisy]
         k = states.shape[1]
         x_t, t = self.tf.from_model(states.flatten(0, 1), batch["timesteps"][:, self.noisy]
                                     .flatten().float())
-        after = [i + 1 for i in self.noisy]
-        self.t_next = self.tf.t_of(batch["timesteps"][:, after].flatten().float()).to(t.device)
-        return x_t, t, {key: batch[key].repeat_interleave(k, 0) for key in keys}
+        t_next = None
+        if self.cfg.jitter:
+            after = [i + 1 for i in self.noisy]
+            t_next = self.tf.t_of(batch["timesteps"][:, after].flatten().float()).to(t.device)
+        return x_t, t, t_next, {key: batch[key].repeat_interleave(k, 0) for key in keys}
 
-    def jittered(self, teacher, x_t, t, v, gen):
+    def teacher_velocity(self, teacher, x_t, t, t_next, gen):
+        """(x_t, t, dx_t/dt) by the teacher; given ``t_next`` (``jitter``), the states are
+        first moved as ``jittered`` says."""
+        with torch.no_grad():
+            v = self.tf.velocity(teacher, x_t, t)
+        return (x_t, t, v) if t_next is None else self.jittered(teacher, x_t, t, v, t_next,
+                                                                gen)
+
+    def jittered(self, teacher, x_t, t, v, t_next, gen):
         """``jitter``: each stored state moved along the teacher's ODE (one DDIM step) to a
-        time drawn uniformly between its own and the next stored state's, with the
-        teacher's velocity there: the loss sees every time of the route."""
+        time drawn uniformly between its own and the next stored state's (``t_next``),
+        with the teacher's velocity there: the loss sees every time of the route."""
         u = torch.rand(len(t), generator=gen).to(t.device)
-        s = (self.t_next + u * (t - self.t_next)).clamp(*self.tf.t_range())
+        s = (t_next + u * (t - t_next)).clamp(*self.tf.t_range())
         x_s = self.tf.step(x_t, t, s, v)
         with torch.no_grad():
             return x_s, s, self.tf.velocity(teacher, x_s, s)

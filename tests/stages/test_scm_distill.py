@@ -1,10 +1,11 @@
 """``scm-distill`` (sCM / TBCM): the TrigFlow conversion and its JVP against finite
 differences (a UNet with attention, and a flow-matching SD3 transformer against the
 analytic flow velocity); ``jitter``'s step along the teacher's flow; pixel students from
-stored trajectories (Ray Train, one worker, ``jitter``) and from the teacher's rollouts, sampled by the x0 chain in 1, 2 and 4 steps; a latent
-SD 1.5 student with embedded guidance that a plain ``DiffusionPipeline`` samples in 2
-steps; a run SIGKILLed after its first epochs resuming with its tangent warm-up counter;
-one clear error for each bad input, before any training."""
+stored trajectories (Ray Train, one worker, ``jitter``) and from the teacher's rollouts,
+sampled by the x0 chain in 1, 2 and 4 steps; a latent SD 1.5 student with embedded
+guidance that a plain ``DiffusionPipeline`` samples in 2 steps; a run SIGKILLed after its
+first epochs resuming with its tangent warm-up counter; one clear error for each bad input,
+before any training."""
 
 import json
 import os
@@ -128,14 +129,14 @@ def test_jitter_moves_stored_states_along_the_teachers_flow():
     col = lambda v: v.view(-1, 1, 1, 1)  # noqa: E731
     x = col(t.cos()) * x0 + 0.5 * col(t.sin()) * eps
     method = SCM()
-    method.tf, method.t_next = tf, torch.tensor([0.2, 0.4, 0.9, 1.2], dtype=torch.float64)
+    method.tf, t_next = tf, torch.tensor([0.2, 0.4, 0.9, 1.2], dtype=torch.float64)
     with torch.no_grad():
         v = tf.velocity(call, x, t)
-        x_s, s, v_s = method.jittered(call, x, t, v, torch.Generator().manual_seed(1))
+        x_s, s, v_s = method.jittered(call, x, t, v, t_next, torch.Generator().manual_seed(1))
         torch.testing.assert_close(tf.f(call, x_s, s), x0.expand_as(x))
         torch.testing.assert_close(x_s, col(s.cos()) * x0 + 0.5 * col(s.sin()) * eps)
         torch.testing.assert_close(v_s, tf.velocity(call, x_s, s))
-    assert ((s >= method.t_next) & (s <= t)).all() and (s != t).all()
+    assert ((s >= t_next) & (s <= t)).all() and (s != t).all()
     torch.testing.assert_close(TrigFlow.step(x, t, t, v), x)  # no move, no change
 
 
