@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from stages.models.trigflow import LogVar, TrigFlow, jvp
+from stages.models.trigflow import LogVar, TrigFlow, _col, jvp
 from stages.train.harness import Loss
 
 # TrigFlow times of the saved chains (None: the schedule's last time)
@@ -19,10 +19,6 @@ def chains(tf: TrigFlow) -> dict[str, list[float]]:
     return {str(k): [float(round(v)) for v in tf.model_time(torch.tensor(
         [t_max if t is None else t for t in ts], dtype=torch.float32)).tolist()]
             for k, ts in CHAINS.items()}
-
-
-def _col(v, like):
-    return v.view((-1,) + (1,) * (like.ndim - 1))
 
 
 class SCM:
