@@ -9,7 +9,8 @@ Every stored state is in this "VP" space; t = -1 means clean (alpha 1, sigma 0).
 
 - Model folder: ``unet/`` and ``scheduler/`` written by ``save_pretrained`` and a
   ``model_index.json`` (the layout of a diffusers ``DDPMPipeline``); students add
-  ``student.json`` (method, the step counts their training covered, parameterisation).
+  ``student.json`` (method, the step counts their training covered, parameterisation); a
+  segmented consistency student adds ``segment_unets/<k>/``, its k-step UNets.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ class Diffusion:
     def __init__(self, unet, scheduler_config: dict, student: dict | None = None):
         from diffusers import DDPMScheduler
         self.unet, self.scheduler_config, self.student = unet, dict(scheduler_config), student
+        self.segment_unets: dict[int, object] = {}  # a segmented student's k-step UNets
         self.prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
         ddpm = DDPMScheduler.from_config(self.scheduler_config)
         self.alphas_cumprod = ddpm.alphas_cumprod.double()
@@ -91,7 +93,8 @@ class Diffusion:
         return (c, s, s) if isinstance(s, int) else (c, *s)
 
     def to(self, device):
-        self.unet.to(device)
+        for unet in (self.unet, *self.segment_unets.values()):
+            unet.to(device)
         return self
 
     def alpha_sigma(self, t: torch.Tensor, like: torch.Tensor):
@@ -181,9 +184,13 @@ def load_diffusion(path: str, where: str) -> Diffusion:
             student = json.load(f)
     try:
         unet = UNet2DModel.from_pretrained(os.path.join(path, "unet"))
+        model = Diffusion(unet.eval(), scheduler_config, student)
+        for k in (student or {}).get("segment_unets") or {}:
+            sub = os.path.join(path, "segment_unets", k)
+            model.segment_unets[int(k)] = UNet2DModel.from_pretrained(sub).eval()
     except (OSError, ValueError, EnvironmentError) as e:
-        raise UserError(f"{where}: cannot load the UNet from {path}/unet: {e}") from e
-    return Diffusion(unet.eval(), scheduler_config, student)
+        raise UserError(f"{where}: cannot load the UNet from {path}: {e}") from e
+    return model
 
 
 def check_shape(model: Diffusion, shape, where: str, what: str) -> None:

@@ -150,6 +150,8 @@ def sample_student(model: Diffusion, noise: torch.Tensor, labels, steps: int,
             s = torch.full((n,), i / steps, device=device)
             x = x + reflow_velocity(model, unet, x, s, labels) / steps
         return x.clamp(-1, 1).float().cpu()
+    if method == "consistency" and steps in model.segment_unets:  # Hyper-SD's k-step model
+        return segment_chain(model, x, labels, steps).clamp(-1, 1).float().cpu()
     if method == "consistency":  # multistep consistency sampling
         grid = model.student["timesteps"]
         ts = [grid[int(j)] for j in np.linspace(0, len(grid), steps, endpoint=False)]
@@ -181,6 +183,23 @@ def sample_student(model: Diffusion, noise: torch.Tensor, labels, steps: int,
         return x0.float().cpu()
     raise UserError(f"{where}: unknown student method {method!r}; allowed: "
                     f"{allowed_list(STUDENT_METHODS)}")
+
+
+def segment_chain(model: Diffusion, x, labels, steps: int):
+    """A segmented consistency student's k-step model (``segment_unets``) from noise: at
+    each segment's upper boundary, its DDIM jump to the lower one (the consistency function
+    for the segment ending clean): the map its phase of training fitted."""
+    unet = model.segment_unets[steps]
+    bounds = model.student["segment_unets"][str(steps)]["boundaries"]
+    n = len(x)
+    for t, end in zip(bounds[:-1], bounds[1:]):
+        tt = torch.full((n,), t, device=x.device)
+        if end < 0:
+            x = consistency_fn(model, unet, x, tt, labels)
+        else:
+            x0, eps = model.predict_x0(unet, x, tt, labels)
+            x = ddim_step(model, x, x0, eps, tt, torch.full((n,), end, device=x.device))
+    return x
 
 
 def reflow_velocity(model: Diffusion, unet, x, s, labels):

@@ -44,7 +44,10 @@ segment [s_{j+1}, s_j] and the consistency function maps to that segment's lower
 with the segment ending at clean using the LCM form above. Phases run in order in one
 training run (k reduced phase by phase, each starting from the last phase's weights and
 EMA); the last (k = 1) is ordinary consistency distillation, so the student samples like
-any consistency student.
+any consistency student. Each earlier phase's student is its k-step model, as Hyper-SD
+releases one model per step count: a pixel student keeps it in ``segment_unets/<k>/`` of
+its folder and samples k steps with it by the segments' DDIM jumps s_0 -> s_1 -> ... -> s_k
+(the map that phase fitted); other step counts use the last phase's student.
 
 The student (the teacher's UNet, or a smaller ``architecture`` started from the teacher
 weights it shares; fresh with ``init: scratch``) is saved as a diffusers folder with
@@ -99,14 +102,44 @@ def segment_ends(t_lo: torch.Tensor, boundaries: list) -> torch.Tensor:
                        ).max(1).values
 
 
+def save_phase_students(path: str, net, phase_nets: dict, grid: list, max_steps: int) -> dict:
+    """Each kept phase's student as a UNet folder ``segment_unets/<k>`` of the model
+    folder; returns ``student.json``'s ``segment_unets``: for each k (a step count the
+    student covers) the k + 1 boundaries its k-step DDIM chain visits."""
+    import copy
+    import os
+    saved = {}
+    for k, weights in sorted(phase_nets.items()):
+        if k > max_steps:
+            continue
+        phase = copy.deepcopy(getattr(net, "module", net))
+        phase.load_state_dict(weights)
+        phase.save_pretrained(os.path.join(path, "segment_unets", str(k)))
+        saved[str(k)] = {"boundaries": [int(t) for t in segment_boundaries(grid, k)]}
+    return saved
+
+
 class Segments:
-    """Mixin of the phase schedule of ``segments`` (Hyper-SD's TSCD)."""
+    """Mixin of the phase schedule of ``segments`` (Hyper-SD's TSCD). With ``keep_phases``
+    each phase's student (k > 1) is kept when its phase ends, in the method's state (so in
+    every checkpoint after it): the k-step model, as Hyper-SD releases one per step count."""
 
     segments: list | None = None
+    keep_phases = False
 
     def begin_epoch(self, epoch, nets):
         self.phase = min(epoch // self.epochs_per_phase, len(self.segments) - 1) \
             if self.segments else 0
+        if self.keep_phases and self.segments and epoch and epoch % self.epochs_per_phase == 0:
+            ended = self.segments[epoch // self.epochs_per_phase - 1]  # the phase just ended
+            self.phase_nets[ended] = {k: v.detach().cpu().clone()
+                                      for k, v in nets["student"].state_dict().items()}
+
+    def state_dict(self):
+        return {"phase_nets": self.phase_nets} if self.keep_phases else {}
+
+    def load_state_dict(self, state):
+        self.phase_nets = dict(state.get("phase_nets", {}))
 
     def boundaries(self) -> list | None:
         """This phase's boundaries, or None when it is the ordinary (k = 1) loss."""
@@ -124,6 +157,7 @@ class ConsistencyLoss(Segments, StudentMethod):
         self.distance, self.huber_c, self.mode, self.grid = (cfg.distance, cfg.huber_c,
                                                              cfg.mode, grid)
         self.segments, self.epochs_per_phase, self.phase = cfg.segments, cfg.epochs, 0
+        self.keep_phases, self.phase_nets = bool(cfg.segments), {}
 
     def f(self, teacher, net, x, t, y, ends):
         """f(x, t), or f_seg(x, t) to the segment ends ``ends`` (None: to x0)."""
@@ -203,7 +237,8 @@ class LatentConsistencyLoss(Segments, LatentStudentMethod, TrainMethod):
 
 class ConsistencyDistill(StudentStage):
     kind = "consistency-distill"
-    version = "5"  # 5: segments (phases)
+    version = "6"  # 6: a segmented student keeps each phase's k-step model
+    # 5: segments (phases)
     # 2: the training harness (held pairs, one global permutation per epoch)
     # 3: a last partial batch dropped, the same steps whatever the number of workers
     # 4: latent text-to-image teachers
@@ -252,8 +287,13 @@ class ConsistencyDistill(StudentStage):
         student = {"method": "consistency", "timesteps": noisy, "max_steps": len(noisy),
                    "distance": cfg.distance, "mode": cfg.mode, "segments": cfg.segments}
         method = ConsistencyLoss(cfg, teacher, columns, grid)
+
+        def phases(path, net, state):  # each phase's k-step student (Hyper-SD's per-k models)
+            student["segment_unets"] = save_phase_students(
+                path, net, state["method"].get("phase_nets", {}), grid, len(noisy))
+
         model = self.train(ctx, self.total(cfg), pairs, teacher, method, student,
-                           teacher_model.scheduler_config)
+                           teacher_model.scheduler_config, finish=phases)
         return {"model": model}
 
     def run_latent(self, ctx, pairs, teacher, embeddings):

@@ -206,14 +206,18 @@ class StudentStage(Stage):
         return Model(path=path, info=info)
 
     def train(self, ctx, cfg: StudentConfig, pairs, teacher, method: StudentMethod,
-              student_info: dict, scheduler_config: dict) -> Model:
+              student_info: dict, scheduler_config: dict, finish=None) -> Model:
         """Fit ``method`` on the pairs through the harness and save the student as a
-        diffusers folder with ``student.json``."""
+        diffusers folder with ``student.json``; ``finish(path, student, state)`` adds to
+        the folder before ``student.json`` is written (and may add to ``student_info``)."""
         trained = fit(ctx, method, self.rows(cfg, pairs, method), cfg)
         model = load_diffusion(teacher.path, where_of(ctx, self.kind, "teacher"))
         student, from_teacher = init_student(cfg, model)
         student.load_state_dict(trained.state["nets"]["student"])
-        path = save_diffusion(student, scheduler_config, ctx.output_dir("model"), student_info)
+        path = ctx.output_dir("model")
+        if finish is not None:
+            finish(path, student, trained.state)
+        save_diffusion(student, scheduler_config, path, student_info)
         info = {"method": student_info["method"], "epochs": trained.state["epoch"] + 1,
                 "params": sum(p.numel() for p in student.parameters()),
                 "teacher_params": sum(p.numel() for p in model.unet.parameters()),

@@ -1,6 +1,7 @@
 """Hyper-SD's trajectory-segmented consistency distillation (``consistency-distill`` with
 ``segments``): the segment ends of a pair, phases of ``epochs`` each that end in ordinary
-consistency distillation, on a tiny pixel teacher and a tiny latent SD 1.5 pipeline; and
+consistency distillation, on a tiny pixel teacher and a tiny latent SD 1.5 pipeline; each
+earlier phase's student kept and sampled at its k steps; and
 one clear error for segments that do not decrease, do not end in 1 or do not divide the
 stored timesteps."""
 
@@ -12,9 +13,9 @@ from pydantic import ValidationError
 
 from pipelines.errors import UserError
 from stages.models.diffusion import load_diffusion
-from stages.models.diffusion_sampling import sample_student
-from stages.train.consistency_distill import (ConsistencyDistill, segment_boundaries,
-                                              segment_ends)
+from stages.models.diffusion_sampling import consistency_fn, ddim_step, sample_student
+from stages.train.consistency_distill import (ConsistencyDistill, Segments,
+                                              segment_boundaries, segment_ends)
 from tests.stages.conftest import run_stage
 
 
@@ -40,6 +41,49 @@ def test_pixel_phases_train_and_the_student_samples(tiny_diffusion, tmp_path):
     for steps in (1, 2, 4):
         x = sample_student(model, noise, [0, 1, 2, 3], steps, torch.Generator().manual_seed(1))
         assert x.shape == (4, 1, 8, 8) and torch.isfinite(x).all()
+    # the 4- and 2-segment phases' students, kept (Hyper-SD's k-step models)
+    grid = pairs.info["timesteps"]
+    assert model.student["segment_unets"] == {"2": {"boundaries": [grid[0], grid[2], -1]},
+                                              "4": {"boundaries": grid}}
+    weights = [dict(u.named_parameters()) for u in (model.segment_unets[4],
+                                                    model.segment_unets[2], model.unet)]
+    for a, b in zip(weights, weights[1:]):  # each phase trained on from the last
+        assert any(not torch.equal(a[k], b[k]) for k in a)
+    # 4 steps: the 4-segment model's DDIM jumps between its boundaries, deterministic
+    labels = torch.tensor([0, 1, 2, 3])
+    x, unet = noise.clone(), model.segment_unets[4]
+    with torch.no_grad():
+        for t, end in zip(grid[:-1], grid[1:]):
+            tt = torch.full((4,), float(t))
+            if end < 0:
+                x = consistency_fn(model, unet, x, tt, labels)
+            else:
+                x0, eps = model.predict_x0(unet, x, tt, labels)
+                x = ddim_step(model, x, x0, eps, tt, torch.full((4,), float(end)))
+    for seed in (1, 2):
+        got = sample_student(model, noise, labels, 4, torch.Generator().manual_seed(seed))
+        assert torch.allclose(got, x.clamp(-1, 1), atol=1e-5)
+
+
+def test_a_phase_is_kept_when_it_ends_and_survives_a_resume():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+    method, net = Segments(), Net()
+    method.segments, method.epochs_per_phase, method.keep_phases = [4, 2, 1], 2, True
+    method.phase_nets = {}
+    for epoch in range(6):
+        method.begin_epoch(epoch, {"student": net})
+        kept = sorted(method.phase_nets)
+        assert kept == {0: [], 1: [], 2: [4], 3: [4], 4: [2, 4], 5: [2, 4]}[epoch], epoch
+        with torch.no_grad():
+            net.w += 1  # "training" this epoch
+    assert method.phase_nets[4]["w"].item() == 2 and method.phase_nets[2]["w"].item() == 4
+    resumed = Segments()
+    resumed.load_state_dict(method.state_dict())  # the checkpoint's method state
+    assert {k: v["w"].item() for k, v in resumed.phase_nets.items()} == {4: 2.0, 2: 4.0}
 
 
 def test_latent_phases_train(tiny_sd15, tmp_path):
