@@ -113,6 +113,18 @@ def consistency_fn(model: Diffusion, unet, x, t, labels):
     return c_skip * x + c_out * x0
 
 
+def segment_fn(model: Diffusion, unet, x, t, labels, ends):
+    """Hyper-SD's segment consistency function: from (x, t) the DDIM jump to the segment's
+    lower end ``ends`` (per row; -1, clean: f(x, t) above), x itself at the end; one
+    network call."""
+    x0, eps = model.predict_x0(unet, x, t, labels)
+    c_skip, c_out = consistency_scalings(t, x)
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    jump = torch.where((ends < 0).view(shape), c_skip * x + c_out * x0,
+                       ddim_step(model, x, x0, eps, t, ends))
+    return torch.where((t <= ends + 1e-4).view(shape), x, jump)
+
+
 # -- student sampler ----------------------------------------------------------------------
 def check_student_steps(model: Diffusion, steps: int, where: str) -> None:
     info = model.student or {}
@@ -191,14 +203,9 @@ def segment_chain(model: Diffusion, x, labels, steps: int):
     for the segment ending clean): the map its phase of training fitted."""
     unet = model.segment_unets[steps]
     bounds = model.student["segment_unets"][str(steps)]["boundaries"]
-    n = len(x)
+    full = lambda v: torch.full((len(x),), float(v), device=x.device)  # noqa: E731
     for t, end in zip(bounds[:-1], bounds[1:]):
-        tt = torch.full((n,), t, device=x.device)
-        if end < 0:
-            x = consistency_fn(model, unet, x, tt, labels)
-        else:
-            x0, eps = model.predict_x0(unet, x, tt, labels)
-            x = ddim_step(model, x, x0, eps, tt, torch.full((n,), end, device=x.device))
+        x = segment_fn(model, unet, x, full(t), labels, full(end))
     return x
 
 

@@ -64,7 +64,8 @@ import torch
 from pydantic import Field, PositiveInt, field_validator
 
 from pipelines.errors import bad_value
-from stages.models.diffusion_sampling import consistency_fn, consistency_scalings, ddim_step
+from stages.models.diffusion_sampling import (consistency_fn, consistency_scalings,
+                                              ddim_step, segment_fn)
 from stages.models.families.sampling import guidance_mode
 from stages.train.diffusion_student import StudentConfig, StudentMethod, StudentStage
 from stages.train.harness import Loss, TrainMethod
@@ -102,17 +103,16 @@ def segment_ends(t_lo: torch.Tensor, boundaries: list) -> torch.Tensor:
                        ).max(1).values
 
 
-def save_phase_students(path: str, net, phase_nets: dict, grid: list, max_steps: int) -> dict:
+def save_phase_students(path: str, net, phase_nets: dict, grid: list) -> dict:
     """Each kept phase's student as a UNet folder ``segment_unets/<k>`` of the model
-    folder; returns ``student.json``'s ``segment_unets``: for each k (a step count the
-    student covers) the k + 1 boundaries its k-step DDIM chain visits."""
+    folder; returns ``student.json``'s ``segment_unets``: for each k (a divisor of the
+    stored intervals, so a step count the student covers) the k + 1 boundaries its k-step
+    DDIM chain visits."""
     import copy
     import os
     saved = {}
     for k, weights in sorted(phase_nets.items()):
-        if k > max_steps:
-            continue
-        phase = copy.deepcopy(getattr(net, "module", net))
+        phase = copy.deepcopy(net)
         phase.load_state_dict(weights)
         phase.save_pretrained(os.path.join(path, "segment_unets", str(k)))
         saved[str(k)] = {"boundaries": [int(t) for t in segment_boundaries(grid, k)]}
@@ -130,7 +130,7 @@ class Segments:
     def begin_epoch(self, epoch, nets):
         self.phase = min(epoch // self.epochs_per_phase, len(self.segments) - 1) \
             if self.segments else 0
-        if self.keep_phases and self.segments and epoch and epoch % self.epochs_per_phase == 0:
+        if self.keep_phases and epoch and epoch % self.epochs_per_phase == 0:
             ended = self.segments[epoch // self.epochs_per_phase - 1]  # the phase just ended
             self.phase_nets[ended] = {k: v.detach().cpu().clone()
                                       for k, v in nets["student"].state_dict().items()}
@@ -163,10 +163,7 @@ class ConsistencyLoss(Segments, StudentMethod):
         """f(x, t), or f_seg(x, t) to the segment ends ``ends`` (None: to x0)."""
         if ends is None:
             return consistency_fn(teacher, net, x, t, y)
-        x0, eps = teacher.predict_x0(net, x, t, y)
-        jump = torch.where((ends < 0).view(-1, 1, 1, 1), consistency_fn(teacher, net, x, t, y),
-                           ddim_step(teacher, x, x0, eps, t, ends))
-        return torch.where((t <= ends + 1e-4).view(-1, 1, 1, 1), x, jump)
+        return segment_fn(teacher, net, x, t, y, ends)
 
     def student_loss(self, model, ema, teacher, batch, gen):
         y = batch["label"]
@@ -290,7 +287,7 @@ class ConsistencyDistill(StudentStage):
 
         def phases(path, net, state):  # each phase's k-step student (Hyper-SD's per-k models)
             student["segment_unets"] = save_phase_students(
-                path, net, state["method"].get("phase_nets", {}), grid, len(noisy))
+                path, net, state["method"].get("phase_nets", {}), grid)
 
         model = self.train(ctx, self.total(cfg), pairs, teacher, method, student,
                            teacher_model.scheduler_config, finish=phases)
