@@ -90,6 +90,13 @@ class StudentMethod(TrainMethod):
         raise NotImplementedError
 
 
+def saved_weights(trained, method) -> dict:
+    """The student's weights to save: its EMA copy for a method that samples with it
+    (``save_ema``, e.g. ``scm-distill``), else the last trained ones (the other students,
+    whose EMA is only the consistency target theta-)."""
+    return trained.state["emas" if getattr(method, "save_ema", False) else "nets"]["student"]
+
+
 class StudentStage(Stage):
     """Base of the student stages: (pairs, teacher) -> model, Ray Train work only."""
 
@@ -189,7 +196,7 @@ class StudentStage(Stage):
         from stages.models.families.export import save_student
         trained = fit(ctx, method, self.rows(cfg, pairs, method), cfg)
         net = build_student(model, cfg, where_of(ctx, self.kind))
-        net.load_state_dict(trained.state["nets"]["student"])
+        net.load_state_dict(saved_weights(trained, method))
         trainable = trainable_params(net)
         student_info = {**student_info, "guidance": cfg.guidance,
                         "guidance_scale": method.w_fixed if cfg.guidance == "fixed" else None,
@@ -213,7 +220,7 @@ class StudentStage(Stage):
         trained = fit(ctx, method, self.rows(cfg, pairs, method), cfg)
         model = load_diffusion(teacher.path, where_of(ctx, self.kind, "teacher"))
         student, from_teacher = init_student(cfg, model)
-        student.load_state_dict(trained.state["nets"]["student"])
+        student.load_state_dict(saved_weights(trained, method))
         path = ctx.output_dir("model")
         if finish is not None:
             finish(path, student, trained.state)

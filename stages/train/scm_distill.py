@@ -24,8 +24,9 @@ checkpoint, so a resumed run goes on with it), D the dimension, u(t) the learned
 log-variance (``stages.models.trigflow.LogVar``, trained with the student; 0 without
 ``logvar``), w(t) = 1 / (sigma_d tan t) the prior weighting of SANA-Sprint's sCM loss
 (Chen et al. 2025, arXiv 2503.09641; 1 without ``prior_weighting``). The JVP runs in the
-MATH attention backend. AdamW, betas (0.9, 0.99) as sCM's Adam; no EMA (``ema_decay``
-unused).
+MATH attention backend. AdamW, betas (0.9, 0.99) as sCM's Adam. The saved student is an
+EMA of the trained weights at ``ema_decay`` (sCM samples with EMA weights; 0: the last
+weights); the target F- takes the live weights, never the EMA.
 
 Data (no images either way):
 
@@ -40,6 +41,11 @@ Data (no images either way):
   digits teacher 1000 steps collapsed (FID 66.6 at 1 step; tangent norm 0.75 -> 11.5);
   with it the same run is stable (8.37 / 2.02 / 1.47 at 1 / 2 / 4 steps,
   ``benchmarks/results/tbcm_time_derivative.md``).
+- ``data: samples``: the same output's clean ends, the teacher's own samples made once by
+  that stage, are Algorithm 1's data: x_t = cos t x0 + sin t sigma_d eps at sCM's proposal
+  t (below), dx_t/dt by one teacher forward. ``data: noise`` without its rollout inside
+  training, which on the digits teacher is half of a step's time (8 DDIM steps: 0.50 s of
+  0.92 s at batch 64, one thread): twice the steps in the same time.
 - ``data: noise``: the teacher rolls out from pure noise inside training: per batch,
   ``rollout_steps`` DDIM steps in TrigFlow time from the schedule's last time to 0 give
   x0_teacher; then x_t = cos t x0_teacher + sin t sigma_d eps with sCM's proposal
@@ -80,9 +86,11 @@ KEYS = {"pixel": ["label"], "latent": ["prompt_index", "guidance_scale"]}
 
 
 class PixelSCM(SCM, StudentMethod):
-    def __init__(self, cfg, teacher, columns, noisy, shape):
+    def __init__(self, cfg, teacher, columns, shape):
         super().__init__(cfg, teacher, columns)
-        self.noisy, self.shape, self.ema = noisy, shape, {}
+        self.shape = shape
+        self.ema = {"student": cfg.ema_decay} if cfg.ema_decay else {}
+        self.save_ema = bool(cfg.ema_decay)
 
     def setup(self, device):
         nets = super().setup(device)
@@ -94,12 +102,12 @@ class PixelSCM(SCM, StudentMethod):
         return lambda x_m, tau: net(x_m, tau, **kwargs).sample
 
     def loss(self, nets, emas, batch, gen):
-        y, t_next = batch["label"], None                                # 1. the states
-        if self.noisy is not None:
-            x_t, t, t_next, rep = self.stored(batch, ["label"])
+        y, x_t, t_next = batch["label"], None, None                     # 1. the states
+        if self.cfg.data != "noise":
+            x_t, t, t_next, rep = self.from_stored(batch, ["label"], gen)
             y = rep["label"]
         teacher = self.call(self.teacher.unet, y)
-        if self.noisy is None:
+        if x_t is None:
             x_t, t = self.from_noise(teacher, self.shape, len(y), gen, y.device)
         x_t, t, v = self.teacher_velocity(teacher, x_t, t, t_next, gen)  # 2. dx_t/dt
         return self.scm_loss(nets, x_t, t, v, lambda net: self.call(net, y))
@@ -108,9 +116,11 @@ class PixelSCM(SCM, StudentMethod):
 class LatentSCM(SCM, LatentStudentMethod, TrainMethod):
     teacher_in_loop = True
 
-    def __init__(self, cfg, teacher, embeddings, columns, w_fixed, noisy, shape):
+    def __init__(self, cfg, teacher, embeddings, columns, w_fixed, shape):
         super().__init__(cfg, teacher, embeddings, columns, w_fixed)
-        self.noisy, self.shape, self.ema = noisy, shape, {}
+        self.shape = shape
+        self.ema = {"student": cfg.ema_decay} if cfg.ema_decay else {}
+        self.save_ema = bool(cfg.ema_decay)
 
     def setup(self, device):
         nets = super().setup(device)
@@ -119,8 +129,8 @@ class LatentSCM(SCM, LatentStudentMethod, TrainMethod):
 
     def loss(self, nets, emas, batch, gen):
         x_t = t_next = None                                             # 1. the states
-        if self.noisy is not None:
-            x_t, t, t_next, batch = self.stored(batch, KEYS["latent"])
+        if self.cfg.data != "noise":
+            x_t, t, t_next, batch = self.from_stored(batch, KEYS["latent"], gen)
         cond, w, mode = self.conditioning(batch)
         teacher_w = batch["guidance_scale"] if self.cfg.guidance == "embedded" else w
         guided = guidance_mode(self.model, True)
@@ -135,12 +145,12 @@ class LatentSCM(SCM, LatentStudentMethod, TrainMethod):
 
 class SCMDistill(StudentStage):
     kind = "scm-distill"
-    version = "1"
+    version = "2"  # 2: the saved student is the EMA of its weights (ema_decay); data: samples
 
     class Config(StudentConfig):
         added = ("time_derivative", "time_delta", "jitter", "logvar_lr")  # at defaults:
         # out of the key
-        data: Literal["trajectories", "noise"] = "trajectories"
+        data: Literal["trajectories", "samples", "noise"] = "trajectories"
         sigma_d: float = Field(0.5, gt=0)
         P_mean: float = -1.0                     # data: noise: tau ~ N(P_mean, P_std^2)
         P_std: float = Field(1.4, gt=0)
@@ -157,6 +167,7 @@ class SCMDistill(StudentStage):
         guidance_range: tuple[float, float] | None = None  # data: noise, embedded: w range
         batch_size: int = Field(32, ge=1)        # trajectories (x their states) or rows
         lr: float = Field(1e-4, gt=0)
+        ema_decay: float = Field(0.99, ge=0, lt=1)  # the saved (sampled) student's EMA
 
         @model_validator(mode="after")
         def _noise_fields(self):
@@ -183,11 +194,12 @@ class SCMDistill(StudentStage):
         if cfg.data == "noise":
             if trajectories is not None:
                 raise bad_value(where, "input 'trajectories'", "wired", "unwired for data: "
-                                "noise (the teacher rolls out from noise); or data: trajectories")
+                                "noise (the teacher rolls out from noise); or data: "
+                                "trajectories or samples")
             return
         if trajectories is None:
             raise bad_value(where, "input 'trajectories'", None, "the diffusion-trajectories "
-                            "output (data: trajectories trains on its stored states); or "
+                            f"output (data: {cfg.data} trains on its stored states); or "
                             "data: noise")
         tw = where_of(ctx, self.kind, "trajectories")
         names = parquet(trajectories).schema.names
@@ -198,10 +210,22 @@ class SCMDistill(StudentStage):
         require_columns(trajectories, ["states", "timesteps"]
                         + KEYS["latent" if latent else "pixel"], tw)
 
-    def noisy(self, trajectories, clean: float):
+    def method_with_states(self, ctx, method, trajectories, clean: float):
+        """``method`` told which stored states its data takes: ``trajectories`` the noisy
+        ones, ``samples`` the clean end (one clear error where none is stored)."""
         if trajectories is None:
-            return None
-        return [i for i, t in enumerate(trajectories.info["timesteps"]) if t != clean]
+            return method
+        stored = trajectories.info["timesteps"]
+        if self.config.data == "trajectories":
+            method.noisy = [i for i, t in enumerate(stored) if t != clean]
+        elif clean not in stored:
+            raise bad_value(where_of(ctx, self.kind, "trajectories"), "info.timesteps",
+                            stored, f"a clean end ({clean:g}) for data: samples: a "
+                            "diffusion-trajectories output whose keep_states keeps the last "
+                            "state; or data: trajectories")
+        else:
+            method.clean = stored.index(clean)
+        return method
 
     def run(self, ctx, teacher, trajectories=None, embeddings=None):
         from stages.models.families import is_latent
@@ -215,10 +239,10 @@ class SCMDistill(StudentStage):
         if trajectories is not None and trajectories.info.get("shape") is not None:
             check_shape(model, trajectories.info["shape"],
                         where_of(ctx, self.kind, "trajectories"), "trajectories")
-        noisy = self.noisy(trajectories, -1)
         data = trajectories
-        columns = ["states", "timesteps", "label"] if noisy is not None else ["label"]
-        method = PixelSCM(cfg, teacher, columns, noisy, model.shape)
+        columns = ["states", "timesteps", "label"] if data is not None else ["label"]
+        method = self.method_with_states(ctx, PixelSCM(cfg, teacher, columns, model.shape),
+                                         trajectories, -1)
         if data is None:
             ids = torch.arange(cfg.rows or 1024)
             data = Rows(method.columns, tensors={"label": ids % (model.num_classes or 1)})
@@ -256,9 +280,11 @@ class SCMDistill(StudentStage):
                             "range of data: noise with guidance: embedded")
         w = check_latent_student(model, cfg, info, f"{where} config", online=True)
         build_student(model, cfg, f"{where} config")  # slot and LoRA targets
-        noisy = self.noisy(trajectories, model.schedule.clean)
-        columns = (["states", "timesteps"] if noisy is not None else []) + KEYS["latent"]
-        method = LatentSCM(cfg, teacher, embeddings, columns, w, noisy, tuple(shape))
+        columns = (["states", "timesteps"] if trajectories is not None else []) \
+            + KEYS["latent"]
+        method = self.method_with_states(ctx, LatentSCM(
+            cfg, teacher, embeddings, columns, w, tuple(shape)), trajectories,
+            model.schedule.clean)
         data = trajectories
         if data is None:
             import pyarrow.compute as pc

@@ -25,6 +25,7 @@ class SCM:
     """Mixin of a ``TrainMethod``: sCM's loss on TrigFlow states (the module docstring)."""
 
     noisy: list[int] | None = None  # trajectories: the indices of the noisy stored states
+    clean: int | None = None        # samples: the index of the clean stored state
     step = 0
 
     def with_logvar(self, nets, device):
@@ -43,6 +44,15 @@ class SCM:
                            "lr": self.cfg.logvar_lr})
         return {"student": torch.optim.AdamW(groups, lr=self.cfg.lr, betas=(0.9, 0.99),
                                              weight_decay=0.0)}
+
+    def from_stored(self, batch, keys, gen):
+        """(x_t, t, t_next, the rows' ``keys`` per state) of the stored-trajectory data:
+        ``data: samples`` the clean ends noised at sCM's proposal times (t_next None),
+        ``data: trajectories`` as ``stored``."""
+        if self.clean is not None:
+            return (*self.noised(batch["states"][:, self.clean], gen), None,
+                    {key: batch[key] for key in keys})
+        return self.stored(batch, keys)
 
     def stored(self, batch, keys):
         """Every noisy stored state of the batch's trajectories, in TrigFlow; with
@@ -77,10 +87,15 @@ class SCM:
             return x_s, s, self.tf.velocity(teacher, x_s, s)
 
     def from_noise(self, teacher, shape, n, gen, device):
-        """x0 of the teacher's rollout from noise, noised at t from sCM's proposal."""
+        """x0 of the teacher's rollout from noise, ``noised``."""
         cfg, tf = self.cfg, self.tf
         z = torch.randn((n, *shape), generator=gen).to(device)
-        x0 = tf.rollout(teacher, z, cfg.rollout_steps)
+        return self.noised(tf.rollout(teacher, z, cfg.rollout_steps), gen)
+
+    def noised(self, x0, gen):
+        """x0 noised at t from sCM's proposal (clamped to the teacher's times)."""
+        cfg, tf, device = self.cfg, self.tf, x0.device
+        n = len(x0)
         tau = cfg.P_mean + cfg.P_std * torch.randn(n, generator=gen)
         t = torch.atan(tau.exp() / cfg.sigma_d).clamp(*tf.t_range()).to(device)
         eps = torch.randn(x0.shape, generator=gen).to(device)

@@ -1,8 +1,9 @@
 """``scm-distill`` (sCM / TBCM): the TrigFlow conversion and its JVP against finite
 differences (a UNet with attention, and a flow-matching SD3 transformer against the
 analytic flow velocity); ``jitter``'s step along the teacher's flow; pixel students from
-stored trajectories (Ray Train, one worker, ``jitter``) and from the teacher's rollouts,
-sampled by the x0 chain in 1, 2 and 4 steps; a latent SD 1.5 student with embedded
+stored trajectories (Ray Train, one worker, ``jitter``), from their clean ends (``data:
+samples``, noised at sCM's proposal times) and from the teacher's rollouts,
+sampled by the x0 chain in 1, 2 and 4 steps; the saved student is the EMA of its weights; a latent SD 1.5 student with embedded
 guidance that a plain ``DiffusionPipeline`` samples in 2 steps; a run SIGKILLed after its
 first epochs resuming with its tangent warm-up counter; one clear error for each bad input,
 before any training."""
@@ -191,8 +192,11 @@ def pixel_students(ray_session, tiny_diffusion, tmp_path_factory):
                      trajectories=tiny_diffusion["trajectories"])[0]["model"]
     noise = run_stage(SCMDistill, {**FAST, "data": "noise", "rows": 16, "rollout_steps": 2},
                       root / "noise", "scm_noise", teacher=tiny_diffusion["teacher"])[0]["model"]
+    samples = run_stage(SCMDistill, {**FAST, "data": "samples"}, root / "samples",
+                        "scm_samples", teacher=tiny_diffusion["teacher"],
+                        trajectories=tiny_diffusion["trajectories"])[0]["model"]
     print(f"pixel students: {time.time() - t0:.1f} s")
-    return {"trajectories": traj, "noise": noise}
+    return {"trajectories": traj, "noise": noise, "samples": samples}
 
 
 def test_pixel_students_train_and_sample_their_chains(pixel_students, tiny_diffusion):
@@ -212,8 +216,31 @@ def test_pixel_students_train_and_sample_their_chains(pixel_students, tiny_diffu
             x = sample_student(student, torch.randn(4, 1, 8, 8), [0, 1, 2, 3], steps,
                                torch.Generator().manual_seed(0))
             assert x.shape == (4, 1, 8, 8) and torch.isfinite(x).all() and x.std() > 0
-    # trajectories: 24 rows of 4 noisy states, batches of 8 trajectories: 3 steps
+    # trajectories: 24 rows of 4 noisy states, batches of 8 trajectories: 3 steps;
+    # samples: the same 24 rows' clean ends, 3 steps
     assert pixel_students["trajectories"].info["steps"] == 3.0
+    assert pixel_students["samples"].info["steps"] == 3.0
+
+
+def test_samples_are_the_clean_ends_noised_at_the_proposal_times(tiny_diffusion):
+    """data: samples: x_t = cos t x0 + sin t sigma_d eps, x0 the stored clean end,
+    t = atan(exp(tau) / sigma_d), tau ~ N(P_mean, P_std^2), drawn from the generator in
+    that order (tau, then eps)."""
+    cfg = SCMDistill.Config(data="samples", P_mean=0.3, P_std=0.8)
+    method = SCM()
+    method.cfg, method.clean = cfg, 2
+    method.tf = TrigFlow.of(load_diffusion(tiny_diffusion["teacher"].path, "test"), 0.5, "t")
+    states = torch.randn(6, 3, 1, 8, 8)
+    batch = {"states": states, "label": torch.arange(6)}
+    x_t, t, t_next, rows = method.from_stored(batch, ["label"], torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)
+    tau = 0.3 + 0.8 * torch.randn(6, generator=gen)
+    want_t = torch.atan(tau.exp() / 0.5).clamp(*method.tf.t_range())
+    eps = torch.randn(6, 1, 8, 8, generator=gen)
+    c, s = want_t.cos().view(-1, 1, 1, 1), want_t.sin().view(-1, 1, 1, 1)
+    torch.testing.assert_close(t, want_t)
+    torch.testing.assert_close(x_t, c * states[:, 2] + s * 0.5 * eps)
+    assert t_next is None and torch.equal(rows["label"], torch.arange(6))
 
 
 def test_latent_student_with_embedded_guidance_samples_in_a_plain_pipeline(tiny_sd15,
@@ -241,6 +268,21 @@ def test_latent_student_with_embedded_guidance_samples_in_a_plain_pipeline(tiny_
     assert lora.info["data"] == "noise" and 0 < lora.info["trainable_params"] < \
         lora.info["params"] / 5 and torch.isfinite(torch.tensor(lora.info["train_loss"]))
     assert os.path.isfile(os.path.join(lora.path, "pytorch_lora_weights.safetensors"))
+
+
+def test_the_saved_student_is_the_ema_of_its_weights(tiny_diffusion, tmp_path):
+    """One step (8 rows, batch 8): the EMA is d theta_0 + (1 - d) theta_1, theta_0 the
+    teacher's weights and theta_1 what ema_decay 0 saves (the EMA never feeds the loss)."""
+    from diffusers import UNet2DModel
+    one = {**FAST, "data": "noise", "rows": 8, "rollout_steps": 1}
+    saved = {d: UNet2DModel.from_pretrained(os.path.join(run_stage(
+        SCMDistill, {**one, "ema_decay": d}, tmp_path, f"scm_ema{d}", teacher=tiny_diffusion[
+            "teacher"])[0]["model"].path, "unet")).state_dict() for d in (0.0, 0.75)}
+    theta0 = load_diffusion(tiny_diffusion["teacher"].path, "test").unet.state_dict()
+    moved = [k for k in theta0 if not torch.equal(theta0[k], saved[0.0][k])]
+    assert len(moved) > len(theta0) / 2  # the step changed the weights
+    for k in theta0:
+        torch.testing.assert_close(saved[0.75][k], 0.75 * theta0[k] + 0.25 * saved[0.0][k])
 
 
 RESUME = {**FAST, "epochs": 25, "data": "noise", "rows": 8, "rollout_steps": 1}
@@ -285,6 +327,11 @@ def test_bad_inputs_fail_before_training(tiny_diffusion, tiny_sd15, tmp_path):
                                    teacher=tiny_sd15["teacher"],
                                    embeddings=tiny_sd15["embeddings"]))
     assert "guidance_range" in msg
+    from pipelines.stage import Dataset
+    no_clean = Dataset(path=traj.path, info={**traj.info, "timesteps": [
+        t for t in traj.info["timesteps"] if t != -1]})
+    msg = errors(lambda: run({"data": "samples"}, trajectories=no_clean))
+    assert "info.timesteps" in msg and "clean end (-1)" in msg and "keep_states" in msg
     with pytest.raises(ValueError, match="rows is for data: noise"):
         SCMDistill({"rows": 8})
     with pytest.raises(ValueError, match="jitter is for data: trajectories"):
