@@ -26,7 +26,9 @@ log-variance (``stages.models.trigflow.LogVar``, trained with the student; 0 wit
 (Chen et al. 2025, arXiv 2503.09641; 1 without ``prior_weighting``). The JVP runs in the
 MATH attention backend. AdamW, betas (0.9, 0.99) as sCM's Adam. The saved student is an
 EMA of the trained weights at ``ema_decay`` (sCM samples with EMA weights; 0: the last
-weights); the target F- takes the live weights, never the EMA.
+weights); the target F- takes the live weights, never the EMA. ``lr_schedule: cosine``
+decays the learning rate as 0.5 (1 + cos(pi progress)) to 0 at the run's end (default:
+constant).
 
 Data (no images either way):
 
@@ -148,11 +150,11 @@ class SCMDistill(StudentStage):
     version = "2"  # 2: the saved student is the EMA of its weights (ema_decay); data: samples
 
     class Config(StudentConfig):
-        added = ("time_derivative", "time_delta", "jitter", "logvar_lr")  # at defaults:
-        # out of the key
+        # fields added later: out of the key at their defaults
+        added = ("time_derivative", "time_delta", "jitter", "logvar_lr", "lr_schedule")
         data: Literal["trajectories", "samples", "noise"] = "trajectories"
         sigma_d: float = Field(0.5, gt=0)
-        P_mean: float = -1.0                     # data: noise: tau ~ N(P_mean, P_std^2)
+        P_mean: float = -1.0                     # noise / samples: tau ~ N(P_mean, P_std^2)
         P_std: float = Field(1.4, gt=0)
         tangent_warmup_steps: int = Field(1000, ge=0)  # r from 0 to 1 over these steps
         tangent_norm_c: float = Field(0.1, gt=0)
@@ -168,6 +170,7 @@ class SCMDistill(StudentStage):
         batch_size: int = Field(32, ge=1)        # trajectories (x their states) or rows
         lr: float = Field(1e-4, gt=0)
         ema_decay: float = Field(0.99, ge=0, lt=1)  # the saved (sampled) student's EMA
+        lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: to 0 at the end
 
         @model_validator(mode="after")
         def _noise_fields(self):

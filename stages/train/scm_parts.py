@@ -4,6 +4,8 @@ x0 chains."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from stages.models.trigflow import LogVar, TrigFlow, _col, jvp
@@ -122,6 +124,12 @@ class SCM:
         return Loss({"student": loss}, len(x_t), {
             "weighted_distance": (w * dist).sum().item(), "logvar": u.sum().item(),
             "tangent_norm": norm.sum().item()})
+
+    def lr_factor(self, progress: float) -> float:
+        """``lr_schedule: cosine``: 0.5 (1 + cos(pi progress)), to zero at the run's end."""
+        if self.cfg.lr_schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
 
     def warmup(self) -> float:
         steps = self.cfg.tangent_warmup_steps

@@ -285,6 +285,14 @@ def test_the_saved_student_is_the_ema_of_its_weights(tiny_diffusion, tmp_path):
         torch.testing.assert_close(saved[0.75][k], 0.75 * theta0[k] + 0.25 * saved[0.0][k])
 
 
+def test_cosine_lr_schedule_decays_to_zero():
+    method = SCM()
+    method.cfg = SCMDistill.Config(lr_schedule="cosine")
+    assert [round(method.lr_factor(p), 6) for p in (0, 0.5, 1)] == [1.0, 0.5, 0.0]
+    method.cfg = SCMDistill.Config()
+    assert method.lr_factor(0.9) == 1.0
+
+
 RESUME = {**FAST, "epochs": 25, "data": "noise", "rows": 8, "rollout_steps": 1}
 
 
