@@ -268,6 +268,13 @@ def test_latent_student_with_embedded_guidance_samples_in_a_plain_pipeline(tiny_
     assert lora.info["data"] == "noise" and 0 < lora.info["trainable_params"] < \
         lora.info["params"] / 5 and torch.isfinite(torch.tensor(lora.info["train_loss"]))
     assert os.path.isfile(os.path.join(lora.path, "pytorch_lora_weights.safetensors"))
+    # data: samples (the stored clean latents) at a fixed w
+    samples = run_stage(SCMDistill, {**FAST, "data": "samples", "guidance_scale": 3.0},
+                        tmp_path, "scm_sd_samples", teacher=tiny_sd15["teacher"],
+                        trajectories=tiny_sd15["trajectories"],
+                        embeddings=tiny_sd15["embeddings"])[0]["model"]
+    assert samples.info["data"] == "samples" and torch.isfinite(torch.tensor(
+        samples.info["train_loss"]))
 
 
 def test_the_saved_student_is_the_ema_of_its_weights(tiny_diffusion, tmp_path):
