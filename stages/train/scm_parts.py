@@ -30,6 +30,11 @@ class SCM:
     clean: int | None = None        # samples: the index of the clean stored state
     step = 0
 
+    def keep_ema(self, cfg) -> None:
+        """The saved student is the EMA at ``ema_decay`` (none kept at 0)."""
+        self.ema = {"student": cfg.ema_decay} if cfg.ema_decay else {}
+        self.save_ema = bool(self.ema)
+
     def with_logvar(self, nets, device):
         if self.cfg.logvar:
             nets["logvar"] = LogVar().to(device)
