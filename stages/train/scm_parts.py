@@ -31,9 +31,13 @@ class SCM:
     step = 0
 
     def keep_ema(self, cfg) -> None:
-        """The saved student is the EMA at ``ema_decay`` (none kept at 0)."""
+        """An EMA of the student at ``ema_decay`` (none kept at 0)."""
         self.ema = {"student": cfg.ema_decay} if cfg.ema_decay else {}
-        self.save_ema = bool(self.ema)
+
+    @property
+    def save_ema(self) -> bool:
+        """The saved student is the EMA when one is kept (``saved_weights``)."""
+        return bool(self.ema)
 
     def with_logvar(self, nets, device):
         if self.cfg.logvar:
