@@ -248,7 +248,7 @@ def run(repetitions: int = 1) -> dict:
         print(f"  repetition {rep + 1}/{repetitions}: {reps[-1]['total_s']} s", flush=True)
 
     last = reps[-1]
-    table = acceptance(last["metrics"], last["identical"], STUDENTS, seeds)
+    table = acceptance(last["metrics"], last["identical"], STUDENTS, seeds, last["seconds"])
     ratios = [acceptance(r["metrics"], r["identical"], STUDENTS, seeds)[2]["value"]
               for r in reps]
     info = machine()

@@ -8,6 +8,8 @@ import json
 import statistics
 
 REFERENCE_STEPS = 20  # the speed-ups' teacher: fixed, not its best
+NEW_STUDENTS = ("dmd", "scm", "tbcm", "segmented")  # the one-step issue's: 40 minutes each
+TRAINING_LIMIT_S = 40 * 60
 
 
 def seed_names(name: str, seeds) -> list[str]:
@@ -41,7 +43,8 @@ def row(check: str, s: dict | None, target: str, ok) -> dict:
             "ok": bool(ok(s["mean"]))}
 
 
-def acceptance(m: dict, identical: bool, students, seeds) -> list[dict]:
+def acceptance(m: dict, identical: bool, students, seeds,
+               seconds: dict | None = None) -> list[dict]:
     t_fid, t_acc = m["fid/teacher/best"], m["class_accuracy/teacher/best"]
     best = int(m["steps/teacher/best"])
     t_recall = m[f"recall/teacher/{best}"]
@@ -89,6 +92,14 @@ def acceptance(m: dict, identical: bool, students, seeds) -> list[dict]:
     if "segmented" in students:
         rows.append(row("segmented consistency (Hyper-SD), 4 steps: FID / teacher best FID",
                         at["segmented"][4], "<= 1.2", lambda v: v <= 1.2))
+    timed = {n: s for n, s in (seconds or {}).items()
+             if any(n in seed_names(b, seeds) for b in NEW_STUDENTS if b in students)}
+    if timed:
+        slowest = max(timed, key=timed.get)
+        rows.append({"check": f"longest training of a new student ({slowest}), seconds",
+                     "value": timed[slowest], "shown": f"{timed[slowest]:.0f}",
+                     "target": f"<= {TRAINING_LIMIT_S}",
+                     "ok": timed[slowest] <= TRAINING_LIMIT_S})
     rows.append({"check": "trajectories from 2 actors identical to 1 actor (first 200 rows)",
                  "value": float(identical), "shown": str(bool(identical)),
                  "target": "1 (identical)", "ok": identical})
