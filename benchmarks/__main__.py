@@ -50,7 +50,11 @@ def write_readme(results: list[dict], info: dict) -> None:
               "[harness_change.md](harness_change.md) (the training harness).", ""]
     lines += [
               "GPU paths (GPU Ray Data actors, `use_gpu` Ray Train workers), checked on a lent "
-              "GPU machine: [gpu_check.md](gpu_check.md)."]
+              "GPU machine: [gpu_check.md](gpu_check.md). Issue 26's GPU rows (a latent UNet "
+              "of SD 1.5's size, teacher-outputs with a transformers LM, a student's step "
+              "rate, each against a bare loop on the same GPU): one prepared script, "
+              "`python -m benchmarks.gpu_perf`, run on a lent GPU machine as "
+              "gpu_check.md says; no session of that issue has been lent one yet."]
     with open(os.path.join(RESULTS, "README.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 

@@ -108,8 +108,9 @@ def spec(label: str) -> dict:
     return common.mnist1d_spec(f"bench_train_{label}", rows, width, extra=extra)
 
 
-def bare_training(signal, config: dict, seed: int, threads: int) -> dict:
-    """Read the train rows into memory and train the student as the stage's workers do."""
+def bare_training(signal, config: dict, seed: int, threads: int, device: str = "cpu") -> dict:
+    """Read the train rows into memory and train the student as the stage's workers do
+    (on ``device``: each batch moved there as the harness moves it, ``benchmarks.gpu_perf``)."""
     import torch
     from stages.train.kd_student import KDStudent
     from stages.train.kd_tasks import ClassifierTask
@@ -122,7 +123,7 @@ def bare_training(signal, config: dict, seed: int, threads: int) -> dict:
                 "input_shape": list(cols["x"].shape[1:])}
         task = ClassifierTask(cfg, meta)
         torch.manual_seed(seed)
-        model = task.build()
+        model = task.build().to(device)
         opt = cfg.adamw(model)
         data = {k: torch.tensor(v, dtype=task.columns[k]) for k, v in cols.items()}  # a copy
         n = len(data["label"])
@@ -131,7 +132,8 @@ def bare_training(signal, config: dict, seed: int, threads: int) -> dict:
         for epoch in range(cfg.epochs):
             te = time.perf_counter()
             order = torch.randperm(n, generator=gen)
-            batches = ({k: v[idx] for k, v in data.items()} for idx in order.split(cfg.batch_size))
+            batches = ({k: v[idx].to(device, non_blocking=True) for k, v in data.items()}
+                       for idx in order.split(cfg.batch_size))
             total, seen = 0.0, 0
             model.train()
             for batch in batches:  # the bare loop: loss, backward, step
