@@ -114,7 +114,16 @@ def table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_rows(budget_s: float) -> dict:
+def save(result: dict) -> None:
+    """The JSON and the table as they stand (after every row: a run cut short keeps them)."""
+    os.makedirs(out_dir(), exist_ok=True)
+    with open(os.path.join(out_dir(), "gpu_perf.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    with open(os.path.join(out_dir(), "gpu_perf.md"), "w") as f:
+        f.write(table(result))
+
+
+def run_rows(result: dict, budget_s: float) -> dict:
     import ray
     import torch
     t0 = time.monotonic()
@@ -127,7 +136,7 @@ def run_rows(budget_s: float) -> dict:
     setup = Setup(root=tempfile.mkdtemp(prefix="gpu_perf_"), gpus=gpus,
                   device=torch.device("cuda" if gpus else "cpu"), sizes=sizes(),
                   tiny=common.tiny(), deadline=t0 + budget_s)
-    rows, end = {}, setup.deadline
+    rows, end = result.setdefault("rows", {}), setup.deadline
     for i, (name, fn) in enumerate(ROWS.items()):
         now = time.monotonic()
         if now > end:
@@ -141,6 +150,7 @@ def run_rows(budget_s: float) -> dict:
         except Exception as e:  # recorded: the next row still runs
             rows[name] = {"reached": False, "why": f"{type(e).__name__}: {e}"[:400]}
         print(f"gpu_perf: {name}: {json.dumps(rows[name])[:600]}", flush=True)
+        save(result)
     common.stop_ray()
     return rows
 
@@ -177,12 +187,8 @@ def main() -> None:
     budget = float(os.environ.get("GPU_PERF_BUDGET_S", "420"))
     result = {"name": "gpu_perf", "device": device_info(), "sizes": sizes(),
               "command": "python3 -m benchmarks.gpu_perf", "budget_s": budget}
-    result["rows"] = run_rows(budget)
-    os.makedirs(out_dir(), exist_ok=True)
-    with open(os.path.join(out_dir(), "gpu_perf.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    with open(os.path.join(out_dir(), "gpu_perf.md"), "w") as f:
-        f.write(table(result))
+    run_rows(result, budget)
+    save(result)
     print(table(result))
 
 
