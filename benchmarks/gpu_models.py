@@ -15,7 +15,6 @@ script on a CPU (``tests/benchmarks``)."""
 
 from __future__ import annotations
 
-import os
 
 WORDS = ("a", "an", "the", "photo", "painting", "drawing", "of", "cat", "dog", "horse",
          "astronaut", "car", "house", "tree", "river", "mountain", "city", "red", "blue",
@@ -50,7 +49,7 @@ def sd15_pipeline(path: str, tiny: bool = False) -> str:
         vae_config,
     )
     torch.manual_seed(0)
-    tok_dir = os.path.join(path + ".tokenizer")
+    tok_dir = path + ".tokenizer"
     words = list(WORDS) + [str(d) for d in range(10)]
     tok = build_tokenizer(tok_dir, words, 77)
     width = 32 if tiny else 768

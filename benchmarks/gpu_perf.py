@@ -123,7 +123,8 @@ def save(result: dict) -> None:
         f.write(table(result))
 
 
-def run_rows(result: dict, budget_s: float) -> dict:
+def run_rows(result: dict, budget_s: float) -> None:
+    """Each row into ``result["rows"]``, saved after every row."""
     import ray
     import torch
     t0 = time.monotonic()
@@ -141,18 +142,16 @@ def run_rows(result: dict, budget_s: float) -> dict:
         now = time.monotonic()
         if now > end:
             rows[name] = {"reached": False, "why": f"the {budget_s:.0f} s budget was spent"}
-            continue
-        # this row's share of what is left: no new repetition starts after it
-        setup.deadline = now + (end - now) / (len(ROWS) - i)
-        print(f"gpu_perf: {name}", flush=True)
-        try:
-            rows[name] = fn(setup) | {"reached": True}
-        except Exception as e:  # recorded: the next row still runs
-            rows[name] = {"reached": False, "why": f"{type(e).__name__}: {e}"[:400]}
-        print(f"gpu_perf: {name}: {json.dumps(rows[name])[:600]}", flush=True)
+        else:  # this row's share of what is left: no new repetition starts after it
+            setup.deadline = now + (end - now) / (len(ROWS) - i)
+            print(f"gpu_perf: {name}", flush=True)
+            try:
+                rows[name] = fn(setup) | {"reached": True}
+            except Exception as e:  # recorded: the next row still runs
+                rows[name] = {"reached": False, "why": f"{type(e).__name__}: {e}"[:400]}
+            print(f"gpu_perf: {name}: {json.dumps(rows[name])[:600]}", flush=True)
         save(result)
     common.stop_ray()
-    return rows
 
 
 def carry(folder: str) -> None:
@@ -188,7 +187,6 @@ def main() -> None:
     result = {"name": "gpu_perf", "device": device_info(), "sizes": sizes(),
               "command": "python3 -m benchmarks.gpu_perf", "budget_s": budget}
     run_rows(result, budget)
-    save(result)
     print(table(result))
 
 

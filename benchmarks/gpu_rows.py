@@ -3,7 +3,6 @@ bare loop alternately, ``repetitions`` times, each stage run in a fresh work fol
 
 from __future__ import annotations
 
-import glob
 import os
 import time
 from dataclasses import dataclass
@@ -190,15 +189,8 @@ def teacher_outputs(s: Setup) -> dict:
 
 
 # -- 3. a student's training step rate -----------------------------------------------------
-def _last_epoch_s(train_storage: str) -> float | None:
-    """Seconds between the last two checkpoints Ray Train wrote (the steady-state epoch)."""
-    pattern = os.path.join(train_storage, "*", "checkpoint_*", "state.pt")
-    times = sorted(os.path.getmtime(p) for p in glob.glob(pattern))
-    return times[-1] - times[-2] if len(times) >= 2 else None
-
-
 def student_step(s: Setup) -> dict:
-    from benchmarks.train_overhead import bare_training
+    from benchmarks.train_overhead import bare_training, checkpoint_gap
     from stages.data.mnist1d import LoadMNIST1D
     from stages.teacher.fit_classifier import FitClassifier
     from stages.teacher.teacher_outputs import TeacherOutputs
@@ -216,7 +208,7 @@ def student_step(s: Setup) -> dict:
     def bare() -> float:
         _sync(s)
         out = bare_training(signal, config, 0, 1, str(s.device))
-        last["bare_epoch_s"] = out["epoch_s"][-1]
+        last["bare_epoch_s"], last["rows"] = out["epoch_s"][-1], out["rows"]
         return out["seconds"]
 
     def stage() -> float:
@@ -224,15 +216,15 @@ def student_step(s: Setup) -> dict:
         t0 = time.perf_counter()
         KDStudent({**config, "num_workers": 1, "use_gpu": s.gpus > 0}).run(ctx, signal=signal)
         seconds = time.perf_counter() - t0
-        last["stage_epoch_s"] = _last_epoch_s(ctx.train_storage)
+        last["stage_epoch_s"] = checkpoint_gap(ctx.train_storage)
         return seconds
 
-    rows = int(signal.info.get("rows", 0)) or z["kd_rows"]
     result = _alternate(s, bare, stage, "epochs", z["kd_epochs"])
     steady = last.get("stage_epoch_s")
     return result | {
-        "what": f"kd-student (ConvNet1D width 64, batch 256, {z['kd_epochs']} epochs, about "
-                f"{rows} rows), 1 Ray Train worker with use_gpu, whole stage vs bare loop",
+        "what": f"kd-student (ConvNet1D width 64, batch 256, {z['kd_epochs']} epochs, "
+                f"{last['rows']} train rows), 1 Ray Train worker with use_gpu, whole stage "
+                f"vs bare loop",
         "steady_epoch_ratio": round(last["bare_epoch_s"] / steady, 4) if steady else None,
         "bare_epoch_s": last["bare_epoch_s"], "stage_epoch_s": steady}
 

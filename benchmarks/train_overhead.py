@@ -149,10 +149,14 @@ def bare_training(signal, config: dict, seed: int, threads: int, device: str = "
 
 
 def last_epoch_seconds(store: str, key: str) -> float | None:
-    """Seconds between the last two checkpoints of the stage's Ray Train run (num_to_keep=2
-    keeps exactly those), from their files' modification times."""
-    pattern = os.path.join(store, "_work", "kd-student", key, "ray_train", "*", "checkpoint_*",
-                           "state.pt")
+    """The kd-student stage's ``checkpoint_gap`` in the store's work folder of ``key``."""
+    return checkpoint_gap(os.path.join(store, "_work", "kd-student", key, "ray_train"))
+
+
+def checkpoint_gap(train_storage: str) -> float | None:
+    """Seconds between the last two checkpoints of a Ray Train run under ``train_storage``
+    (num_to_keep=2 keeps exactly those), from their files' modification times."""
+    pattern = os.path.join(train_storage, "*", "checkpoint_*", "state.pt")
     times = sorted(os.path.getmtime(p) for p in glob.glob(pattern))
     return round(times[-1] - times[-2], 3) if len(times) >= 2 else None
 
